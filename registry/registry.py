@@ -1,0 +1,274 @@
+"""ModelRegistry: architecture name → builder, and model id → loaded model (seed §3.3).
+
+Two maps with two locks; no lock is held while weights are read. A model that is loading is listed
+as LOADING but cannot be used; a failed load leaves the registry exactly as it was. Exclusive use of
+a model (`get_model_mut`) goes through a per-model lock that Unload also takes, so weights are never
+freed under a running forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import re
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import read_config_json
+from .errors import (
+    InvalidArgument,
+    InvalidConfig,
+    ModelAlreadyExists,
+    ModelNotFound,
+    ModelNotReady,
+    UnknownArchitecture,
+)
+from .model import LoadOptions, Model, ModelBuilder
+from .paths import resolve_model_dir
+
+MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+class ModelState(enum.Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNLOADING = "UNLOADING"
+
+
+def validate_model_id(model_id: str) -> str:
+    if not isinstance(model_id, str) or not MODEL_ID_PATTERN.fullmatch(model_id):
+        raise InvalidArgument(f"model_id {model_id!r} must be 1-128 characters of [A-Za-z0-9._-]")
+    if model_id in (".", ".."):
+        raise InvalidArgument(f"model_id {model_id!r} is reserved")
+    return model_id
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What makes two Loads of one id the same load."""
+
+    model_dir: Path
+    architecture: str
+    options: LoadOptions
+
+
+@dataclass
+class ModelEntry:
+    model_id: str
+    spec: LoadSpec
+    state: ModelState = ModelState.LOADING
+    model: Model | None = None
+    load_seconds: float = 0.0
+    loaded_at: float = 0.0  # unix time
+    # Held for every use of the model and by unload: exclusive access (seed get_model_mut).
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # Set when the load finished, successfully or not; concurrent loads of the same spec wait on it.
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+    @property
+    def architecture(self) -> str:
+        return self.spec.architecture
+
+
+@dataclass(frozen=True)
+class LoadOutcome:
+    entry: ModelEntry
+    already_loaded: bool
+
+
+class ModelRegistry:
+    def __init__(self, device: str | torch.device = "cpu", model_roots: Sequence[Path] | None = None) -> None:
+        self.device = torch.device(device)
+        self.model_roots = tuple(Path(r) for r in model_roots) if model_roots else ()
+        self._architectures: dict[str, ModelBuilder] = {}
+        self._arch_lock = threading.RLock()
+        self._models: dict[str, ModelEntry] = {}
+        self._models_lock = threading.RLock()
+
+    # -- architectures -------------------------------------------------------------------------
+    def register_architecture(self, name: str, builder: ModelBuilder) -> None:
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument("architecture name must be a non-empty string")
+        if not callable(builder):
+            raise InvalidArgument(f"builder for {name} is not callable")
+        with self._arch_lock:
+            self._architectures[name] = builder
+
+    def get_builder(self, name: str) -> ModelBuilder | None:
+        with self._arch_lock:
+            return self._architectures.get(name)
+
+    def list_architectures(self) -> list[str]:
+        with self._arch_lock:
+            return sorted(self._architectures)
+
+    def _require_builder(self, name: str) -> ModelBuilder:
+        builder = self.get_builder(name)
+        if builder is None:
+            known = ", ".join(self.list_architectures()) or "none"
+            raise UnknownArchitecture(f"architecture {name!r} is not registered (registered: {known})")
+        return builder
+
+    def resolve_dir(self, model_dir: str | Path) -> Path:
+        return resolve_model_dir(model_dir, self.model_roots)
+
+    def detect_architecture(self, model_dir: str | Path) -> str:
+        """architectures[0] of config.json; it must be registered."""
+        path = self.resolve_dir(model_dir)
+        cfg = read_config_json(path / "config.json")
+        archs = cfg.get("architectures")
+        if not isinstance(archs, list) or not archs:
+            raise InvalidConfig(f"{path / 'config.json'}: \"architectures\" is missing or empty")
+        name = archs[0]
+        if not isinstance(name, str) or not name:
+            raise InvalidConfig(f"{path / 'config.json'}: architectures[0] must be a non-empty string")
+        self._require_builder(name)
+        return name
+
+    # -- loading -------------------------------------------------------------------------------
+    def load(
+        self,
+        model_id: str,
+        model_dir: str | Path,
+        architecture: str | None = None,
+        options: LoadOptions | None = None,
+        *,
+        admission: callable | None = None,
+    ) -> LoadOutcome:
+        """Load (or join the load of) `model_id`. `admission(model_dir, architecture, options)` may
+        raise before anything is built (the worker checks memory there)."""
+        validate_model_id(model_id)
+        options = options or LoadOptions()
+        path = self.resolve_dir(model_dir)
+        arch = architecture or self.detect_architecture(path)
+        builder = self._require_builder(arch)
+        spec = LoadSpec(path, arch, options)
+        with self._models_lock:
+            existing = self._models.get(model_id)
+            if existing is None:
+                entry = ModelEntry(model_id, spec)
+                self._models[model_id] = entry
+            elif existing.spec != spec:
+                raise ModelAlreadyExists(
+                    f"model {model_id!r} is {existing.state.value.lower()} from {existing.spec.model_dir} "
+                    f"({existing.spec.architecture}) with another spec; unload it first"
+                )
+            elif existing.state is ModelState.UNLOADING:
+                raise ModelNotReady(f"model {model_id!r} is unloading; retry when it is gone")
+        if existing is not None:
+            existing.done.wait()
+            if existing.error is not None:
+                raise existing.error
+            return LoadOutcome(existing, already_loaded=True)
+        return LoadOutcome(self._build(entry, builder, admission), already_loaded=False)
+
+    def _build(self, entry: ModelEntry, builder: ModelBuilder, admission) -> ModelEntry:
+        spec = entry.spec
+        device = torch.device(spec.options.device) if spec.options.device else self.device
+        started = time.perf_counter()
+        try:
+            if admission is not None:
+                admission(spec.model_dir, spec.architecture, spec.options)
+            model = builder(spec.model_dir, device, spec.options)
+        except BaseException as exc:
+            entry.error = exc
+            with self._models_lock:
+                if self._models.get(entry.model_id) is entry:
+                    del self._models[entry.model_id]
+            entry.done.set()
+            raise
+        entry.model = model
+        entry.load_seconds = time.perf_counter() - started
+        entry.loaded_at = time.time()
+        entry.state = ModelState.READY
+        entry.done.set()
+        return entry
+
+    def load_model_by_architecture(
+        self,
+        model_id: str,
+        model_dir: str | Path,
+        architecture: str,
+        is_quant_model: bool = False,
+        options: LoadOptions | None = None,
+    ) -> ModelEntry:
+        options = _with_quant(options, is_quant_model)
+        return self.load(model_id, model_dir, architecture, options).entry
+
+    def load_model_auto(
+        self,
+        model_id: str,
+        model_dir: str | Path,
+        is_quant_model: bool = False,
+        options: LoadOptions | None = None,
+    ) -> str:
+        options = _with_quant(options, is_quant_model)
+        return self.load(model_id, model_dir, None, options).entry.architecture
+
+    # -- access --------------------------------------------------------------------------------
+    def get_entry(self, model_id: str) -> ModelEntry:
+        with self._models_lock:
+            entry = self._models.get(model_id)
+        if entry is None:
+            raise ModelNotFound(f"model {model_id!r} is not loaded")
+        return entry
+
+    def get_model(self, model_id: str) -> Model:
+        """The READY model (read access: config and metadata)."""
+        entry = self.get_entry(model_id)
+        if entry.state is not ModelState.READY or entry.model is None:
+            raise ModelNotReady(f"model {model_id!r} is {entry.state.value.lower()}")
+        return entry.model
+
+    @contextlib.contextmanager
+    def get_model_mut(self, model_id: str, timeout: float | None = None) -> Iterator[Model]:
+        """Exclusive access to a READY model for the duration of the block."""
+        entry = self.get_entry(model_id)
+        if not entry.lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise ModelNotReady(f"model {model_id!r} is busy")
+        try:
+            # Re-check under the lock: an unload may have completed while we waited.
+            if entry.state is not ModelState.READY or entry.model is None:
+                if entry.state is ModelState.LOADING:
+                    raise ModelNotReady(f"model {model_id!r} is loading")
+                raise ModelNotFound(f"model {model_id!r} is not loaded")
+            yield entry.model
+        finally:
+            entry.lock.release()
+
+    def list_models(self) -> list[ModelEntry]:
+        with self._models_lock:
+            return sorted(self._models.values(), key=lambda e: e.model_id)
+
+    # -- unloading -----------------------------------------------------------------------------
+    def unload_model(self, model_id: str) -> int:
+        """Wait for a running load and for in-flight users, then free the model. Returns bytes freed."""
+        validate_model_id(model_id)
+        entry = self.get_entry(model_id)
+        entry.done.wait()  # an Unload issued during a Load waits for it
+        with self._models_lock:
+            if self._models.get(model_id) is not entry or entry.state is not ModelState.READY:
+                raise ModelNotFound(f"model {model_id!r} is not loaded")
+            entry.state = ModelState.UNLOADING
+        with entry.lock:
+            model, entry.model = entry.model, None
+            freed = model.release() if model is not None else 0
+            with self._models_lock:
+                if self._models.get(model_id) is entry:
+                    del self._models[model_id]
+        return freed
+
+
+def _with_quant(options: LoadOptions | None, is_quant_model: bool) -> LoadOptions:
+    options = options or LoadOptions()
+    if options.is_quant_model == is_quant_model:
+        return options
+    from dataclasses import replace
+
+    return replace(options, is_quant_model=is_quant_model)

@@ -1,0 +1,50 @@
+"""WeightMapping: checkpoint tensor name → (parameter name, shard) for one architecture.
+
+Parameter names stay close to the checkpoint's; the mapping only declares the fused projections
+(q/k/v → qkv_proj, gate/up → gate_up_proj) and names to ignore. Tied embeddings need no entry: a
+parameter that aliases another (lm_head sharing embed_tokens) accepts its checkpoint tensor, if
+present, without requiring it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FusedPart:
+    """Checkpoint module `part` is shard `shard` (along dim 0) of fused module `fused`."""
+
+    part: str
+    fused: str
+    shard: int
+
+
+@dataclass(frozen=True)
+class WeightMapping:
+    fused: tuple[FusedPart, ...] = ()
+    # Regexes (re.search) of checkpoint names that carry nothing we load, e.g. rotary inv_freq buffers.
+    ignore: tuple[str, ...] = ()
+
+    def map(self, name: str) -> tuple[str, int | None] | None:
+        """(parameter name, shard index or None), or None when the tensor is to be ignored."""
+        if any(re.search(pattern, name) for pattern in self.ignore):
+            return None
+        for part in self.fused:
+            token = f".{part.part}."
+            if token in name:
+                return name.replace(token, f".{part.fused}.", 1), part.shard
+        return name, None
+
+
+LLAMA_STYLE_MAPPING = WeightMapping(
+    fused=(
+        FusedPart("q_proj", "qkv_proj", 0),
+        FusedPart("k_proj", "qkv_proj", 1),
+        FusedPart("v_proj", "qkv_proj", 2),
+        FusedPart("gate_proj", "gate_up_proj", 0),
+        FusedPart("up_proj", "gate_up_proj", 1),
+    ),
+    ignore=(r"rotary_emb\.inv_freq$", r"\.rotary_emb\."),
+)

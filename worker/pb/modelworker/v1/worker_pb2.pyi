@@ -1,0 +1,348 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
+    INT32: _ClassVar[DType]
+    INT64: _ClassVar[DType]
+
+class LogitsMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOGITS_LAST: _ClassVar[LogitsMode]
+    LOGITS_ALL: _ClassVar[LogitsMode]
+    LOGITS_NONE: _ClassVar[LogitsMode]
+
+class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_STATE_UNSPECIFIED: _ClassVar[ModelState]
+    LOADING: _ClassVar[ModelState]
+    READY: _ClassVar[ModelState]
+    UNLOADING: _ClassVar[ModelState]
+DTYPE_UNSPECIFIED: DType
+FLOAT32: DType
+FLOAT16: DType
+BFLOAT16: DType
+INT32: DType
+INT64: DType
+LOGITS_LAST: LogitsMode
+LOGITS_ALL: LogitsMode
+LOGITS_NONE: LogitsMode
+MODEL_STATE_UNSPECIFIED: ModelState
+LOADING: ModelState
+READY: ModelState
+UNLOADING: ModelState
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class KvCacheConfig(_message.Message):
+    __slots__ = ("block_size", "num_blocks", "max_bytes", "max_seq_len", "max_batch_size")
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    block_size: int
+    num_blocks: int
+    max_bytes: int
+    max_seq_len: int
+    max_batch_size: int
+    def __init__(self, block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_bytes: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+
+class LoadRequest(_message.Message):
+    __slots__ = ("model_id", "model_dir", "architecture", "is_quant_model", "dtype", "device", "kv_cache", "attention_backend")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    IS_QUANT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    model_dir: str
+    architecture: str
+    is_quant_model: bool
+    dtype: str
+    device: str
+    kv_cache: KvCacheConfig
+    attention_backend: str
+    def __init__(self, model_id: _Optional[str] = ..., model_dir: _Optional[str] = ..., architecture: _Optional[str] = ..., is_quant_model: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., kv_cache: _Optional[_Union[KvCacheConfig, _Mapping]] = ..., attention_backend: _Optional[str] = ...) -> None: ...
+
+class LoadResponse(_message.Message):
+    __slots__ = ("model", "already_loaded")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_LOADED_FIELD_NUMBER: _ClassVar[int]
+    model: ModelInfo
+    already_loaded: bool
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., already_loaded: _Optional[bool] = ...) -> None: ...
+
+class UnloadRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class UnloadResponse(_message.Message):
+    __slots__ = ("unload_seconds", "freed_bytes")
+    UNLOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    unload_seconds: float
+    freed_bytes: int
+    def __init__(self, unload_seconds: _Optional[float] = ..., freed_bytes: _Optional[int] = ...) -> None: ...
+
+class TopK(_message.Message):
+    __slots__ = ("token_ids", "logprobs")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("model_id", "token_ids", "batch_size", "positions", "use_cache", "start_pos", "logits_mode", "logits_dtype", "top_k")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    USE_CACHE_FIELD_NUMBER: _ClassVar[int]
+    START_POS_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_MODE_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    batch_size: int
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    use_cache: bool
+    start_pos: int
+    logits_mode: LogitsMode
+    logits_dtype: DType
+    top_k: int
+    def __init__(self, model_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., batch_size: _Optional[int] = ..., positions: _Optional[_Iterable[int]] = ..., use_cache: _Optional[bool] = ..., start_pos: _Optional[int] = ..., logits_mode: _Optional[_Union[LogitsMode, str]] = ..., logits_dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class ForwardResponse(_message.Message):
+    __slots__ = ("logits", "next_token_ids", "top_k", "compute_seconds")
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    logits: Tensor
+    next_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_k: _containers.RepeatedCompositeFieldContainer[TopK]
+    compute_seconds: float
+    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., next_token_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[_Iterable[_Union[TopK, _Mapping]]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+
+class BlockTable(_message.Message):
+    __slots__ = ("block_ids",)
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ForwardPagedRequest(_message.Message):
+    __slots__ = ("model_id", "input_tokens", "positions", "block_tables", "slot_mapping", "context_lens", "is_prefill", "query_lens", "logits_mode", "logits_dtype", "top_k")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TABLES_FIELD_NUMBER: _ClassVar[int]
+    SLOT_MAPPING_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENS_FIELD_NUMBER: _ClassVar[int]
+    IS_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    QUERY_LENS_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_MODE_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    input_tokens: _containers.RepeatedScalarFieldContainer[int]
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    block_tables: _containers.RepeatedCompositeFieldContainer[BlockTable]
+    slot_mapping: _containers.RepeatedScalarFieldContainer[int]
+    context_lens: _containers.RepeatedScalarFieldContainer[int]
+    is_prefill: bool
+    query_lens: _containers.RepeatedScalarFieldContainer[int]
+    logits_mode: LogitsMode
+    logits_dtype: DType
+    top_k: int
+    def __init__(self, model_id: _Optional[str] = ..., input_tokens: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., block_tables: _Optional[_Iterable[_Union[BlockTable, _Mapping]]] = ..., slot_mapping: _Optional[_Iterable[int]] = ..., context_lens: _Optional[_Iterable[int]] = ..., is_prefill: _Optional[bool] = ..., query_lens: _Optional[_Iterable[int]] = ..., logits_mode: _Optional[_Union[LogitsMode, str]] = ..., logits_dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class ForwardPagedResponse(_message.Message):
+    __slots__ = ("logits", "next_token_ids", "top_k", "compute_seconds")
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    logits: Tensor
+    next_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_k: _containers.RepeatedCompositeFieldContainer[TopK]
+    compute_seconds: float
+    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., next_token_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[_Iterable[_Union[TopK, _Mapping]]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("id", "architecture", "model_dir", "device", "dtype", "state", "num_parameters", "weight_bytes", "kv_cache_bytes", "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim", "max_position_embeddings", "sliding_window", "kv_block_size", "kv_num_blocks", "max_seq_len", "max_batch_size", "attention_backend", "is_quant_model", "load_seconds", "loaded_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ATTENTION_HEADS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    MAX_POSITION_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    SLIDING_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    IS_QUANT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LOADED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    architecture: str
+    model_dir: str
+    device: str
+    dtype: str
+    state: ModelState
+    num_parameters: int
+    weight_bytes: int
+    kv_cache_bytes: int
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    sliding_window: int
+    kv_block_size: int
+    kv_num_blocks: int
+    max_seq_len: int
+    max_batch_size: int
+    attention_backend: str
+    is_quant_model: bool
+    load_seconds: float
+    loaded_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., architecture: _Optional[str] = ..., model_dir: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., num_parameters: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., sliding_window: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_num_blocks: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., attention_backend: _Optional[str] = ..., is_quant_model: _Optional[bool] = ..., load_seconds: _Optional[float] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class ListArchitecturesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListArchitecturesResponse(_message.Message):
+    __slots__ = ("architectures",)
+    ARCHITECTURES_FIELD_NUMBER: _ClassVar[int]
+    architectures: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, architectures: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ResetCacheRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class ResetCacheResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SliceKvCacheRequest(_message.Message):
+    __slots__ = ("model_id", "layer_idx", "start_pos", "length")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_IDX_FIELD_NUMBER: _ClassVar[int]
+    START_POS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    layer_idx: int
+    start_pos: int
+    length: int
+    def __init__(self, model_id: _Optional[str] = ..., layer_idx: _Optional[int] = ..., start_pos: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class SliceKvCacheResponse(_message.Message):
+    __slots__ = ("key", "value")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    key: Tensor
+    value: Tensor
+    def __init__(self, key: _Optional[_Union[Tensor, _Mapping]] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DeviceInfo(_message.Message):
+    __slots__ = ("name", "description", "total_memory_bytes", "free_memory_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FREE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    total_memory_bytes: int
+    free_memory_bytes: int
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., total_memory_bytes: _Optional[int] = ..., free_memory_bytes: _Optional[int] = ...) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("max_message_bytes", "max_tokens_per_request", "max_batch_size")
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    max_message_bytes: int
+    max_tokens_per_request: int
+    max_batch_size: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+
+class InfoResponse(_message.Message):
+    __slots__ = ("version", "devices", "default_device", "default_dtype", "attention_backends", "limits", "model_roots", "architectures")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ROOTS_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURES_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceInfo]
+    default_device: str
+    default_dtype: str
+    attention_backends: _containers.RepeatedScalarFieldContainer[str]
+    limits: Limits
+    model_roots: _containers.RepeatedScalarFieldContainer[str]
+    architectures: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., default_device: _Optional[str] = ..., default_dtype: _Optional[str] = ..., attention_backends: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., model_roots: _Optional[_Iterable[str]] = ..., architectures: _Optional[_Iterable[str]] = ...) -> None: ...
