@@ -35,14 +35,16 @@ def plan_cache(
     block_size = options.block_size or DEFAULT_BLOCK_SIZE
     if block_size <= 0 or block_size > 65536:
         raise InvalidArgument(f"kv_cache.block_size must be in [1, 65536], got {block_size}")
-    max_seq_len = options.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, config.max_position_embeddings)
-    if max_seq_len > config.max_position_embeddings:
+    max_seq_len = options.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, config.position_limit)
+    if max_seq_len > config.position_limit:
         raise InvalidArgument(
-            f"kv_cache.max_seq_len {max_seq_len} exceeds max_position_embeddings {config.max_position_embeddings}"
+            f"kv_cache.max_seq_len {max_seq_len} exceeds the model's {config.position_limit} positions"
         )
     max_batch = options.max_batch_size or DEFAULT_MAX_BATCH_SIZE
     if max_batch * max_seq_len > MAX_CACHE_TOKENS_PER_ROW * 16:
-        raise InvalidArgument(f"kv_cache.max_batch_size × max_seq_len = {max_batch * max_seq_len} tokens is too large")
+        raise InvalidArgument(
+            f"kv_cache.max_batch_size × max_seq_len = {max_batch * max_seq_len} tokens is too large"
+        )
     if options.num_blocks:
         num_blocks = options.num_blocks
     else:

@@ -74,6 +74,13 @@ class ModelConfig:
         return max(windows) if windows else None
 
     @property
+    def position_limit(self) -> int:
+        """Positions a request may use: dynamic NTK scaling extends the trained length by its factor."""
+        if self.rope_scaling.rope_type == "dynamic":
+            return int(self.max_position_embeddings * self.rope_scaling.factor)
+        return self.max_position_embeddings
+
+    @property
     def num_kv_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
@@ -113,10 +120,11 @@ class ModelConfig:
             )
         max_pos = _int(cfg, "max_position_embeddings", 2048)
         rope_theta, rope_scaling = _parse_rope(cfg)
-        dtype = cfg.get("dtype", cfg.get("torch_dtype"))
+        # 5.x writes `dtype` (possibly null) and may keep a legacy `torch_dtype`: the one that is set counts.
+        field = "dtype" if cfg.get("dtype") is not None else "torch_dtype"
+        dtype = cfg.get(field)
         if dtype is not None:
             if not isinstance(dtype, str) or dtype.removeprefix("torch.") not in SUPPORTED_DTYPES:
-                field = "dtype" if "dtype" in cfg else "torch_dtype"
                 raise InvalidConfig(
                     f"config.json: {field} {dtype!r} is not supported (supported: {', '.join(SUPPORTED_DTYPES)})"
                 )
@@ -177,7 +185,10 @@ def _architecture_of(cfg: dict[str, Any]) -> str:
 
 
 def _get(cfg: dict[str, Any], name: str, default: Any) -> Any:
-    value = cfg.get(name, default)
+    # null means "not set", as in transformers (e.g. num_key_value_heads: null → num_attention_heads).
+    value = cfg.get(name)
+    if value is None:
+        value = default
     if value is _MISSING:
         raise InvalidConfig(f"config.json: required field {name!r} is missing")
     return value
@@ -285,6 +296,8 @@ def _layer_windows(cfg: dict[str, Any], layers: int) -> tuple[int | None, ...]:
         # Qwen2: layers from max_window_layers on use the window (transformers' layer_types default).
         first = cfg.get("max_window_layers", layers)
         if isinstance(first, bool) or not isinstance(first, int) or first < 0:
-            raise InvalidConfig(f"config.json: max_window_layers must be a non-negative integer, got {first!r}")
+            raise InvalidConfig(
+                f"config.json: max_window_layers must be a non-negative integer, got {first!r}"
+            )
         return tuple(window if i >= first else None for i in range(layers))
     return (window,) * layers

@@ -1,0 +1,318 @@
+"""CausalLM: a decoder network plus its caches, behind the registry's Model interface.
+
+The network (`LlamaForCausalLM`, ...) only maps tokens to hidden states through an attention
+context; this class owns the caches and the attention backend, checks every argument before any
+tensor work, and turns hidden states into float32 logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from registry import (
+    CacheSpec,
+    InvalidConfig,
+    InvalidRequest,
+    LoadOptions,
+    Model,
+    ModelConfig,
+    OutOfResources,
+    WeightMapping,
+)
+from registry.cache_plan import plan_cache
+from registry.safetensors_loader import load_weights
+
+from .kv_cache import ContiguousContext, ContiguousKvCache, DenseContext
+from .layers import RotaryEmbedding
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+def default_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
+    """The checkpoint's dtype on CUDA, float32 elsewhere (CPU half precision is slow and lossy)."""
+    if device.type == "cuda" and config.dtype:
+        return getattr(torch, config.dtype)
+    return torch.float32
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    return None
+
+
+def build_causal_lm(
+    model_dir: Path,
+    device: torch.device,
+    options: LoadOptions,
+    make_network: Callable[[ModelConfig], nn.Module],
+    mapping: WeightMapping,
+) -> CausalLM:
+    config = ModelConfig.from_file(model_dir / "config.json")
+    if options.is_quant_model or config.quantization_method:
+        raise InvalidConfig(
+            f"{model_dir}: quantized checkpoints (quantization_config: {config.quantization_method or 'none'}) "
+            "are not supported; import a GGUF with `modelworker import-gguf` to get dequantized weights"
+        )
+    dtype = options.dtype or default_dtype(config, device)
+    try:
+        # Build on the meta device so no time goes into random initialisation, then materialise
+        # uninitialised storage on the target device and fill it from the checkpoint.
+        with torch.device("meta"):
+            network = make_network(config)
+        network = network.to(dtype=dtype).to_empty(device=device)
+        network.tie_weights(config)  # to_empty gives each module its own storage
+        load_weights(network, model_dir, mapping)
+        network.eval().requires_grad_(False)
+        return CausalLM(network, config, device, dtype, options)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise OutOfResources(f"out of memory on {device} while loading {model_dir}: {exc}") from None
+        raise
+
+
+class CausalLM(Model):
+    def __init__(
+        self,
+        network: nn.Module,
+        config: ModelConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        options: LoadOptions,
+    ) -> None:
+        from .backends import select_backend
+        from .paged import PagedKvCache
+
+        self.config = config
+        self.network = network
+        self._device = device
+        self._dtype = dtype
+        self.rotary = RotaryEmbedding(config, device, dtype)
+        self._weight_bytes, self._num_parameters = _parameter_totals(network)
+        spec = plan_cache(config, options.kv_cache, dtype, device, free_device_bytes(device))
+        self.backend = select_backend(
+            options.attention_backend, device=device, dtype=dtype, block_size=spec.block_size
+        )
+        c = config
+        self.contiguous = ContiguousKvCache(
+            c.num_hidden_layers,
+            spec.max_batch_size,
+            spec.max_seq_len,
+            c.num_key_value_heads,
+            c.head_dim,
+            dtype,
+            device,
+        )
+        self.paged = PagedKvCache(
+            c.num_hidden_layers,
+            spec.num_blocks,
+            spec.block_size,
+            c.num_key_value_heads,
+            c.head_dim,
+            dtype,
+            device,
+        )
+        self._cache_spec = spec
+
+    # -- metadata ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def num_parameters(self) -> int:
+        return self._num_parameters
+
+    @property
+    def weight_bytes(self) -> int:
+        return self._weight_bytes
+
+    @property
+    def cache_spec(self) -> CacheSpec:
+        return self._cache_spec
+
+    @property
+    def attention_backend(self) -> str:
+        return self.backend.name
+
+    # -- validation ----------------------------------------------------------------------------
+    def _check_tokens(self, ids: torch.Tensor, field: str = "input_ids") -> None:
+        if ids.numel() == 0:
+            raise InvalidRequest(f"{field} is empty")
+        bad = (ids < 0) | (ids >= self.config.vocab_size)
+        if bool(bad.any()):
+            index = tuple(int(i) for i in bad.nonzero()[0])
+            raise InvalidRequest(
+                f"{field}{list(index)} = {int(ids[index])} is outside the vocabulary [0, {self.config.vocab_size})"
+            )
+
+    def _check_positions(self, positions: torch.Tensor, shape: torch.Size, field: str = "positions") -> None:
+        if positions.shape != shape:
+            raise InvalidRequest(f"{field} has shape {list(positions.shape)}, expected {list(shape)}")
+        limit = self.config.position_limit
+        bad = (positions < 0) | (positions >= limit)
+        if bool(bad.any()):
+            index = tuple(int(i) for i in bad.nonzero()[0])
+            raise InvalidRequest(f"{field}{list(index)} = {int(positions[index])} is outside [0, {limit})")
+
+    def _as_long(self, t: torch.Tensor | Sequence[int], field: str) -> torch.Tensor:
+        t = torch.as_tensor(t)
+        if t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise InvalidRequest(f"{field} must hold integers, got {t.dtype}")
+        return t.to(device=self._device, dtype=torch.long)
+
+    def _prepare_dense(self, input_ids, positions, default_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._require_loaded()
+        ids = self._as_long(input_ids, "input_ids")
+        if ids.dim() != 2:
+            raise InvalidRequest(f"input_ids must be [batch, seq], got shape {list(ids.shape)}")
+        self._check_tokens(ids)
+        if positions is None:
+            pos = torch.arange(default_start, default_start + ids.shape[1], device=self._device).expand_as(
+                ids
+            )
+            self._check_positions(pos, ids.shape)
+        else:
+            pos = self._as_long(positions, "positions")
+            self._check_positions(pos, ids.shape)
+        return ids, pos
+
+    def _require_loaded(self) -> None:
+        if self.network is None:
+            raise InvalidRequest("the model has been released")
+
+    # -- forward passes ------------------------------------------------------------------------
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.network.lm_head(hidden).float()
+
+    def _run(self, ids: torch.Tensor, pos: torch.Tensor, ctx) -> torch.Tensor:
+        try:
+            return self.network.model(ids, pos, self.rotary, ctx)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise OutOfResources(
+                    f"out of memory on {self._device} during the forward pass: {exc}"
+                ) from None
+            raise
+
+    @torch.inference_mode()
+    def forward(self, input_ids, positions=None, *, all_logits: bool = True) -> torch.Tensor:
+        ids, pos = self._prepare_dense(input_ids, positions, 0)
+        hidden = self._run(ids, pos, DenseContext())
+        return self._logits(hidden if all_logits else hidden[:, -1])
+
+    @torch.inference_mode()
+    def forward_with_cache(
+        self, input_ids, start_pos: int, seq_len: int, positions=None, *, all_logits: bool = True
+    ):
+        cache = self.contiguous
+        ids = self._as_long(input_ids, "input_ids")
+        if ids.dim() != 2:
+            raise InvalidRequest(f"input_ids must be [batch, seq], got shape {list(ids.shape)}")
+        batch = ids.shape[0]
+        if seq_len != ids.shape[1]:
+            raise InvalidRequest(f"seq_len {seq_len} does not match input_ids of shape {list(ids.shape)}")
+        if batch < 1 or batch > cache.max_batch_size:
+            raise InvalidRequest(f"batch {batch} is outside the cache's rows [1, {cache.max_batch_size}]")
+        if start_pos < 0 or start_pos + seq_len > cache.max_seq_len:
+            raise InvalidRequest(
+                f"start_pos {start_pos} + seq_len {seq_len} exceeds the cache's max_seq_len {cache.max_seq_len}"
+            )
+        for row in range(batch):
+            if start_pos > cache.filled[row]:
+                raise InvalidRequest(
+                    f"start_pos {start_pos} leaves a gap in cache row {row}, which holds {cache.filled[row]} tokens"
+                )
+        ids, pos = self._prepare_dense(ids, positions, start_pos)
+        hidden = self._run(ids, pos, ContiguousContext(cache, start_pos))
+        for row in range(batch):
+            cache.filled[row] = start_pos + seq_len
+        return self._logits(hidden if all_logits else hidden[:, -1])
+
+    @torch.inference_mode()
+    def forward_paged(
+        self,
+        input_tokens,
+        positions,
+        block_tables,
+        slot_mapping,
+        context_lens,
+        is_prefill: bool,
+        query_lens=None,
+        *,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        from .paged import PagedContext, prepare_paged_batch
+
+        self._require_loaded()
+        batch = prepare_paged_batch(
+            self.paged,
+            input_tokens,
+            positions,
+            block_tables,
+            slot_mapping,
+            context_lens,
+            is_prefill,
+            query_lens,
+            vocab_size=self.config.vocab_size,
+            max_position_embeddings=self.config.position_limit,
+        )
+        hidden = self._run(batch.input_tokens, batch.positions, PagedContext(self.paged, batch, self.backend))
+        return self._logits(hidden if all_logits else hidden[batch.last_token_indices])
+
+    # -- caches --------------------------------------------------------------------------------
+    def reset_kv_cache(self) -> None:
+        self._require_loaded()
+        self.contiguous.reset()
+        self.paged.reset()
+
+    def slice_kv_cache(
+        self, layer_idx: int, start_pos: int, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._require_loaded()
+        layers = self.config.num_hidden_layers
+        if not 0 <= layer_idx < layers:
+            raise InvalidRequest(f"layer_idx {layer_idx} is outside [0, {layers})")
+        limit = self.contiguous.max_seq_len
+        if start_pos < 0 or length < 0 or start_pos + length > limit:
+            raise InvalidRequest(
+                f"start_pos {start_pos} + length {length} exceeds the cache's max_seq_len {limit}"
+            )
+        end = start_pos + length
+        k = self.contiguous.k[layer_idx][:, :, start_pos:end].clone()
+        v = self.contiguous.v[layer_idx][:, :, start_pos:end].clone()
+        return k, v
+
+    def release(self) -> int:
+        freed = self._weight_bytes + self._cache_spec.total_bytes if self.network is not None else 0
+        self.network = None
+        self.contiguous = None
+        self.paged = None
+        self.rotary = None
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+        return freed
+
+
+def _parameter_totals(network: nn.Module) -> tuple[int, int]:
+    """(bytes, count) over unique parameters (tied weights counted once)."""
+    total_bytes = total = 0
+    for p in network.parameters():  # parameters() already skips shared tensors
+        total += p.numel()
+        total_bytes += p.numel() * p.element_size()
+    return total_bytes, total
