@@ -14,7 +14,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ours():
-    return llama.build(smollm2_hf_dir(), torch.device("cpu"), LoadOptions(kv_cache=KvCacheOptions(max_seq_len=256)))
+    return llama.build(
+        smollm2_hf_dir(), torch.device("cpu"), LoadOptions(kv_cache=KvCacheOptions(max_seq_len=256))
+    )
 
 
 def test_greedy_decoding_matches_transformers(ours):
