@@ -58,29 +58,41 @@ class TensorEntry:
         return n
 
 
-def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of a model directory (sharded through the index, or single)."""
+def _read_index(index: Path) -> dict[str, str]:
+    """The index's weight_map (tensor name → shard file), checked before any shard is touched."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except OSError as exc:
+        raise InvalidArgument(f"{index}: cannot be read ({exc.strerror or exc})") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise CorruptCheckpoint(f"{index}: not a valid safetensors index ({exc!r})") from None
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CorruptCheckpoint(f"{index}: weight_map[{name!r}] must be a file name, got {shard!r}")
+        # Shards are plain files of the model directory: no sub-directories, no way out of it.
+        if shard != Path(shard).name or shard in (".", ".."):
+            raise CorruptCheckpoint(f"{index}: shard name {shard!r} must be a file in the model directory")
+    return weight_map
+
+
+def _checkpoint_layout(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
     index = model_dir / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CorruptCheckpoint(f"{index}: not a valid safetensors index ({exc})") from None
+        weight_map = _read_index(index)
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (model_dir / s).is_file()]
         if missing:
-            raise CorruptCheckpoint(f"{index}: shard file(s) named in the index are missing: {', '.join(missing)}")
-        for shard in shards:
-            if Path(shard).is_absolute() or ".." in Path(shard).parts:
-                raise CorruptCheckpoint(f"{index}: shard name {shard!r} must be a file in the model directory")
-        return [model_dir / s for s in shards]
+            raise CorruptCheckpoint(
+                f"{index}: shard file(s) named in the index are missing: {', '.join(missing)}"
+            )
+        return [model_dir / s for s in shards], weight_map
     if (model_dir / SINGLE_FILE).is_file():
-        return [model_dir / SINGLE_FILE]
+        return [model_dir / SINGLE_FILE], None
     found = sorted(model_dir.glob("*.safetensors"))
     if found:
-        return found
+        return found, None
     pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise UnsafeCheckpoint(
@@ -90,24 +102,40 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     raise InvalidArgument(f"{model_dir}: no safetensors weights found ({SINGLE_FILE} or {INDEX_FILE})")
 
 
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a model directory (sharded through the index, or single)."""
+    return _checkpoint_layout(model_dir)[0]
+
+
+def _int_list(value: object) -> list[int]:
+    # JSON ints only: 2.5, "3" or true in a shape are corruption, not something to coerce.
+    if not isinstance(value, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        raise ValueError(f"expected a list of integers, got {value!r}")
+    return value
+
+
 def read_header(path: Path) -> dict[str, TensorEntry]:
     """Parse and check one safetensors header without reading tensor data."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CorruptCheckpoint(f"{path}: truncated (file is {size} bytes, no header)")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-            raise CorruptCheckpoint(
-                f"{path}: header length {header_len} is impossible for a file of {size} bytes (truncated or not safetensors)"
-            )
-        raw = f.read(header_len)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CorruptCheckpoint(f"{path}: truncated (file is {size} bytes, no header)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise CorruptCheckpoint(
+                    f"{path}: header length {header_len} is impossible for a file of {size} bytes "
+                    "(truncated or not safetensors)"
+                )
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise InvalidArgument(f"{path}: cannot be read ({exc.strerror or exc})") from None
     try:
         header = json.loads(raw)
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CorruptCheckpoint(f"{path}: header is not valid JSON ({exc})") from None
     data_start = 8 + header_len
     entries: dict[str, TensorEntry] = {}
@@ -115,11 +143,21 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         if name == "__metadata__":
             continue
         try:
-            dtype = DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
+            if not isinstance(info, dict):
+                raise TypeError("entry is not an object")
+            dtype_name = info["dtype"]
+            if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+                raise ValueError(f"unsupported dtype {dtype_name!r}")
+            dtype = DTYPES[dtype_name]
+            shape = tuple(_int_list(info["shape"]))
+            offsets = _int_list(info["data_offsets"])
+            if len(offsets) != 2:
+                raise ValueError(f"data_offsets must be [begin, end], got {offsets}")
+            begin, end = offsets
         except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptCheckpoint(f"{path}: tensor {name!r} has a malformed header entry ({exc!r})") from None
+            raise CorruptCheckpoint(
+                f"{path}: tensor {name!r} has a malformed header entry ({exc!r})"
+            ) from None
         numel = 1
         for d in shape:
             if d < 0:
@@ -129,7 +167,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         if begin < 0 or end < begin or end - begin != nbytes:
             raise CorruptCheckpoint(
                 f"{path}: tensor {name!r} claims {end - begin} bytes at [{begin}, {end}) but shape {list(shape)} "
-                f"of {info['dtype']} needs {nbytes}"
+                f"of {dtype_name} needs {nbytes}"
             )
         if data_start + end > size:
             raise CorruptCheckpoint(
@@ -141,12 +179,26 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
 
 def index_checkpoint(model_dir: Path) -> dict[str, TensorEntry]:
     """Every tensor of the checkpoint by name, checked for duplicates across shards."""
+    files, weight_map = _checkpoint_layout(model_dir)
     entries: dict[str, TensorEntry] = {}
-    for path in checkpoint_files(model_dir):
+    for path in files:
         for name, entry in read_header(path).items():
             if name in entries:
-                raise CorruptCheckpoint(f"{model_dir}: tensor {name!r} appears in both {entries[name].file.name} and {path.name}")
+                raise CorruptCheckpoint(
+                    f"{model_dir}: tensor {name!r} appears in both {entries[name].file.name} and {path.name}"
+                )
             entries[name] = entry
+    if weight_map is not None:
+        # An index that points at the wrong shard means the set of files is not the one it describes.
+        wrong = sorted(
+            n for n, shard in weight_map.items() if n not in entries or entries[n].file.name != shard
+        )
+        if wrong:
+            shown = ", ".join(f"{n} (index: {weight_map[n]})" for n in wrong[:10])
+            more = f" and {len(wrong) - 10} more" if len(wrong) > 10 else ""
+            raise CorruptCheckpoint(
+                f"{model_dir / INDEX_FILE}: tensors not found in their shard: {shown}{more}"
+            )
     return entries
 
 
@@ -154,81 +206,111 @@ def estimate_weight_bytes(model_dir: Path, dtype: torch.dtype | None) -> int:
     """Bytes the weights will take once loaded in `dtype` (floating tensors convert, others keep theirs)."""
     total = 0
     for entry in index_checkpoint(model_dir).values():
-        itemsize = dtype.itemsize if dtype is not None and entry.dtype.is_floating_point else entry.dtype.itemsize
+        itemsize = (
+            dtype.itemsize if dtype is not None and entry.dtype.is_floating_point else entry.dtype.itemsize
+        )
         total += entry.numel * itemsize
     return total
 
 
-def _parameter_slots(module: nn.Module) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """Parameters by name, and the names that alias an earlier parameter (tied weights)."""
+def _parameter_slots(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Parameters by name, and each name's canonical name: the first name under which its tensor is
+    registered (tied weights, e.g. lm_head sharing embed_tokens, share one canonical name)."""
     params: dict[str, torch.Tensor] = {}
-    aliases: set[str] = set()
-    seen: set[int] = set()
+    canonical: dict[str, str] = {}
+    first_name: dict[int, str] = {}
     for name, p in module.named_parameters(remove_duplicate=False):
         params[name] = p
-        if id(p) in seen:
-            aliases.add(name)
-        seen.add(id(p))
-    return params, aliases
+        canonical[name] = first_name.setdefault(id(p), name)
+    return params, canonical
+
+
+def _owner_shard_sizes(module: nn.Module, param_name: str) -> tuple[int, ...] | None:
+    owner = module.get_submodule(param_name.rsplit(".", 1)[0]) if "." in param_name else module
+    sizes = getattr(owner, "shard_sizes", None)
+    return None if sizes is None else tuple(sizes)
 
 
 def _shard_sizes(module: nn.Module, param_name: str) -> tuple[int, ...]:
-    owner = module.get_submodule(param_name.rsplit(".", 1)[0]) if "." in param_name else module
-    sizes = getattr(owner, "shard_sizes", None)
+    sizes = _owner_shard_sizes(module, param_name)
     if sizes is None:
         raise InvalidArgument(f"parameter {param_name} is not a fused projection")
-    return tuple(sizes)
+    return sizes
 
 
 def plan_load(
     module: nn.Module, entries: dict[str, TensorEntry], mapping: WeightMapping, where: str = ""
 ) -> list[tuple[TensorEntry, str, int | None]]:
-    """Match every checkpoint tensor to its destination; raise one error listing every problem."""
-    params, aliases = _parameter_slots(module)
+    """Match every checkpoint tensor to its destination; raise one error listing every problem.
+
+    Returns (tensor, canonical parameter name, shard) for every tensor to copy. A tied parameter is
+    required once; any of its names may provide it (all present ones are shape-checked, and the
+    first-registered name wins: in the usual layout that is embed_tokens, as in transformers).
+    """
+    params, canonical = _parameter_slots(module)
+    tied: dict[str, list[str]] = {}
+    for name, first in canonical.items():
+        tied.setdefault(first, []).append(name)
     required: set[tuple[str, int | None]] = set()
-    for name in params:
-        if name in aliases:
-            continue
-        owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
-        sizes = getattr(owner, "shard_sizes", None)
+    for name in tied:
+        sizes = _owner_shard_sizes(module, name)
         if sizes is None:
             required.add((name, None))
-        else:
-            required.update((name, i) for i in range(len(sizes)))
-    plan: list[tuple[TensorEntry, str, int | None]] = []
-    provided: dict[tuple[str, int | None], str] = {}
+            continue
+        rows = params[name].shape[0] if params[name].dim() else 0
+        if sum(sizes) != rows:
+            raise InvalidArgument(
+                f"parameter {name}: shard_sizes {list(sizes)} do not add up to its {rows} rows"
+            )
+        required.update((name, i) for i in range(len(sizes)))
+    # (canonical name, shard) → [(rank of the name among the tied names, tensor, parameter name)]
+    candidates: dict[tuple[str, int | None], list[tuple[int, TensorEntry, str]]] = {}
     unexpected: list[str] = []
     mismatched: list[str] = []
+    present: set[tuple[str, int | None]] = set()  # slots with a tensor, even a wrong one: not "missing"
     for entry in sorted(entries.values(), key=lambda e: e.name):
         mapped = mapping.map(entry.name)
         if mapped is None:
             continue
         param_name, shard = mapped
-        if param_name in aliases:
-            continue  # tied: the source parameter is loaded under its own name
-        if param_name not in params or (param_name, shard) not in required:
+        key = (canonical.get(param_name, ""), shard)
+        if param_name not in params or key not in required:
             unexpected.append(entry.name)
             continue
-        key = (param_name, shard)
-        if key in provided:
-            mismatched.append(f"{entry.name} fills {param_name} already filled by {provided[key]}")
-            continue
-        provided[key] = entry.name
+        present.add(key)
         param = params[param_name]
         expected = tuple(param.shape)
         if shard is not None:
-            expected = (_shard_sizes(module, param_name)[shard],) + expected[1:]
+            expected = (_shard_sizes(module, key[0])[shard],) + expected[1:]
         if entry.shape != expected:
             mismatched.append(f"{entry.name} is {list(entry.shape)}, expected {list(expected)}")
             continue
-        if not (entry.dtype.is_floating_point and param.dtype.is_floating_point) and entry.dtype != param.dtype:
-            mismatched.append(f"{entry.name} has dtype {entry.dtype}, expected a floating-point tensor")
+        if (
+            not (entry.dtype.is_floating_point and param.dtype.is_floating_point)
+            and entry.dtype != param.dtype
+        ):
+            mismatched.append(f"{entry.name} has dtype {entry.dtype}, expected {param.dtype}")
             continue
-        plan.append((entry, param_name, shard))
-    missing = sorted(f"{p}" if s is None else f"{p}[shard {s}]" for p, s in required - provided.keys())
+        candidates.setdefault(key, []).append((tied[key[0]].index(param_name), entry, param_name))
+    plan: list[tuple[TensorEntry, str, int | None]] = []
+    for key, found in candidates.items():
+        by_param: dict[str, list[str]] = {}
+        for _, entry, param_name in found:
+            by_param.setdefault(param_name, []).append(entry.name)
+        clashes = [names for names in by_param.values() if len(names) > 1]
+        if clashes:
+            target = key[0] if key[1] is None else f"{key[0]}[shard {key[1]}]"
+            mismatched.extend(f"{' and '.join(names)} all fill {target}" for names in clashes)
+            continue
+        plan.append((min(found, key=lambda c: c[0])[1], key[0], key[1]))
+    missing = []
+    for name, shard in sorted(required - present, key=lambda k: (k[0], -1 if k[1] is None else k[1])):
+        text = mapping.checkpoint_name(name, shard)
+        others = tied[name][1:]
+        missing.append(f"{text} (or tied {', '.join(others)})" if others else text)
     if missing or unexpected or mismatched:
         raise WeightsMismatch(missing=missing, unexpected=unexpected, mismatched=mismatched, where=where)
-    return plan
+    return sorted(plan, key=lambda item: item[0].name)
 
 
 def _read_into(target: torch.Tensor, entry: TensorEntry, mm: mmap.mmap) -> None:

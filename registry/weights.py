@@ -32,10 +32,30 @@ class WeightMapping:
         if any(re.search(pattern, name) for pattern in self.ignore):
             return None
         for part in self.fused:
-            token = f".{part.part}."
-            if token in name:
-                return name.replace(token, f".{part.fused}.", 1), part.shard
+            mapped = _replace_module(name, part.part, part.fused)
+            if mapped is not None:
+                return mapped, part.shard
         return name, None
+
+    def checkpoint_name(self, param_name: str, shard: int | None) -> str:
+        """The checkpoint tensor that fills (param_name, shard): the inverse of `map`, for messages."""
+        if shard is not None:
+            for part in self.fused:
+                if part.shard == shard:
+                    mapped = _replace_module(param_name, part.fused, part.part)
+                    if mapped is not None:
+                        return mapped
+        return param_name
+
+
+def _replace_module(name: str, old: str, new: str) -> str | None:
+    """`name` with its first path component `old` replaced by `new` (whole components only, so
+    `q_proj` never matches inside `qq_proj`), or None when `old` is not a component."""
+    parts = name.split(".")
+    for i, component in enumerate(parts[:-1]):  # the last component is the tensor (weight, bias)
+        if component == old:
+            return ".".join(parts[:i] + [new] + parts[i + 1 :])
+    return None
 
 
 LLAMA_STYLE_MAPPING = WeightMapping(
