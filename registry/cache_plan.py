@@ -32,6 +32,13 @@ def plan_cache(
 ) -> CacheSpec:
     """Block size, block count, contiguous rows/length and their bytes for a Load's options."""
     per_token = kv_bytes_per_token(config, dtype)
+    for name in ("block_size", "num_blocks", "max_bytes", "max_seq_len", "max_batch_size"):
+        # 0 means "default"; a negative count would otherwise size a cache with negative bytes.
+        value = getattr(options, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidArgument(
+                f"kv_cache.{name} must be a non-negative integer (0: default), got {value!r}"
+            )
     block_size = options.block_size or DEFAULT_BLOCK_SIZE
     if block_size <= 0 or block_size > 65536:
         raise InvalidArgument(f"kv_cache.block_size must be in [1, 65536], got {block_size}")
