@@ -17,13 +17,24 @@ log = logging.getLogger(__name__)
 
 
 def load_entry_point_architectures(registry: ModelRegistry) -> list[str]:
-    """Call every registered plugin; returns the entry-point names that were applied."""
+    """Call every registered plugin; returns the entry-point names that were applied.
+
+    A broken plugin stops start-up with an error that names it: serving without an architecture
+    the operator installed would only fail later, on the first Load that needs it.
+    """
     applied = []
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        register = ep.load()
+        where = f"architecture plugin {ep.name} ({ep.value})"
+        try:
+            register = ep.load()
+        except Exception as exc:
+            raise InvalidArgument(f"{where} cannot be imported: {type(exc).__name__}: {exc}") from exc
         if not callable(register):
-            raise InvalidArgument(f"entry point {ep.name} ({ep.value}) is not callable")
-        register(registry)
+            raise InvalidArgument(f"{where} is not callable (got {type(register).__name__})")
+        try:
+            register(registry)
+        except Exception as exc:
+            raise InvalidArgument(f"{where} failed to register: {type(exc).__name__}: {exc}") from exc
         applied.append(ep.name)
         log.info("architecture plugin %s loaded from %s", ep.name, ep.value)
     return applied
