@@ -1,0 +1,147 @@
+"""The `modelworker` command (also `python -m worker`).
+
+modelworker serve [--config worker.toml] [--preload ID=DIR ...] [flags]
+modelworker import-gguf FILE OUT_DIR [--dtype float32|bfloat16]
+modelworker prepare-demo OUT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .logs import LOGGER_NAME, configure_logging, fields
+from .settings import LOG_FORMATS, LOG_LEVELS, Settings, SettingsError, build_settings
+
+log = logging.getLogger(LOGGER_NAME)
+
+# Subcommands implemented by registry.gguf_import; their arguments are passed through untouched.
+GGUF_COMMANDS = {"import-gguf": "main_import", "prepare-demo": "main_prepare_demo"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelworker", description="gRPC model-serving worker for LLM inference"
+    )
+    parser.add_argument("--version", action="version", version=f"modelworker {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="serve the ModelWorker gRPC API",
+        description="Serve the ModelWorker gRPC API. Flags override MODELWORKER_* environment variables, "
+        "which override the --config TOML file.",
+    )
+    serve.add_argument("--config", help="TOML file of settings (keys as the flags, with underscores)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", help="gRPC port (default 50051; 0 picks a free one and logs it)")
+    serve.add_argument("--metrics-port", help="Prometheus port (default 9400; 0 turns metrics off)")
+    serve.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    serve.add_argument("--dtype", help="auto | float32 | float16 | bfloat16 (default auto)")
+    serve.add_argument("--model-root", action="append", dest="model_roots", metavar="DIR", help="repeatable")
+    serve.add_argument("--preload", action="append", metavar="ID=DIR", help="load at start (repeatable)")
+    serve.add_argument("--max-message-bytes", help="largest request or response, e.g. 256MiB")
+    serve.add_argument("--grace-seconds", help="time in-flight calls get at shutdown (default 20)")
+    serve.add_argument("--auth-token", help="require 'authorization: Bearer TOKEN' (health stays open)")
+    serve.add_argument("--tls-cert", help="PEM certificate chain (TLS)")
+    serve.add_argument("--tls-key", help="PEM private key (TLS)")
+    serve.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates (mutual TLS)")
+    serve.add_argument("--log-level", help=f"{' | '.join(LOG_LEVELS)} (default info)")
+    serve.add_argument("--log-format", help=f"{' | '.join(LOG_FORMATS)} (default text)")
+    serve.add_argument("--max-tokens-per-request", help="cap on tokens in one Forward (default 16384)")
+    serve.add_argument("--max-batch-size", help="cap on sequences in one Forward (default 256)")
+    serve.add_argument("--memory-budget-bytes", help="cap on weights + KV cache of all models (default: off)")
+    for name, func in GGUF_COMMANDS.items():
+        sub.add_parser(
+            name, help=f"see `modelworker {name} --help` (registry.gguf_import.{func})", add_help=False
+        )
+    return parser
+
+
+def settings_from_args(
+    args: argparse.Namespace, env: os._Environ[str] | dict[str, str] | None = None
+) -> Settings:
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    return build_settings(flags, os.environ if env is None else env, args.config)
+
+
+async def _serve(settings: Settings) -> int:
+    from .server import WorkerServer
+
+    server = WorkerServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start(serving=not settings.preload)
+    exit_code = 0
+    if settings.preload:
+        preload = asyncio.ensure_future(server.preload())
+        await asyncio.wait([preload, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if preload.done():
+            if preload.result():
+                await server.set_serving()
+            else:
+                exit_code = 1
+                stop.set()
+    await stop.wait()
+    log.info("shutting down", extra=fields(grace_s=settings.grace_seconds))
+    await server.stop()
+    return exit_code
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as exc:
+        print(f"modelworker serve: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    log.debug("settings", extra=fields(**settings.redacted()))
+    try:
+        return asyncio.run(_serve(settings))
+    except OSError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+def run_gguf_command(command: str, argv: Sequence[str]) -> int:
+    """Hand the arguments to registry.gguf_import, imported only now (it needs the gguf package)."""
+    func_name = GGUF_COMMANDS[command]
+    if importlib.util.find_spec("registry.gguf_import") is None:
+        print(
+            f"modelworker {command}: GGUF import is not available in this installation "
+            "(registry/gguf_import.py is missing)",
+            file=sys.stderr,
+        )
+        return 2
+    module = importlib.import_module("registry.gguf_import")
+    func = getattr(module, func_name, None)
+    if func is None:
+        print(f"modelworker {command}: registry.gguf_import has no {func_name}()", file=sys.stderr)
+        return 2
+    return int(func(list(argv)) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in GGUF_COMMANDS:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        return run_gguf_command(argv[0], argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    parser.print_help(sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Devices the worker can place models on, and how much memory each has free."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from dataclasses import dataclass
+
+import torch
+
+from registry.errors import InvalidArgument
+
+_DEVICE_RE = re.compile(r"cpu|cuda(?::(\d+))?")
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    name: str
+    description: str
+    total_bytes: int
+    free_bytes: int
+
+
+def resolve_default_device(setting: str) -> torch.device:
+    """The settings' device: `auto` is CUDA when present, else CPU."""
+    if setting == "auto":
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+    return parse_device(setting, "device")
+
+
+def parse_device(text: str, field: str = "device") -> torch.device:
+    """`cpu`, `cuda`, `cuda:N` → a device that exists here (`cuda` means the current CUDA device)."""
+    m = _DEVICE_RE.fullmatch(text.strip().lower())
+    if not m:
+        raise InvalidArgument(f"{field} {text!r} is not a device (use cpu, cuda or cuda:N)")
+    if text.strip().lower() == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise InvalidArgument(f"{field} {text!r}: CUDA is not available on this worker")
+    index = int(m.group(1)) if m.group(1) is not None else torch.cuda.current_device()
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise InvalidArgument(f"{field} {text!r}: this worker has {count} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+def _meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes (Linux); empty elsewhere."""
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts and parts[0].isdigit():
+                    out[key] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
+    except OSError:
+        pass
+    return out
+
+
+def cpu_memory() -> DeviceMemory:
+    info = _meminfo()
+    total = info.get("MemTotal", 0)
+    free = info.get("MemAvailable", info.get("MemFree", 0))
+    if not total and hasattr(os, "sysconf"):
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (ValueError, OSError):
+            pass
+    description = f"{platform.machine() or 'cpu'}, {os.cpu_count() or 1} cores"
+    return DeviceMemory("cpu", description, total, free)
+
+
+def cuda_memory(index: int) -> DeviceMemory:
+    free, total = torch.cuda.mem_get_info(index)
+    return DeviceMemory(f"cuda:{index}", torch.cuda.get_device_name(index), int(total), int(free))
+
+
+def free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return cuda_memory(
+            device.index if device.index is not None else torch.cuda.current_device()
+        ).free_bytes
+    return cpu_memory().free_bytes
+
+
+def all_devices() -> list[DeviceMemory]:
+    devices = [cpu_memory()]
+    if torch.cuda.is_available():
+        devices.extend(cuda_memory(i) for i in range(torch.cuda.device_count()))
+    return devices
+
+
+def release_cached_memory(device: torch.device | None) -> None:
+    """Give cached allocator blocks back after an unload or an out-of-memory error."""
+    import gc
+
+    gc.collect()
+    if device is not None and device.type == "cuda":
+        torch.cuda.empty_cache()

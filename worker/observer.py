@@ -1,0 +1,28 @@
+"""The servicer's hook for metrics: it reports what happened to an observer, which by default does
+nothing. A metrics module implements these methods (and adds its gRPC interceptors to the server)."""
+
+from __future__ import annotations
+
+from registry.registry import ModelEntry
+
+
+class WorkerObserver:
+    """Called from the event loop after each event; implementations must be quick and never raise."""
+
+    def model_loaded(self, entry: ModelEntry) -> None:
+        """A model became READY (entry.load_seconds, entry.architecture, entry.model are set)."""
+
+    def model_load_failed(self, model_id: str, architecture: str, seconds: float, code: str) -> None:
+        """A Load that started building failed (code: the status code name)."""
+
+    def model_unloaded(self, model_id: str, architecture: str, seconds: float, freed_bytes: int) -> None:
+        """A model's memory was released; its per-model series should go away."""
+
+    def lock_waited(self, model_id: str, seconds: float) -> None:
+        """Time a call waited for the model's lock."""
+
+    def forward_done(self, model_id: str, rpc: str, phase: str, seconds: float, tokens: int) -> None:
+        """A Forward or ForwardPaged finished. phase: prefill | decode | mixed; tokens: input tokens."""
+
+
+NULL_OBSERVER = WorkerObserver()

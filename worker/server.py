@@ -1,0 +1,281 @@
+"""The grpc.aio server: ModelWorker, health, reflection, auth, TLS and graceful shutdown.
+
+Shutdown (SIGTERM/SIGINT, `WorkerServer.stop`): health turns NOT_SERVING and new ModelWorker calls get
+UNAVAILABLE, in-flight calls get up to `grace_seconds` to finish, then the server stops, every model
+is unloaded and the executor is drained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+import architectures
+from registry import ModelRegistry, load_entry_point_architectures
+
+from .devices import resolve_default_device
+from .logs import LOGGER_NAME, fields
+from .observer import NULL_OBSERVER, WorkerObserver
+from .pb.modelworker.v1 import worker_pb2 as pb
+from .pb.modelworker.v1 import worker_pb2_grpc as pb_grpc
+from .servicer import ModelWorkerServicer
+from .settings import Settings
+from .status import log_call, request_id_of
+
+log = logging.getLogger(LOGGER_NAME)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelWorker"].full_name  # modelworker.v1.ModelWorker
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+_SERVICE_PREFIX = f"/{SERVICE_NAME}/"
+_HEALTH_PREFIX = f"/{HEALTH_SERVICE_NAME}/"
+# Headroom over max_message_bytes for a response's framing (sizes are checked before the work).
+SEND_HEADROOM_BYTES = 1024 * 1024
+
+
+def build_registry(settings: Settings) -> ModelRegistry:
+    """The process's one registry, with the built-in and the entry-point architectures."""
+    registry = ModelRegistry(device=resolve_default_device(settings.device), model_roots=settings.model_roots)
+    architectures.register_builtin(registry)
+    load_entry_point_architectures(registry)
+    return registry
+
+
+def _deny(
+    handler: grpc.RpcMethodHandler, method: str, code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that fails with `code` (and logs the failed call)."""
+
+    async def fail(context: grpc.aio.ServicerContext) -> None:
+        log_call(method.rsplit("/", 1)[-1], code, 0.0, request_id_of(context), message=message)
+        await context.abort(code, message)
+
+    async def unary_request(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await fail(context)
+
+    async def stream_request(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        await fail(context)
+
+    kwargs = dict(
+        request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(stream_request, **kwargs)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(stream_request, **kwargs)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(unary_request, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(unary_request, **kwargs)
+
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """`authorization: Bearer <token>` on every call except health checks (probes stay open)."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    def _authorized(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization" and isinstance(value, str):
+                scheme, _, credential = value.strip().partition(" ")
+                if scheme.lower() == "bearer" and hmac.compare_digest(
+                    credential.strip().encode(), self._token
+                ):
+                    return True
+        return False
+
+    async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(_HEALTH_PREFIX):
+            return handler
+        if self._authorized(details.invocation_metadata):
+            return handler
+        return _deny(
+            handler,
+            details.method,
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'",
+        )
+
+
+class CallGate(grpc.aio.ServerInterceptor):
+    """Counts in-flight ModelWorker calls and refuses new ones (UNAVAILABLE) once draining."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(_SERVICE_PREFIX):
+            return handler
+        if self.draining:
+            return _deny(
+                handler,
+                details.method,
+                grpc.StatusCode.UNAVAILABLE,
+                "the worker is draining; send the call elsewhere",
+            )
+        behavior = handler.unary_unary
+        if behavior is None:  # every ModelWorker method is unary; nothing else to count
+            return handler
+
+        async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self.inflight += 1
+            self._idle.clear()
+            try:
+                return await behavior(request, context)
+            finally:
+                self.inflight -= 1
+                if self.inflight == 0:
+                    self._idle.set()
+
+        return grpc.unary_unary_rpc_method_handler(
+            counted,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class WorkerServer:
+    """One grpc.aio server around one registry. `interceptors` and `observer` are the hooks for
+    metrics: extra interceptors run outermost, so they see every call, denied ones included."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry | None = None,
+        *,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        observer: WorkerObserver = NULL_OBSERVER,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry if registry is not None else build_registry(settings)
+        self.servicer = ModelWorkerServicer(self.registry, settings, observer)
+        self.health = HealthServicer()
+        self.gate = CallGate()
+        chain: list[grpc.aio.ServerInterceptor] = list(interceptors)
+        if settings.auth_token:
+            chain.append(AuthInterceptor(settings.auth_token))
+        chain.append(self.gate)
+        send_limit = min(settings.max_message_bytes + SEND_HEADROOM_BYTES, 2**31 - 1)
+        self.server = grpc.aio.server(
+            interceptors=chain,
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", send_limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_ModelWorkerServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = 0
+        self._stopped = False
+
+    @property
+    def address(self) -> str:
+        host = self.settings.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        s = self.settings
+        if not s.tls_enabled:
+            return None
+        assert s.tls_cert is not None and s.tls_key is not None
+        client_ca = s.tls_client_ca.read_bytes() if s.tls_client_ca else None
+        return grpc.ssl_server_credentials(
+            [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
+
+    async def start(self, serving: bool = True) -> int:
+        """Bind and start; returns the real port. With serving=False health stays NOT_SERVING until
+        `set_serving()` (used while preloading)."""
+        host = self.settings.host
+        bind = f"[{host}]:{self.settings.port}" if ":" in host else f"{host}:{self.settings.port}"
+        credentials = self._credentials()
+        try:
+            if credentials is None:
+                self.port = self.server.add_insecure_port(bind)
+            else:
+                self.port = self.server.add_secure_port(bind, credentials)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {bind}: {exc}") from None
+        await self._set_health(
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.server.start()
+        log.info(
+            "listening on %s",
+            self.address,
+            extra=fields(
+                tls="mutual" if self.settings.tls_client_ca else bool(credentials),
+                auth=bool(self.settings.auth_token),
+            ),
+        )
+        return self.port
+
+    async def _set_health(self, status: int) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def set_serving(self) -> None:
+        if not self.gate.draining:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def preload(self) -> bool:
+        """Load the settings' preload list; False (and a logged error) if any fails."""
+        ok = True
+        for model_id, model_dir in self.settings.preload:
+            try:
+                await self.servicer.preload(model_id, model_dir)
+            except Exception as exc:
+                ok = False
+                log.error(
+                    "preload of %s from %s failed: %s", model_id, model_dir, exc, extra=fields(model=model_id)
+                )
+        return ok
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop (idempotent): NOT_SERVING, refuse new calls, let in-flight ones finish
+        within the grace period, stop, unload every model."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.settings.grace_seconds if grace is None else grace
+        started = time.monotonic()
+        self.gate.draining = True
+        await self.health.enter_graceful_shutdown()
+        log.info("draining", extra=fields(inflight=self.gate.inflight, grace_s=grace))
+        if not await self.gate.wait_idle(grace):
+            log.warning("grace period over; cancelling calls", extra=fields(inflight=self.gate.inflight))
+        await self.server.stop(max(grace - (time.monotonic() - started), 0.0))
+        unloaded = await self.servicer.unload_all()
+        self.servicer.close()
+        log.info(
+            "stopped", extra=fields(unloaded=len(unloaded), duration_s=round(time.monotonic() - started, 6))
+        )

@@ -1,0 +1,653 @@
+"""The ModelWorker servicer: decode the request, call the registry or the model, encode the reply.
+
+Model work runs in a thread executor inside `torch.inference_mode`, so the event loop stays free for
+ListModels, Info and health. A per-model asyncio.Lock serializes the calls that touch a model's
+state; the executor future is shielded, so a cancelled call keeps the lock until its thread is done.
+Errors are raised as `registry.errors` types and mapped to status codes in `status.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import torch
+
+from registry import KvCacheOptions, LoadOptions, Model, ModelConfig, ModelRegistry
+from registry.cache_plan import plan_cache
+from registry.errors import InvalidArgument, OutOfResources
+from registry.registry import LoadOutcome, ModelEntry, ModelState, validate_model_id
+from registry.safetensors_loader import estimate_weight_bytes
+
+from . import __version__
+from . import devices as dev
+from .logs import LOGGER_NAME, fields
+from .observer import NULL_OBSERVER, WorkerObserver
+from .pb.modelworker.v1 import worker_pb2 as pb
+from .pb.modelworker.v1 import worker_pb2_grpc as pb_grpc
+from .settings import Settings
+from .status import is_out_of_memory, map_exception, note, rpc_method
+from .tensors import encode_tensor, fill_top_k, logits_dtype, logits_mode, logits_response_bytes, top_k
+
+T = TypeVar("T")
+log = logging.getLogger(LOGGER_NAME)
+
+LOAD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ATTENTION_BACKENDS = ("auto", "torch", "flash_attn")
+STATE_TO_PB = {ModelState.LOADING: pb.LOADING, ModelState.READY: pb.READY, ModelState.UNLOADING: pb.UNLOADING}
+# Threads for model work: forwards on different models overlap, and a slow Load leaves room for them.
+EXECUTOR_THREADS = 8
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    return str(dtype).removeprefix("torch.") if dtype is not None else ""
+
+
+def _phase_dense(use_cache: bool, start_pos: int, seq_len: int) -> str:
+    return "decode" if use_cache and start_pos > 0 and seq_len == 1 else "prefill"
+
+
+def _phase_paged(is_prefill: bool, query_lens: list[int], context_lens: list[int]) -> str:
+    if not is_prefill:
+        return "decode"
+    decoding = [q == 1 and c > 1 for q, c in zip(query_lens, context_lens, strict=False)]
+    if all(decoding):
+        return "decode"
+    return "mixed" if any(decoding) else "prefill"
+
+
+class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        settings: Settings,
+        observer: WorkerObserver = NULL_OBSERVER,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.observer = observer
+        self.default_device = dev.resolve_default_device(settings.device)
+        self._executor = executor or ThreadPoolExecutor(EXECUTOR_THREADS, thread_name_prefix="model")
+        self._locks: dict[str, asyncio.Lock] = {}
+        # Bytes admitted for loads still building, so concurrent loads cannot both take the same memory.
+        self._reserved: dict[object, int] = {}
+        self._reserve_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=False)
+
+    # -- running model work ------------------------------------------------------------------
+    async def _in_thread(self, fn: Callable[[], T]) -> T:
+        """Run fn in the executor; a cancelled caller leaves the thread to finish."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, functools.partial(_inference, fn))
+        future.add_done_callback(_consume)
+        return await asyncio.shield(future)
+
+    def _lock_for(self, model_id: str) -> asyncio.Lock:
+        lock = self._locks.get(model_id)
+        if lock is None:
+            lock = self._locks[model_id] = asyncio.Lock()
+        return lock
+
+    async def _locked(self, model_id: str, fn: Callable[[], T]) -> T:
+        """fn under the model's asyncio lock, in the executor. The lock is released when the thread
+        finishes, not when the caller gives up, so nothing can free the model under a running call."""
+        self.registry.get_entry(model_id)  # NOT_FOUND before anything waits
+        lock = self._lock_for(model_id)
+        waited = time.perf_counter()
+        await lock.acquire()
+        self.observer.lock_waited(model_id, time.perf_counter() - waited)
+        try:
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(self._executor, functools.partial(_inference, fn))
+        except BaseException:
+            lock.release()
+            raise
+        future.add_done_callback(lambda f: (lock.release(), _consume(f)))
+        return await asyncio.shield(future)
+
+    def _with_model(self, model_id: str, fn: Callable[[Model], T]) -> Callable[[], T]:
+        """A thread body: exclusive access to the READY model; OOM gives memory back and says so."""
+
+        def body() -> T:
+            with self.registry.get_model_mut(model_id) as model:
+                try:
+                    return fn(model)
+                except Exception as exc:
+                    if not is_out_of_memory(exc):
+                        raise
+                    dev.release_cached_memory(model.device)
+                    raise OutOfResources(
+                        f"out of memory on {model.device} running model {model_id!r}: {exc}"
+                    ) from None
+
+        return body
+
+    # -- Load / Unload -------------------------------------------------------------------------
+    @rpc_method("Load")
+    async def Load(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> pb.LoadResponse:
+        validate_model_id(request.model_id)
+        if not request.model_dir:
+            raise InvalidArgument("model_dir is empty")
+        started = time.perf_counter()
+        try:
+            outcome = await self._in_thread(lambda: self._load_blocking(request))
+        except Exception as exc:
+            self.observer.model_load_failed(
+                request.model_id,
+                request.architecture,
+                time.perf_counter() - started,
+                map_exception(exc)[0].name,
+            )
+            raise
+        entry = outcome.entry
+        note(architecture=entry.architecture, already_loaded=outcome.already_loaded)
+        if not outcome.already_loaded:
+            note(load_seconds=round(entry.load_seconds, 6), weight_bytes=entry.model.weight_bytes)
+            self.observer.model_loaded(entry)
+        return pb.LoadResponse(model=self._model_info(entry), already_loaded=outcome.already_loaded)
+
+    async def preload(self, model_id: str, model_dir: str) -> ModelEntry:
+        """A Load at start-up (`--preload ID=DIR`), with the worker's defaults, logged like a Load."""
+        request = pb.LoadRequest(model_id=model_id, model_dir=model_dir)
+        validate_model_id(model_id)
+        started = time.perf_counter()
+        outcome = await self._in_thread(lambda: self._load_blocking(request))
+        entry = outcome.entry
+        if not outcome.already_loaded:
+            self.observer.model_loaded(entry)
+        log.info(
+            "preloaded",
+            extra=fields(
+                method="Load",
+                model=model_id,
+                code="OK",
+                duration_s=round(time.perf_counter() - started, 6),
+                architecture=entry.architecture,
+                model_dir=str(entry.spec.model_dir),
+            ),
+        )
+        return entry
+
+    def _load_blocking(self, request: pb.LoadRequest) -> LoadOutcome:
+        device = dev.parse_device(request.device, "device") if request.device else self.default_device
+        backend = (request.attention_backend or "auto").strip().lower()
+        if backend not in ATTENTION_BACKENDS:
+            raise InvalidArgument(
+                f"attention_backend {request.attention_backend!r} is not known (valid: {', '.join(ATTENTION_BACKENDS)})"
+            )
+        # Resolve first: PERMISSION_DENIED / NOT_FOUND before anything inside the directory is read.
+        path = self.registry.resolve_dir(request.model_dir)
+        kv = request.kv_cache
+        options = LoadOptions(
+            dtype=self._load_dtype(request.dtype, device, path),
+            device=str(device),
+            is_quant_model=request.is_quant_model,
+            attention_backend=backend,
+            kv_cache=KvCacheOptions(
+                block_size=kv.block_size,
+                num_blocks=kv.num_blocks,
+                max_bytes=kv.max_bytes,
+                max_seq_len=kv.max_seq_len,
+                max_batch_size=kv.max_batch_size,
+            ),
+        )
+        token = object()
+        try:
+            return self.registry.load(
+                request.model_id,
+                path,
+                request.architecture or None,
+                options,
+                admission=functools.partial(self._admit, token),
+            )
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            dev.release_cached_memory(device)
+            raise OutOfResources(f"out of memory on {device} loading {request.model_id!r}: {exc}") from None
+        finally:
+            with self._reserve_lock:
+                self._reserved.pop(token, None)
+
+    def _load_dtype(self, text: str, device: torch.device, path: Path) -> torch.dtype:
+        """ "" → the worker's default; "auto" → config dtype on CUDA, float32 on CPU."""
+        name = (text or self.settings.dtype).strip().lower()
+        if name in LOAD_DTYPES:
+            return LOAD_DTYPES[name]
+        if name != "auto":
+            raise InvalidArgument(f"dtype {text!r} is not one of auto, float32, float16, bfloat16")
+        if device.type != "cuda":
+            return torch.float32
+        config = ModelConfig.from_file(path / "config.json")
+        return LOAD_DTYPES.get(config.dtype or "", torch.float32)
+
+    def _held_bytes(self) -> int:
+        total = 0
+        for entry in self.registry.list_models():
+            model = entry.model
+            if model is not None:
+                total += model.weight_bytes + model.cache_spec.total_bytes
+        return total
+
+    def _admit(self, token: object, model_dir: Path, architecture: str, options: LoadOptions) -> None:
+        """Refuse a load that cannot fit, before anything is allocated (RESOURCE_EXHAUSTED)."""
+        device = torch.device(options.device) if options.device else self.default_device
+        config = ModelConfig.from_hf(_read_json(model_dir / "config.json"), architecture)
+        dtype = options.dtype or torch.float32
+        weights = estimate_weight_bytes(model_dir, dtype)
+        free = dev.free_bytes(device)
+        cache = plan_cache(
+            config, options.kv_cache, dtype, device, max(free - weights, 0) if device.type == "cuda" else None
+        )
+        need = weights + cache.total_bytes
+        what = f"{need} bytes (weights {weights} + KV cache {cache.total_bytes})"
+        with self._reserve_lock:
+            reserved = sum(self._reserved.values())
+            budget = self.settings.memory_budget_bytes
+            if budget:
+                held = self._held_bytes()
+                left = budget - held - reserved
+                if need > left:
+                    raise OutOfResources(
+                        f"loading {model_dir.name} needs {what}, but the worker's memory budget of {budget} bytes "
+                        f"has {max(left, 0)} left ({held} held by loaded models, {reserved} by loads in progress)"
+                    )
+            if need > free - reserved:
+                raise OutOfResources(
+                    f"loading {model_dir.name} needs {what}, but {device} has {max(free - reserved, 0)} bytes free"
+                    + (f" ({reserved} promised to loads in progress)" if reserved else "")
+                )
+            self._reserved[token] = need
+
+    @rpc_method("Unload")
+    async def Unload(self, request: pb.UnloadRequest, context: grpc.aio.ServicerContext) -> pb.UnloadResponse:
+        seconds, freed = await self._unload(validate_model_id(request.model_id))
+        return pb.UnloadResponse(unload_seconds=seconds, freed_bytes=freed)
+
+    async def _unload(self, model_id: str) -> tuple[float, int]:
+        started = time.perf_counter()
+        entry = self.registry.get_entry(model_id)
+        device = entry.model.device if entry.model is not None else None
+        lock = self._lock_for(model_id)
+        await lock.acquire()  # in-flight calls on the model finish first
+
+        def unload() -> int:
+            freed = self.registry.unload_model(model_id)
+            dev.release_cached_memory(device)
+            return freed
+
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._executor, unload)
+        except BaseException:
+            lock.release()
+            raise
+        future.add_done_callback(lambda f: (lock.release(), _consume(f)))
+        freed = await asyncio.shield(future)
+        seconds = time.perf_counter() - started
+        note(architecture=entry.architecture, freed_bytes=freed)
+        self.observer.model_unloaded(model_id, entry.architecture, seconds, freed)
+        return seconds, freed
+
+    # -- forward passes ------------------------------------------------------------------------
+    def _check_caps(self, tokens: int, sequences: int) -> None:
+        s = self.settings
+        if tokens > s.max_tokens_per_request:
+            raise OutOfResources(
+                f"request has {tokens} tokens; this worker's cap is {s.max_tokens_per_request}"
+            )
+        if sequences > s.max_batch_size:
+            raise OutOfResources(
+                f"request has {sequences} sequences; this worker's cap is {s.max_batch_size}"
+            )
+
+    def _check_response_size(
+        self, rows: int, vocab: int, dtype: torch.dtype, k: int, k_rows: int, seqs: int
+    ) -> None:
+        size = logits_response_bytes(rows, vocab, dtype, k, k_rows, seqs)
+        if size > self.settings.max_message_bytes:
+            raise OutOfResources(
+                f"the response would be about {size} bytes ({rows} logits rows × {vocab} × {dtype.itemsize} bytes), "
+                f"over max_message_bytes {self.settings.max_message_bytes}; ask for LOGITS_LAST, fewer tokens "
+                "or a 16-bit logits_dtype"
+            )
+
+    @staticmethod
+    def _check_top_k(k: int, vocab: int) -> None:
+        if k > vocab:
+            raise InvalidArgument(f"top_k {k} exceeds the vocabulary size {vocab}")
+
+    @rpc_method("Forward")
+    async def Forward(
+        self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ForwardResponse:
+        model_id = validate_model_id(request.model_id)
+        mode = logits_mode(request.logits_mode)
+        out_dtype = logits_dtype(request.logits_dtype)
+        batch = request.batch_size or 1
+        n = len(request.token_ids)
+        self._check_caps(n, batch)
+        if n == 0:
+            raise InvalidArgument("token_ids is empty")
+        if n % batch:
+            raise InvalidArgument(f"len(token_ids) = {n} is not a multiple of batch_size {batch}")
+        seq_len = n // batch
+        if request.positions and len(request.positions) != n:
+            raise InvalidArgument(
+                f"len(positions) = {len(request.positions)} must equal len(token_ids) = {n}"
+            )
+        k = request.top_k
+        all_rows = mode == pb.LOGITS_ALL
+
+        def run(model: Model) -> pb.ForwardResponse:
+            vocab = model.config.vocab_size
+            self._check_top_k(k, vocab)
+            rows = {pb.LOGITS_ALL: n, pb.LOGITS_LAST: batch, pb.LOGITS_NONE: 0}[mode]
+            self._check_response_size(rows, vocab, out_dtype, k, rows or batch, batch)
+            ids = torch.tensor(list(request.token_ids), dtype=torch.long).view(batch, seq_len)
+            if request.positions:
+                positions = torch.tensor(list(request.positions), dtype=torch.long).view(batch, seq_len)
+            elif request.start_pos and not request.use_cache:
+                # The proto's default positions are start_pos + [0, seq_len); `forward` starts at 0.
+                positions = torch.arange(request.start_pos, request.start_pos + seq_len).expand(
+                    batch, seq_len
+                )
+            else:
+                positions = None
+            started = time.perf_counter()
+            if request.use_cache:
+                logits = model.forward_with_cache(
+                    ids, request.start_pos, seq_len, positions, all_logits=all_rows
+                )
+            else:
+                logits = model.forward(ids, positions, all_logits=all_rows)
+            _synchronize(model.device)
+            compute = time.perf_counter() - started
+            # logits: [batch, seq, vocab] when all_rows, else [batch, vocab] (last positions)
+            last = logits[:, -1] if all_rows else logits
+            rows_out = logits.reshape(n, vocab) if all_rows else logits
+            return _forward_reply(pb.ForwardResponse(), rows_out, last, mode, out_dtype, k, compute)
+
+        started = time.perf_counter()
+        response = await self._locked(model_id, self._with_model(model_id, run))
+        phase = _phase_dense(request.use_cache, request.start_pos, seq_len)
+        self.observer.forward_done(model_id, "Forward", phase, time.perf_counter() - started, n)
+        return response
+
+    @rpc_method("ForwardPaged")
+    async def ForwardPaged(
+        self, request: pb.ForwardPagedRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ForwardPagedResponse:
+        model_id = validate_model_id(request.model_id)
+        mode = logits_mode(request.logits_mode)
+        out_dtype = logits_dtype(request.logits_dtype)
+        n = len(request.input_tokens)
+        seqs = len(request.block_tables)
+        self._check_caps(n, seqs)
+        if n == 0:
+            raise InvalidArgument("input_tokens is empty")
+        if seqs == 0:
+            raise InvalidArgument("block_tables is empty: one block table per sequence is needed")
+        for name in ("positions", "slot_mapping"):
+            if len(getattr(request, name)) != n:
+                raise InvalidArgument(
+                    f"len({name}) = {len(getattr(request, name))} must equal len(input_tokens) = {n}"
+                )
+        if len(request.context_lens) != seqs:
+            raise InvalidArgument(
+                f"len(context_lens) = {len(request.context_lens)} must equal len(block_tables) = {seqs}"
+            )
+        if request.query_lens and len(request.query_lens) != seqs:
+            raise InvalidArgument(
+                f"len(query_lens) = {len(request.query_lens)} must equal len(block_tables) = {seqs}"
+            )
+        context_lens = list(request.context_lens)
+        if request.query_lens:
+            query_lens = list(request.query_lens)
+        else:
+            query_lens = context_lens if request.is_prefill else [1] * seqs
+        if any(q < 1 for q in query_lens):
+            bad = next(i for i, q in enumerate(query_lens) if q < 1)
+            raise InvalidArgument(f"query_lens[{bad}] = {query_lens[bad]} must be >= 1")
+        if sum(query_lens) != n:
+            raise InvalidArgument(
+                f"the query lengths add up to {sum(query_lens)} tokens but input_tokens has {n}"
+                + (
+                    ""
+                    if request.query_lens
+                    else " (query_lens is empty, so it defaults to context_lens for prefill, 1 for decode)"
+                )
+            )
+        k = request.top_k
+        all_rows = mode == pb.LOGITS_ALL
+
+        def run(model: Model) -> pb.ForwardPagedResponse:
+            vocab = model.config.vocab_size
+            self._check_top_k(k, vocab)
+            rows = {pb.LOGITS_ALL: n, pb.LOGITS_LAST: seqs, pb.LOGITS_NONE: 0}[mode]
+            self._check_response_size(rows, vocab, out_dtype, k, rows or seqs, seqs)
+            started = time.perf_counter()
+            logits = model.forward_paged(
+                torch.tensor(list(request.input_tokens), dtype=torch.long),
+                torch.tensor(list(request.positions), dtype=torch.long),
+                [list(table.block_ids) for table in request.block_tables],
+                torch.tensor(list(request.slot_mapping), dtype=torch.long),
+                context_lens,
+                request.is_prefill,
+                list(request.query_lens) or None,
+                all_logits=all_rows,
+            )
+            _synchronize(model.device)
+            compute = time.perf_counter() - started
+            if all_rows:
+                # [num_tokens, vocab]; each sequence's last query token ends its run of query_lens.
+                ends = torch.tensor(query_lens, device=logits.device).cumsum(0) - 1
+                last = logits[ends]
+            else:
+                last = logits  # [num_seqs, vocab]
+            return _forward_reply(pb.ForwardPagedResponse(), logits, last, mode, out_dtype, k, compute)
+
+        started = time.perf_counter()
+        response = await self._locked(model_id, self._with_model(model_id, run))
+        phase = _phase_paged(request.is_prefill, query_lens, context_lens)
+        self.observer.forward_done(model_id, "ForwardPaged", phase, time.perf_counter() - started, n)
+        return response
+
+    # -- caches --------------------------------------------------------------------------------
+    @rpc_method("ResetCache")
+    async def ResetCache(
+        self, request: pb.ResetCacheRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResetCacheResponse:
+        model_id = validate_model_id(request.model_id)
+        await self._locked(model_id, self._with_model(model_id, lambda model: model.reset_kv_cache()))
+        return pb.ResetCacheResponse()
+
+    @rpc_method("SliceKvCache")
+    async def SliceKvCache(
+        self, request: pb.SliceKvCacheRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SliceKvCacheResponse:
+        model_id = validate_model_id(request.model_id)
+
+        def run(model: Model) -> pb.SliceKvCacheResponse:
+            c, spec = model.config, model.cache_spec
+            size = (
+                2
+                * spec.max_batch_size
+                * c.num_key_value_heads
+                * request.length
+                * c.head_dim
+                * model.dtype.itemsize
+            )
+            if size > self.settings.max_message_bytes:
+                raise OutOfResources(
+                    f"K and V of {request.length} positions take {size} bytes, over max_message_bytes "
+                    f"{self.settings.max_message_bytes}; slice fewer positions"
+                )
+            k, v = model.slice_kv_cache(request.layer_idx, request.start_pos, request.length)
+            response = pb.SliceKvCacheResponse()
+            encode_tensor(k, response.key)
+            encode_tensor(v, response.value)
+            return response
+
+        return await self._locked(model_id, self._with_model(model_id, run))
+
+    # -- read-only -----------------------------------------------------------------------------
+    @rpc_method("ListModels")
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[self._model_info(e) for e in self.registry.list_models()])
+
+    @rpc_method("ListArchitectures")
+    async def ListArchitectures(
+        self, request: pb.ListArchitecturesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListArchitecturesResponse:
+        return pb.ListArchitecturesResponse(architectures=self.registry.list_architectures())
+
+    @rpc_method("Info")
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        s = self.settings
+        default_dtype = s.dtype
+        if default_dtype == "auto" and self.default_device.type != "cuda":
+            default_dtype = "float32"
+        return pb.InfoResponse(
+            version=__version__,
+            devices=[
+                pb.DeviceInfo(
+                    name=d.name,
+                    description=d.description,
+                    total_memory_bytes=d.total_bytes,
+                    free_memory_bytes=d.free_bytes,
+                )
+                for d in dev.all_devices()
+            ],
+            default_device=str(self.default_device),
+            default_dtype=default_dtype,
+            attention_backends=_available_backends(),
+            limits=pb.Limits(
+                max_message_bytes=s.max_message_bytes,
+                max_tokens_per_request=s.max_tokens_per_request,
+                max_batch_size=s.max_batch_size,
+            ),
+            model_roots=[str(r) for r in self.registry.model_roots],
+            architectures=self.registry.list_architectures(),
+        )
+
+    # -- encoding ------------------------------------------------------------------------------
+    def _model_info(self, entry: ModelEntry) -> pb.ModelInfo:
+        spec = entry.spec
+        info = pb.ModelInfo(
+            id=entry.model_id,
+            architecture=entry.architecture,
+            model_dir=str(spec.model_dir),
+            device=spec.options.device or str(self.default_device),
+            dtype=dtype_name(spec.options.dtype),
+            state=STATE_TO_PB[entry.state],
+            is_quant_model=spec.options.is_quant_model,
+            attention_backend=spec.options.attention_backend,
+        )
+        model = entry.model
+        if model is None:
+            return info
+        c, cache = model.config, model.cache_spec
+        info.device = str(model.device)
+        info.dtype = dtype_name(model.dtype)
+        info.num_parameters = model.num_parameters
+        info.weight_bytes = model.weight_bytes
+        info.kv_cache_bytes = cache.total_bytes
+        info.vocab_size = c.vocab_size
+        info.hidden_size = c.hidden_size
+        info.num_layers = c.num_hidden_layers
+        info.num_attention_heads = c.num_attention_heads
+        info.num_kv_heads = c.num_key_value_heads
+        info.head_dim = c.head_dim
+        info.max_position_embeddings = c.max_position_embeddings
+        info.sliding_window = c.sliding_window or 0
+        info.kv_block_size = cache.block_size
+        info.kv_num_blocks = cache.num_blocks
+        info.max_seq_len = cache.max_seq_len
+        info.max_batch_size = cache.max_batch_size
+        info.attention_backend = model.attention_backend
+        info.load_seconds = entry.load_seconds
+        info.loaded_at.FromNanoseconds(int(entry.loaded_at * 1e9))
+        return info
+
+    # -- shutdown ------------------------------------------------------------------------------
+    async def unload_all(self) -> list[str]:
+        """Unload every model (after the server stopped taking calls); returns the ids unloaded."""
+        done = []
+        for entry in self.registry.list_models():
+            try:
+                seconds, freed = await self._unload(entry.model_id)
+            except Exception:  # a load that failed meanwhile, or already gone: nothing to free
+                continue
+            log.info(
+                "unloaded at shutdown",
+                extra=fields(model=entry.model_id, duration_s=round(seconds, 6), freed_bytes=freed),
+            )
+            done.append(entry.model_id)
+        return done
+
+
+def _forward_reply(
+    response: pb.ForwardResponse | pb.ForwardPagedResponse,
+    rows: torch.Tensor,
+    last: torch.Tensor,
+    mode: int,
+    out_dtype: torch.dtype,
+    k: int,
+    compute: float,
+) -> pb.ForwardResponse | pb.ForwardPagedResponse:
+    """rows: the logits rows the mode returns [rows, vocab]; last: each sequence's last row [seqs, vocab].
+    Both float32; next_token_ids and top_k come from float32 whatever the wire dtype is."""
+    response.compute_seconds = compute
+    response.next_token_ids.extend(last.argmax(dim=-1).tolist())
+    if mode != pb.LOGITS_NONE:
+        encode_tensor(rows.to(out_dtype), response.logits)
+    if k:
+        ids, logprobs = top_k(rows if mode != pb.LOGITS_NONE else last, k)
+        fill_top_k(response.top_k, ids, logprobs)
+    return response
+
+
+def _inference(fn: Callable[[], T]) -> T:
+    with torch.inference_mode():
+        return fn()
+
+
+def _consume(future: asyncio.Future) -> None:
+    """Retrieve the result of a future nobody awaits any more (a cancelled caller's)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _read_json(path: Path) -> dict:
+    from registry.config import read_config_json
+
+    return read_config_json(path)
+
+
+def _available_backends() -> list[str]:
+    try:
+        from architectures.backends import available_backends
+    except ImportError:
+        return ["torch"]
+    return available_backends()
+
+
+__all__ = ["ModelWorkerServicer", "dtype_name"]
