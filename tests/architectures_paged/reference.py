@@ -58,6 +58,9 @@ class PagedSim:
     seed: int = 0
     vocab_size: int = 1000
     max_positions: int = 1 << 20
+    # A second backend run on the same cache and batch after the first; max |difference| kept here.
+    compare_backend: object | None = None
+    backend_diff: float = 0.0
     seqs: dict[int, SimSeq] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -120,16 +123,21 @@ class PagedSim:
             c, **call, vocab_size=self.vocab_size, max_position_embeddings=self.max_positions
         )
         ctx = PagedContext(c, batch, self.backend)
+        other = None if self.compare_backend is None else PagedContext(c, batch, self.compare_backend)
         n = sum(call["query_lens"])
         worst = 0.0
+        dev = c.device
         for layer in range(c.num_layers):
-            q = self._rand(n, self.num_heads, c.head_dim)
-            k = self._rand(n, c.num_kv_heads, c.head_dim)
-            v = self._rand(n, c.num_kv_heads, c.head_dim)
-            out = ctx.attend(
-                layer, q.to(c.dtype), k.to(c.dtype), v.to(c.dtype), self.windows[layer], self.scale
-            )
-            assert out.shape == q.shape
+            # Inputs rounded to the cache's dtype first, so the reference sees what the cache holds.
+            q = self._rand(n, self.num_heads, c.head_dim).to(c.dtype)
+            k = self._rand(n, c.num_kv_heads, c.head_dim).to(c.dtype)
+            v = self._rand(n, c.num_kv_heads, c.head_dim).to(c.dtype)
+            out = ctx.attend(layer, q.to(dev), k.to(dev), v.to(dev), self.windows[layer], self.scale)
+            assert out.shape == q.shape and out.dtype == c.dtype
+            if other is not None:
+                again = other.attend(layer, q.to(dev), k.to(dev), v.to(dev), self.windows[layer], self.scale)
+                self.backend_diff = max(self.backend_diff, float((again.float() - out.float()).abs().max()))
+            q, k, v = q.float(), k.float(), v.float()
             row = 0
             for sid, length in requests:
                 seq = self.seqs[sid]
@@ -141,4 +149,88 @@ class PagedSim:
                 got = out[row : row + length].double().cpu()
                 worst = max(worst, float((got - ref).abs().max()))
                 row += length
+        return worst
+
+
+@dataclass
+class Seq:
+    tokens: list[int]
+    table: list[int]
+    shared: int = 0
+
+
+@dataclass
+class Scheduler:
+    """Drives a model's paged cache like a continuous-batching scheduler (blocks from a shuffled
+    free list, shared prefix blocks, freed blocks reused) and checks every call against the same
+    model's stateless `forward` over each sequence's full token list."""
+
+    model: object
+    seed: int
+    seqs: dict[int, Seq] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        spec = self.model.cache_spec
+        self.bs = spec.block_size
+        self.free = list(range(spec.num_blocks))
+        self.rng.shuffle(self.free)
+
+    def fork(self, src: int, dst: int, blocks: int) -> None:
+        s = self.seqs[src]
+        self.seqs[dst] = Seq(s.tokens[: blocks * self.bs], s.table[:blocks], shared=blocks)
+
+    def release(self, sid: int) -> None:
+        s = self.seqs.pop(sid)
+        self.free.extend(s.table[s.shared :])
+
+    def build(self, requests: list[tuple[int, int]], is_prefill: bool = True) -> tuple[dict, list]:
+        """forward_paged arguments adding n random tokens to each (sequence id, n), and per request
+        (sequence id, first new index, end)."""
+        vocab = self.model.config.vocab_size
+        tokens, positions, slots, tables, ctx, qlens, spans = [], [], [], [], [], [], []
+        for sid, n in requests:
+            seq = self.seqs.setdefault(sid, Seq([], []))
+            start, end = len(seq.tokens), len(seq.tokens) + n
+            while len(seq.table) * self.bs < end:
+                seq.table.append(self.free.pop())
+            new = [self.rng.randrange(vocab) for _ in range(n)]
+            seq.tokens += new
+            tokens += new
+            positions += range(start, end)
+            slots += [seq.table[i // self.bs] * self.bs + i % self.bs for i in range(start, end)]
+            tables.append(list(seq.table))
+            ctx.append(end)
+            qlens.append(n)
+            spans.append((sid, start, end))
+        call = dict(
+            input_tokens=torch.tensor(tokens),
+            positions=torch.tensor(positions),
+            block_tables=tables,
+            slot_mapping=torch.tensor(slots),
+            context_lens=ctx,
+            is_prefill=is_prefill,
+            query_lens=qlens,
+        )
+        return call, spans
+
+    def step(
+        self, requests: list[tuple[int, int]], is_prefill: bool = True, all_logits: bool = False
+    ) -> float:
+        """Run one call and return the largest |logit difference| against `forward`."""
+        call, spans = self.build(requests, is_prefill)
+        vocab = self.model.config.vocab_size
+        logits = self.model.forward_paged(**call, all_logits=all_logits)
+        tokens = call["input_tokens"]
+        assert logits.dtype == torch.float32
+        assert logits.shape == ((len(tokens) if all_logits else len(spans)), vocab)
+        worst, row = 0.0, 0
+        for i, (sid, start, end) in enumerate(spans):
+            full = self.model.forward(torch.tensor([self.seqs[sid].tokens]))[0].cpu()  # [len, vocab]
+            if all_logits:
+                got, want = logits[row : row + end - start], full[start:end]
+            else:
+                got, want = logits[i], full[end - 1]
+            worst = max(worst, float((got.cpu() - want).abs().max()))
+            row += end - start
         return worst

@@ -5,8 +5,6 @@ prefill, decode steps, chunked and prefix-cached prefill, a mixed batch, freed b
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,8 @@ import torch
 from architectures import llama, qwen2
 from registry import InvalidRequest, KvCacheOptions, LoadOptions
 from tests.tiny_models import make_tiny_model_dir
+
+from .reference import Scheduler
 
 CPU = torch.device("cpu")
 TOL = 1e-4
@@ -41,80 +41,6 @@ def load(model_dirs: dict[str, Path], name: str, block_size: int, num_blocks: in
     arch = MODELS[name][0]
     options = LoadOptions(kv_cache=KvCacheOptions(block_size=block_size, num_blocks=num_blocks, **kv))
     return BUILDERS[arch](model_dirs[name], CPU, options)
-
-
-@dataclass
-class Seq:
-    tokens: list[int]
-    table: list[int]
-    shared: int = 0
-
-
-@dataclass
-class Scheduler:
-    """Hands out blocks from a shuffled free list and builds forward_paged calls, like a
-    continuous-batching scheduler; checks every call against `forward` on the full sequences."""
-
-    model: object
-    seed: int
-    seqs: dict[int, Seq] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.rng = random.Random(self.seed)
-        spec = self.model.cache_spec
-        self.bs = spec.block_size
-        self.free = list(range(spec.num_blocks))
-        self.rng.shuffle(self.free)
-
-    def fork(self, src: int, dst: int, blocks: int) -> None:
-        s = self.seqs[src]
-        self.seqs[dst] = Seq(s.tokens[: blocks * self.bs], s.table[:blocks], shared=blocks)
-
-    def release(self, sid: int) -> None:
-        s = self.seqs.pop(sid)
-        self.free.extend(s.table[s.shared :])
-
-    def step(
-        self, requests: list[tuple[int, int]], is_prefill: bool = True, all_logits: bool = False
-    ) -> float:
-        vocab = self.model.config.vocab_size
-        tokens, positions, slots, tables, ctx, qlens, spans = [], [], [], [], [], [], []
-        for sid, n in requests:
-            seq = self.seqs.setdefault(sid, Seq([], []))
-            start, end = len(seq.tokens), len(seq.tokens) + n
-            while len(seq.table) * self.bs < end:
-                seq.table.append(self.free.pop())
-            new = [self.rng.randrange(vocab) for _ in range(n)]
-            seq.tokens += new
-            tokens += new
-            positions += range(start, end)
-            slots += [seq.table[i // self.bs] * self.bs + i % self.bs for i in range(start, end)]
-            tables.append(list(seq.table))
-            ctx.append(end)
-            qlens.append(n)
-            spans.append((sid, start, end))
-        logits = self.model.forward_paged(
-            torch.tensor(tokens),
-            torch.tensor(positions),
-            tables,
-            torch.tensor(slots),
-            ctx,
-            is_prefill,
-            qlens,
-            all_logits=all_logits,
-        )
-        assert logits.dtype == torch.float32
-        assert logits.shape == ((len(tokens) if all_logits else len(requests)), vocab)
-        worst, row = 0.0, 0
-        for i, (sid, start, end) in enumerate(spans):
-            full = self.model.forward(torch.tensor([self.seqs[sid].tokens]))[0]  # [len, vocab]
-            if all_logits:
-                got, want = logits[row : row + end - start], full[start:end]
-            else:
-                got, want = logits[i], full[end - 1]
-            worst = max(worst, float((got - want).abs().max()))
-            row += end - start
-        return worst
 
 
 CASES = [
