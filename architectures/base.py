@@ -102,7 +102,11 @@ class CausalLM(Model):
         self._weight_bytes, self._num_parameters = _parameter_totals(network)
         spec = plan_cache(config, options.kv_cache, dtype, device, free_device_bytes(device))
         self.backend = select_backend(
-            options.attention_backend, device=device, dtype=dtype, block_size=spec.block_size
+            options.attention_backend,
+            device=device,
+            dtype=dtype,
+            block_size=spec.block_size,
+            head_dim=config.head_dim,
         )
         c = config
         self.contiguous = ContiguousKvCache(

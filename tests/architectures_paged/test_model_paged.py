@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from architectures import llama, qwen2
-from registry import InvalidRequest, KvCacheOptions, LoadOptions
+from registry import InvalidArgument, InvalidRequest, KvCacheOptions, LoadOptions
 from tests.tiny_models import make_tiny_model_dir
 
 from .reference import Scheduler
@@ -126,3 +126,15 @@ def test_rejected_call_leaves_the_paged_cache_unchanged(model_dirs) -> None:
         assert torch.equal(model.paged._k, k) and torch.equal(model.paged._v, v), what
     model.forward_paged(**good)
     assert not torch.equal(model.paged._k, k)
+
+
+def test_load_with_flash_attn_where_it_cannot_run(model_dirs) -> None:
+    options = LoadOptions(
+        attention_backend="flash_attn", kv_cache=KvCacheOptions(block_size=256, num_blocks=4)
+    )
+    with pytest.raises(
+        InvalidArgument, match="attention_backend flash_attn cannot run: it needs a CUDA device"
+    ):
+        llama.build(model_dirs["llama-gqa"], CPU, options)
+    auto = LoadOptions(attention_backend="auto", kv_cache=KvCacheOptions(block_size=256, num_blocks=4))
+    assert llama.build(model_dirs["llama-gqa"], CPU, auto).attention_backend == "torch"
