@@ -188,7 +188,7 @@ def test_many_clients_mixed_calls(worker: RunningServer) -> None:
     }
     # Expected logits: the same calls made in-process before the storm.
     expected = {}
-    for key, req in requests.items():
+    for key in requests:
         with torch.inference_mode(), worker.registry.get_model_mut(key[0]) as model:
             logits = model.forward(
                 torch.tensor([[7, 8, 9], [10, 11, 12]]), None, all_logits=key[1] == pb.LOGITS_ALL
