@@ -1,0 +1,1 @@
+"""Benchmarks and device checks (`make bench`, `make gpu-check`)."""
