@@ -13,7 +13,7 @@ import enum
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,7 +124,7 @@ class ModelRegistry:
         cfg = read_config_json(path / "config.json")
         archs = cfg.get("architectures")
         if not isinstance(archs, list) or not archs:
-            raise InvalidConfig(f"{path / 'config.json'}: \"architectures\" is missing or empty")
+            raise InvalidConfig(f'{path / "config.json"}: "architectures" is missing or empty')
         name = archs[0]
         if not isinstance(name, str) or not name:
             raise InvalidConfig(f"{path / 'config.json'}: architectures[0] must be a non-empty string")
@@ -139,7 +139,7 @@ class ModelRegistry:
         architecture: str | None = None,
         options: LoadOptions | None = None,
         *,
-        admission: callable | None = None,
+        admission: Callable[[Path, str, LoadOptions], None] | None = None,
     ) -> LoadOutcome:
         """Load (or join the load of) `model_id`. `admission(model_dir, architecture, options)` may
         raise before anything is built (the worker checks memory there)."""
@@ -168,7 +168,12 @@ class ModelRegistry:
             return LoadOutcome(existing, already_loaded=True)
         return LoadOutcome(self._build(entry, builder, admission), already_loaded=False)
 
-    def _build(self, entry: ModelEntry, builder: ModelBuilder, admission) -> ModelEntry:
+    def _build(
+        self,
+        entry: ModelEntry,
+        builder: ModelBuilder,
+        admission: Callable[[Path, str, LoadOptions], None] | None,
+    ) -> ModelEntry:
         spec = entry.spec
         device = torch.device(spec.options.device) if spec.options.device else self.device
         started = time.perf_counter()
@@ -258,10 +263,14 @@ class ModelRegistry:
             entry.state = ModelState.UNLOADING
         with entry.lock:
             model, entry.model = entry.model, None
-            freed = model.release() if model is not None else 0
-            with self._models_lock:
-                if self._models.get(model_id) is entry:
-                    del self._models[model_id]
+            try:
+                freed = model.release() if model is not None else 0
+            finally:
+                # Even when release() fails the id must not stay UNLOADING forever: it could then
+                # neither be used, nor unloaded again, nor loaded anew.
+                with self._models_lock:
+                    if self._models.get(model_id) is entry:
+                        del self._models[model_id]
         return freed
 
 
