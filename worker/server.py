@@ -24,6 +24,7 @@ from registry import ModelRegistry, load_entry_point_architectures
 
 from .devices import resolve_default_device
 from .logs import LOGGER_NAME, fields
+from .metrics import MetricsHttpServer, create_worker_metrics, serve_metrics
 from .observer import NULL_OBSERVER, WorkerObserver
 from .pb.modelworker.v1 import worker_pb2 as pb
 from .pb.modelworker.v1 import worker_pb2_grpc as pb_grpc
@@ -158,8 +159,10 @@ class CallGate(grpc.aio.ServerInterceptor):
 
 
 class WorkerServer:
-    """One grpc.aio server around one registry. `interceptors` and `observer` are the hooks for
-    metrics: extra interceptors run outermost, so they see every call, denied ones included."""
+    """One grpc.aio server around one registry. Its Prometheus metrics live in `self.metrics` (a registry
+    of its own), served on `settings.metrics_port` once started. `observer` replaces the Prometheus
+    observer; extra `interceptors` run after the metrics one, which is outermost so that it sees every
+    call, denied ones included."""
 
     def __init__(
         self,
@@ -171,10 +174,14 @@ class WorkerServer:
     ) -> None:
         self.settings = settings
         self.registry = registry if registry is not None else build_registry(settings)
+        self.metrics = create_worker_metrics()
+        if observer is NULL_OBSERVER:
+            observer = self.metrics.observer
+        self.metrics_http: MetricsHttpServer | None = None
         self.servicer = ModelWorkerServicer(self.registry, settings, observer)
         self.health = HealthServicer()
         self.gate = CallGate()
-        chain: list[grpc.aio.ServerInterceptor] = list(interceptors)
+        chain: list[grpc.aio.ServerInterceptor] = [self.metrics.interceptor, *interceptors]
         if settings.auth_token:
             chain.append(AuthInterceptor(settings.auth_token))
         chain.append(self.gate)
@@ -228,7 +235,11 @@ class WorkerServer:
         await self._set_health(
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
+        self.metrics_http = serve_metrics(self.metrics.registry, host, self.settings.metrics_port)
         await self.server.start()
+        if self.metrics_http is not None:
+            shown = f"[{host}]" if ":" in host else host
+            log.info("metrics on http://%s:%d/metrics", shown, self.metrics_http.port)
         log.info(
             "listening on %s",
             self.address,
@@ -276,6 +287,8 @@ class WorkerServer:
         await self.server.stop(max(grace - (time.monotonic() - started), 0.0))
         unloaded = await self.servicer.unload_all()
         self.servicer.close()
+        if self.metrics_http is not None:  # last, so a scrape still works while draining
+            self.metrics_http.stop()
         log.info(
             "stopped", extra=fields(unloaded=len(unloaded), duration_s=round(time.monotonic() - started, 6))
         )
