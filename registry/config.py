@@ -266,8 +266,12 @@ def _parse_rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling]:
             kwargs[key] = float(value)
     if params.get("original_max_position_embeddings") is not None:
         kwargs["original_max_position_embeddings"] = _int(params, "original_max_position_embeddings")
-    if "truncate" in params:
-        kwargs["truncate"] = bool(params["truncate"])
+    if params.get("truncate") is not None:
+        if not isinstance(params["truncate"], bool):  # bool("false") would be True
+            raise InvalidConfig(
+                f"config.json: {field}.truncate must be true or false, got {params['truncate']!r}"
+            )
+        kwargs["truncate"] = params["truncate"]
     if rope_type in ("linear", "dynamic", "yarn", "llama3") and "factor" not in kwargs:
         raise InvalidConfig(f"config.json: {field}.factor is required for rope_type {rope_type!r}")
     return float(theta), RopeScaling(**kwargs)

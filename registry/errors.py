@@ -6,6 +6,8 @@ nothing here knows about protobuf.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class ModelWorkerError(Exception):
     """Base of every error a caller can cause or meet; `kind` selects the status code."""
@@ -30,7 +32,13 @@ class InvalidConfig(InvalidArgument):
 class WeightsMismatch(InvalidArgument):
     """Missing, unexpected or mis-shaped weights; the message lists every one."""
 
-    def __init__(self, missing=(), unexpected=(), mismatched=(), where: str = "") -> None:
+    def __init__(
+        self,
+        missing: Iterable[str] = (),
+        unexpected: Iterable[str] = (),
+        mismatched: Iterable[str] = (),
+        where: str = "",
+    ) -> None:
         self.missing = list(missing)
         self.unexpected = list(unexpected)
         self.mismatched = list(mismatched)

@@ -283,6 +283,7 @@ def test_sliding_windows_match_transformers_on_random_qwen2_configs() -> None:
         ({"rope_scaling": "linear"}, "rope_scaling"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": "x"}},
          "original_max_position_embeddings"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "truncate": "false"}}, "truncate"),
         ({"rope_theta": "10000"}, "rope_theta"),
         ({"rope_theta": -1.0}, "rope_theta"),
         ({"hidden_size": "64"}, "hidden_size"),
@@ -371,3 +372,17 @@ def test_from_file(tmp_path: Path) -> None:
         ModelConfig.from_file(tmp_path / "config.json")
     with pytest.raises(InvalidConfig, match="not found"):
         ModelConfig.from_file(tmp_path / "missing.json")
+
+
+def test_yarn_truncate_flag() -> None:
+    scaling = {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 1024,
+        "truncate": False,
+    }
+    cfg = ModelConfig.from_hf(legacy(rope_scaling=scaling))
+    assert cfg.rope_scaling.truncate is False
+    assert (
+        ModelConfig.from_hf(legacy(rope_scaling={**scaling, "truncate": None})).rope_scaling.truncate is True
+    )
