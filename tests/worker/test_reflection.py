@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 import shlex
 from collections.abc import Iterator
@@ -74,7 +75,7 @@ def test_list_models_and_forward_through_reflection_only(
     tokens = rng.integers(0, 49152, size=6).tolist()
     reply = client.call(
         "modelworker.v1.ModelWorker/Forward",
-        '{"modelId": "smollm2-135m", "tokenIds": %s, "logitsDtype": "BFLOAT16", "topK": 2}' % tokens,
+        json.dumps({"modelId": "smollm2-135m", "tokenIds": tokens, "logitsDtype": "BFLOAT16", "topK": 2}),
     )
     logits = reply["logits"]
     assert logits["dtype"] == "BFLOAT16" and logits["shape"] == ["1", "49152"]  # int64 as strings
@@ -147,8 +148,6 @@ def grpc_code_name(code: grpc.StatusCode) -> str:
 
 
 def test_readme_walkthrough_runs_as_written(client: ReflectionClient) -> None:
-    import json
-
     commands = walkthrough_commands()
     assert len(commands) >= 8
     ran = 0
@@ -197,4 +196,4 @@ def test_readme_load_twice_is_already_loaded(client: ReflectionClient) -> None:
     first = client.call("modelworker.v1.ModelWorker/Load", body)
     again = client.call("modelworker.v1.ModelWorker/Load", body)
     assert "alreadyLoaded" not in first and again["alreadyLoaded"] is True
-    client.call("modelworker.v1.ModelWorker/Unload", '{"model_id": "%s"}' % first["model"]["id"])
+    client.call("modelworker.v1.ModelWorker/Unload", json.dumps({"model_id": first["model"]["id"]}))
