@@ -240,11 +240,11 @@ def prepare_paged_batch(
             raise InvalidRequest(
                 f"sequence {s}: context_len {c} exceeds its {len(table)} blocks of {bs} tokens ({len(table) * bs})"
             )
-        for j, b in enumerate(table):
-            if not 0 <= b < cache.num_blocks:
-                raise InvalidRequest(
-                    f"sequence {s}: block_tables[{s}][{j}] = {b} is outside [0, {cache.num_blocks})"
-                )
+        if table and (min(table) < 0 or max(table) >= cache.num_blocks):
+            j, b = next((j, b) for j, b in enumerate(table) if not 0 <= b < cache.num_blocks)
+            raise InvalidRequest(
+                f"sequence {s}: block_tables[{s}][{j}] = {b} is outside [0, {cache.num_blocks})"
+            )
         if len(set(table)) != len(table):
             seen: set[int] = set()
             dup = next(b for b in table if b in seen or seen.add(b))
@@ -329,10 +329,16 @@ def prepare_paged_batch(
         )
 
     # -- device tensors, built once per call and shared by every layer ---------------------------
-    dev = cache.device
-    all_stored = bool(stored.all())
+    # Two host-to-device copies in all (one per dtype) rather than one per tensor.
     cu_ctx = torch.zeros(num_seqs + 1, dtype=torch.long)
     torch.cumsum(ctx_t, 0, out=cu_ctx[1:])
+    all_stored = bool(stored.all())
+    store_rows = torch.zeros(0, dtype=torch.long) if all_stored else stored.nonzero()[:, 0]
+    dev = cache.device
+    tokens_d, pos_d, slots_d, store_slots_d, store_rows_d, last_d = _to_device(
+        dev, torch.long, [tokens, pos, slots, stored_slots, store_rows, cu_q[1:] - 1]
+    )
+    table_d, cu_q_d, cu_ctx_d, ctx_d = _to_device(dev, torch.int32, [table_t, cu_q, cu_ctx, ctx_t])
     return PagedBatch(
         num_seqs=num_seqs,
         is_prefill=bool(is_prefill),
@@ -340,19 +346,29 @@ def prepare_paged_batch(
         query_lens=qlens,
         context_lens=ctx,
         block_tables=tables,
-        input_tokens=tokens.to(dev),
-        positions=pos.to(dev),
-        slot_mapping=slots.to(dev),
-        store_slots=stored_slots.to(dev),
-        store_rows=None if all_stored else stored.nonzero()[:, 0].to(dev),
-        last_token_indices=(cu_q[1:] - 1).to(dev),
-        block_table=table_t.to(device=dev, dtype=torch.int32),
-        cu_query_lens=cu_q.to(device=dev, dtype=torch.int32),
-        cu_context_lens=cu_ctx.to(device=dev, dtype=torch.int32),
-        context_lens_t=ctx_t.to(device=dev, dtype=torch.int32),
+        input_tokens=tokens_d,
+        positions=pos_d,
+        slot_mapping=slots_d,
+        store_slots=store_slots_d,
+        store_rows=None if all_stored else store_rows_d,
+        last_token_indices=last_d,
+        block_table=table_d,
+        cu_query_lens=cu_q_d,
+        cu_context_lens=cu_ctx_d,
+        context_lens_t=ctx_d,
         max_query_len=max(qlens),
         max_context_len=max(ctx),
     )
+
+
+def _to_device(device: torch.device, dtype: torch.dtype, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`parts` converted to `dtype` on `device`, through one copy: contiguous views of one buffer."""
+    flat = torch.cat([p.reshape(-1).to(dtype) for p in parts]).to(device)
+    out, offset = [], 0
+    for p in parts:
+        out.append(flat[offset : offset + p.numel()].view(p.shape))
+        offset += p.numel()
+    return out
 
 
 class PagedContext:

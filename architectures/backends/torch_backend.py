@@ -36,6 +36,7 @@ class TorchPlan:
     decode_rows: torch.Tensor | None  # long [Bd]: q rows of the decode sequences
     decode_ctx: torch.Tensor | None  # long [Bd]
     decode_tables: torch.Tensor | None  # long [Bd, max_blocks]
+    decode_max_ctx: int  # longest context among the decode sequences (host-side: no device sync)
     prefill: list[_PrefillSeq]
     all_decode: bool
     # Per window: gather indices and masks, built on the first layer that uses that window.
@@ -63,12 +64,25 @@ class TorchBackend:
             for s in range(batch.num_seqs)
             if batch.query_lens[s] > 1
         ]
+        ctx = batch.context_lens_t.long()
+        if not prefill:  # the hot path: every index is already on the device
+            return TorchPlan(
+                batch.last_token_indices, ctx, tables, batch.max_context_len, [], all_decode=True
+            )
         if decode:
-            idx = torch.tensor(decode, dtype=torch.long, device=dev)
-            rows = torch.tensor([starts[s] for s in decode], dtype=torch.long, device=dev)
-            ctx = batch.context_lens_t.long().index_select(0, idx)
-            return TorchPlan(rows, ctx, tables.index_select(0, idx), prefill, all_decode=not prefill)
-        return TorchPlan(None, None, None, prefill, all_decode=False)
+            idx = torch.tensor(decode, dtype=torch.long).to(dev)
+            # a decode sequence's only query row is its last token
+            rows = batch.last_token_indices.index_select(0, idx)
+            longest = max(batch.context_lens[s] for s in decode)
+            return TorchPlan(
+                rows,
+                ctx.index_select(0, idx),
+                tables.index_select(0, idx),
+                longest,
+                prefill,
+                all_decode=False,
+            )
+        return TorchPlan(None, None, None, 0, prefill, all_decode=False)
 
     def attend(
         self,
@@ -145,7 +159,7 @@ def _decode_keys(plan: TorchPlan, block_size: int, window: int | None) -> tuple[
     ctx = plan.decode_ctx
     start = torch.zeros_like(ctx) if window is None else (ctx - window).clamp(min=0)
     seen = ctx - start  # keys each sequence attends to
-    width = int(seen.max())
+    width = plan.decode_max_ctx if window is None else min(plan.decode_max_ctx, window)
     j = torch.arange(width, device=ctx.device)
     valid = j[None, :] < seen[:, None]
     index = torch.where(valid, start[:, None] + j[None, :], 0)
