@@ -17,6 +17,7 @@ and hands attention to the backend chosen at Load.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -155,11 +156,12 @@ def _as_int_list(values: Any, field: str) -> list[int]:
     except TypeError:
         raise InvalidRequest(f"{field} must be a list of integers, got {type(values).__name__}") from None
     for i, x in enumerate(out):
-        if isinstance(x, bool) or not isinstance(x, int):
-            if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.dtype.is_floating_point:
-                out[i] = int(x)
-                continue
-            raise InvalidRequest(f"{field}[{i}] must be an integer, got {x!r}")
+        try:
+            if isinstance(x, bool):
+                raise TypeError
+            out[i] = operator.index(x)  # int, NumPy integers, 0-d integer tensors
+        except TypeError:
+            raise InvalidRequest(f"{field}[{i}] must be an integer, got {x!r}") from None
     return out
 
 
