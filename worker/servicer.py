@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -539,7 +540,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
                 max_tokens_per_request=s.max_tokens_per_request,
                 max_batch_size=s.max_batch_size,
             ),
-            model_roots=[str(r) for r in self.registry.model_roots],
+            model_roots=[os.path.realpath(r) for r in self.registry.model_roots],
             architectures=self.registry.list_architectures(),
         )
 
