@@ -25,6 +25,7 @@ log = logging.getLogger(LOGGER_NAME)
 
 # Subcommands implemented by registry.gguf_import; their arguments are passed through untouched.
 GGUF_COMMANDS = {"import-gguf": "main_import", "prepare-demo": "main_prepare_demo"}
+GGUF_MODULE = "registry.gguf_import"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,17 +116,17 @@ def serve(args: argparse.Namespace) -> int:
 def run_gguf_command(command: str, argv: Sequence[str]) -> int:
     """Hand the arguments to registry.gguf_import, imported only now (it needs the gguf package)."""
     func_name = GGUF_COMMANDS[command]
-    if importlib.util.find_spec("registry.gguf_import") is None:
+    if importlib.util.find_spec(GGUF_MODULE) is None:
         print(
             f"modelworker {command}: GGUF import is not available in this installation "
-            "(registry/gguf_import.py is missing)",
+            f"({GGUF_MODULE} is missing)",
             file=sys.stderr,
         )
         return 2
-    module = importlib.import_module("registry.gguf_import")
+    module = importlib.import_module(GGUF_MODULE)
     func = getattr(module, func_name, None)
     if func is None:
-        print(f"modelworker {command}: registry.gguf_import has no {func_name}()", file=sys.stderr)
+        print(f"modelworker {command}: {GGUF_MODULE} has no {func_name}()", file=sys.stderr)
         return 2
     return int(func(list(argv)) or 0)
 
