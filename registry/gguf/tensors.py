@@ -107,7 +107,7 @@ def plan_tensors(gf: GgufFile, config: dict[str, Any]) -> list[TensorPlan]:
     unsupported = []
     for hf, tensor in by_hf.items():
         shape = expected[hf]
-        if math.prod(tensor.shape) != math.prod(shape) or tensor.shape[-1] != shape[-1]:
+        if tensor.shape != shape:
             mismatched.append(f"{tensor.name} has shape {list(tensor.shape)}, expected {list(shape)}")
         if not can_dequantize(tensor.type_name):
             unsupported.append(f"{tensor.name} ({tensor.type_name})")

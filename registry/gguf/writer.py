@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -124,24 +125,28 @@ def _write_weights(
 
 def _write_tokenizer(gguf_path: Path, out: Path) -> tuple[list[str], str]:
     """tokenizer.json and friends through transformers' own GGUF tokenizer conversion, when
-    transformers is installed (it is not a runtime dependency). Returns (files, a note)."""
+    transformers is installed (it is not a runtime dependency). Returns (files, a one-line note)."""
     if importlib.util.find_spec("transformers") is None:
         return [], "transformers is not installed: no tokenizer files written"
     before = {p.name for p in out.iterdir()}
     try:
-        from transformers import AutoTokenizer
+        import transformers
 
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
-        )
+        # transformers reads a GGUF through its directory; a directory holding only the file keeps
+        # any tokenizer files lying next to it from being read instead.
+        with tempfile.TemporaryDirectory(prefix="gguf-tokenizer-") as alone:
+            link = Path(alone) / gguf_path.name
+            link.symlink_to(gguf_path)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                alone, gguf_file=link.name, local_files_only=True
+            )
         tokenizer.save_pretrained(str(out))
     except Exception as exc:  # a tokenizer transformers cannot convert leaves the weights usable
         for p in out.iterdir():
             if p.name not in before:
                 p.unlink()
-        return [], f"transformers could not convert the GGUF tokenizer ({type(exc).__name__}: {exc})"
-    import transformers
-
+        reason = (str(exc).splitlines() or [""])[0][:200]
+        return [], f"transformers could not convert the GGUF tokenizer ({type(exc).__name__}: {reason})"
     files = sorted(p.name for p in out.iterdir() if p.name not in before)
     return files, f"tokenizer converted by transformers {transformers.__version__}"
 
@@ -171,9 +176,13 @@ def is_complete_import(
     marker = read_marker(out_dir)
     if marker is None:
         return False
-    source = marker.get("source", {})
+    source = marker.get("source")
     size = Path(gguf_path).stat().st_size
-    if source.get("size") != size or (dtype is not None and marker.get("dtype") != dtype):
+    if (
+        not isinstance(source, dict)
+        or source.get("size") != size
+        or (dtype is not None and marker.get("dtype") != dtype)
+    ):
         return False
     files = marker.get("files")
     if not isinstance(files, dict):
