@@ -13,7 +13,7 @@ class WorkerObserver:
         """A model became READY (entry.load_seconds, entry.architecture, entry.model are set)."""
 
     def model_load_failed(self, model_id: str, architecture: str, seconds: float, code: str) -> None:
-        """A Load that started building failed (code: the status code name)."""
+        """A Load failed (code: the status code name it returned)."""
 
     def model_unloaded(self, model_id: str, architecture: str, seconds: float, freed_bytes: int) -> None:
         """A model's memory was released; its per-model series should go away."""

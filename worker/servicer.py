@@ -103,7 +103,6 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
     async def _locked(self, model_id: str, fn: Callable[[], T]) -> T:
         """fn under the model's asyncio lock, in the executor. The lock is released when the thread
         finishes, not when the caller gives up, so nothing can free the model under a running call."""
-        self.registry.get_entry(model_id)  # NOT_FOUND before anything waits
         lock = self._lock_for(model_id)
         waited = time.perf_counter()
         await lock.acquire()
@@ -116,6 +115,11 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             raise
         future.add_done_callback(lambda f: (lock.release(), _consume(f)))
         return await asyncio.shield(future)
+
+    async def _on_model(self, model_id: str, fn: Callable[[Model], T]) -> T:
+        """fn(model) under the lock, with exclusive access to the READY model (NOT_FOUND first)."""
+        self.registry.get_entry(model_id)
+        return await self._locked(model_id, self._with_model(model_id, fn))
 
     def _with_model(self, model_id: str, fn: Callable[[Model], T]) -> Callable[[], T]:
         """A thread body: exclusive access to the READY model; OOM gives memory back and says so."""
@@ -280,21 +284,13 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         started = time.perf_counter()
         entry = self.registry.get_entry(model_id)
         device = entry.model.device if entry.model is not None else None
-        lock = self._lock_for(model_id)
-        await lock.acquire()  # in-flight calls on the model finish first
 
         def unload() -> int:
             freed = self.registry.unload_model(model_id)
             dev.release_cached_memory(device)
             return freed
 
-        try:
-            future = asyncio.get_running_loop().run_in_executor(self._executor, unload)
-        except BaseException:
-            lock.release()
-            raise
-        future.add_done_callback(lambda f: (lock.release(), _consume(f)))
-        freed = await asyncio.shield(future)
+        freed = await self._locked(model_id, unload)  # in-flight calls on the model finish first
         seconds = time.perf_counter() - started
         note(architecture=entry.architecture, freed_bytes=freed)
         self.observer.model_unloaded(model_id, entry.architecture, seconds, freed)
@@ -380,7 +376,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             return _forward_reply(pb.ForwardResponse(), rows_out, last, mode, out_dtype, k, compute)
 
         started = time.perf_counter()
-        response = await self._locked(model_id, self._with_model(model_id, run))
+        response = await self._on_model(model_id, run)
         phase = _phase_dense(request.use_cache, request.start_pos, seq_len)
         self.observer.forward_done(model_id, "Forward", phase, time.perf_counter() - started, n)
         return response
@@ -459,7 +455,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             return _forward_reply(pb.ForwardPagedResponse(), logits, last, mode, out_dtype, k, compute)
 
         started = time.perf_counter()
-        response = await self._locked(model_id, self._with_model(model_id, run))
+        response = await self._on_model(model_id, run)
         phase = _phase_paged(request.is_prefill, query_lens, context_lens)
         self.observer.forward_done(model_id, "ForwardPaged", phase, time.perf_counter() - started, n)
         return response
@@ -470,7 +466,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         self, request: pb.ResetCacheRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResetCacheResponse:
         model_id = validate_model_id(request.model_id)
-        await self._locked(model_id, self._with_model(model_id, lambda model: model.reset_kv_cache()))
+        await self._on_model(model_id, lambda model: model.reset_kv_cache())
         return pb.ResetCacheResponse()
 
     @rpc_method("SliceKvCache")
@@ -500,7 +496,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             encode_tensor(v, response.value)
             return response
 
-        return await self._locked(model_id, self._with_model(model_id, run))
+        return await self._on_model(model_id, run)
 
     # -- read-only -----------------------------------------------------------------------------
     @rpc_method("ListModels")

@@ -6,9 +6,11 @@ entry point in the group `modelworker.architectures`, from a dist-info directory
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +25,7 @@ from worker.pb.modelworker.v1 import worker_pb2 as pb
 from worker.pb.modelworker.v1 import worker_pb2_grpc as pb_grpc
 
 from . import slow_arch
+from .harness import make_settings, start_server
 
 REPO = Path(__file__).resolve().parents[2]
 GRACE = 8.0
@@ -157,3 +160,12 @@ def test_bad_settings_exit_2_naming_the_source(plugin_env: dict[str, str]) -> No
     )
     assert done.returncode == 2
     assert "MODELWORKER_GRACE_SECONDS" in done.stderr and "soon" in done.stderr
+
+
+def test_port_in_use_is_a_clear_error(aio_loop: asyncio.AbstractEventLoop, model_root: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+            start_server(aio_loop, make_settings(model_root, port=port))
