@@ -105,7 +105,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"modelworker serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    log.debug("settings", extra=fields(**settings.redacted()))
+    # The effective settings, once, at start (operations asks "what is it running with?"; token masked).
+    log.info("starting modelworker %s", __version__, extra=fields(**settings.redacted()))
     try:
         return asyncio.run(_serve(settings))
     except OSError as exc:

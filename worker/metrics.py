@@ -95,7 +95,7 @@ class PrometheusObserver(WorkerObserver):
         )
         self.load_failures = Counter(
             "modelworker_model_load_failures_total",
-            "Loads that failed after they started building, by gRPC status code (as grpc_code).",
+            "Failed Loads, by the gRPC status code they returned (spelled as grpc_code).",
             ["code"],
             registry=registry,
         )
