@@ -22,7 +22,8 @@ class WorkerObserver:
         """Time a call waited for the model's lock."""
 
     def forward_done(self, model_id: str, rpc: str, phase: str, seconds: float, tokens: int) -> None:
-        """A Forward or ForwardPaged finished. phase: prefill | decode | mixed; tokens: input tokens."""
+        """A Forward or ForwardPaged succeeded. seconds: time in the model (the reply's compute_seconds,
+        without lock wait or encoding); phase: prefill | decode | mixed; tokens: input tokens."""
 
 
 NULL_OBSERVER = WorkerObserver()

@@ -375,10 +375,9 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             rows_out = logits.reshape(n, vocab) if all_rows else logits
             return _forward_reply(pb.ForwardResponse(), rows_out, last, mode, out_dtype, k, compute)
 
-        started = time.perf_counter()
         response = await self._on_model(model_id, run)
         phase = _phase_dense(request.use_cache, request.start_pos, seq_len)
-        self.observer.forward_done(model_id, "Forward", phase, time.perf_counter() - started, n)
+        self.observer.forward_done(model_id, "Forward", phase, response.compute_seconds, n)
         return response
 
     @rpc_method("ForwardPaged")
@@ -454,10 +453,9 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
                 last = logits  # [num_seqs, vocab]
             return _forward_reply(pb.ForwardPagedResponse(), logits, last, mode, out_dtype, k, compute)
 
-        started = time.perf_counter()
         response = await self._on_model(model_id, run)
         phase = _phase_paged(request.is_prefill, query_lens, context_lens)
-        self.observer.forward_done(model_id, "ForwardPaged", phase, time.perf_counter() - started, n)
+        self.observer.forward_done(model_id, "ForwardPaged", phase, response.compute_seconds, n)
         return response
 
     # -- caches --------------------------------------------------------------------------------

@@ -49,14 +49,6 @@ _call_fields: contextvars.ContextVar[dict[str, Any] | None] = contextvars.Contex
 )
 
 
-class Unauthenticated(ModelWorkerError):
-    kind = "unauthenticated"
-
-
-class Draining(ModelWorkerError):
-    kind = "unavailable"
-
-
 def note(**values: Any) -> None:
     """Attach fields to the current call's log line."""
     current = _call_fields.get()

@@ -93,6 +93,8 @@ def test_load_is_idempotent_for_the_same_spec(loaded: RunningServer, model_root:
     )
     assert again.already_loaded
     assert again.model.loaded_at == first.loaded_at and again.model.load_seconds == first.load_seconds
+    # "auto" on CPU is float32, so it names the same spec as well.
+    assert stub.Load(load_request("a", "llama-a", dtype="auto")).already_loaded
 
 
 def test_list_architectures_and_info(loaded: RunningServer, model_root: Path) -> None:
