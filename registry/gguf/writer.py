@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -203,11 +204,30 @@ def _prepare_destination(out_dir: Path, force: bool) -> None:
             raise GgufImportError(f"{out_dir}: directory exists and is not empty (use --force to replace it)")
 
 
+def _remove_abandoned_imports(out_dir: Path) -> None:
+    """Temporary directories of imports into out_dir whose process died without cleaning up (killed)."""
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(?:import|old)-(\d+)-[0-9a-f]+")
+    for sibling in out_dir.parent.iterdir():
+        m = pattern.fullmatch(sibling.name)
+        if m and sibling.is_dir() and not _process_alive(int(m.group(1))):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
     """Move the finished tmp directory to out_dir; an existing out_dir is swapped out, then removed."""
     old = None
     if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{secrets.token_hex(4)}")
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
         out_dir.rename(old)
     try:
         tmp.rename(out_dir)
@@ -269,6 +289,10 @@ def import_gguf_detailed(
         raise GgufImportError(f"dtype {dtype!r} is not supported (supported: {', '.join(OUTPUT_DTYPES)})")
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise GgufImportError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
+    if out_dir == gguf_path or out_dir.resolve() in gguf_path.parents:
+        raise GgufImportError(
+            f"{out_dir}: holds the source file {gguf_path}; choose another output directory"
+        )
     _prepare_destination(out_dir, force)
     gf = read_gguf(gguf_path)
     config = build_config(gf, dtype)
@@ -276,6 +300,7 @@ def import_gguf_detailed(
     torch_dtype = OUTPUT_DTYPES[dtype]
     total = sum(p.nbytes(torch_dtype) for p in plans)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_imports(out_dir)
     free = shutil.disk_usage(out_dir.parent).free
     if free < total:
         raise GgufImportError(f"{out_dir.parent}: {total / 1e6:.0f} MB needed, only {free / 1e6:.0f} MB free")

@@ -155,6 +155,10 @@ def test_existing_output_directory(tmp_path, good_file):
     import_gguf(good_file, empty)  # an empty directory is fine without force
     assert (empty / "model.safetensors").is_file()
 
+    with pytest.raises(GgufImportError, match="holds the source file"):  # --force would delete it
+        import_gguf(good_file, good_file.parent, force=True)
+    assert good_file.is_file()
+
     import_gguf(good_file, out, force=True)
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
     assert sorted(os.listdir(tmp_path)) == ["empty", "file", "out", "src"]  # no temporary siblings
@@ -246,3 +250,16 @@ def test_prepare_demo_refuses_a_foreign_directory(tmp_path, capsys):
     assert main_prepare_demo([str(out)]) == 1
     assert "not empty" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == ["notes.txt"]
+
+
+def test_directories_of_killed_imports_are_removed(tmp_path, good_file):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    abandoned = tmp_path / f".out.import-{dead.pid}-0123abcd"
+    live = tmp_path / f".out.import-{os.getpid()}-89abcdef"  # a concurrent import in a live process
+    other = tmp_path / f".other.import-{dead.pid}-0123abcd"  # not ours to touch
+    for d in (abandoned, live, other):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    import_gguf(good_file, tmp_path / "out")
+    assert not abandoned.exists() and live.exists() and other.exists()
