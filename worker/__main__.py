@@ -83,9 +83,12 @@ async def _serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     await server.start(serving=not settings.preload)
     exit_code = 0
+    preload: asyncio.Future[bool] | None = None
     if settings.preload:
         preload = asyncio.ensure_future(server.preload())
-        await asyncio.wait([preload, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([preload, stopped], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
         if preload.done():
             if preload.result():
                 await server.set_serving()
@@ -94,6 +97,8 @@ async def _serve(settings: Settings) -> int:
                 stop.set()
     await stop.wait()
     log.info("shutting down", extra=fields(grace_s=settings.grace_seconds))
+    if preload is not None and not preload.done():
+        preload.cancel()  # the load itself finishes in its thread; stop() then unloads it
     await server.stop()
     return exit_code
 
