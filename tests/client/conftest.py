@@ -39,7 +39,7 @@ def client_model_root(tmp_path_factory: pytest.TempPathFactory, weights_seed: in
     root = tmp_path_factory.mktemp("client-models")
     make_tiny_model_dir(root / "llama", "llama", seed=weights_seed)
     make_tiny_model_dir(root / "qwen", "qwen2", seed=weights_seed + 1)
-    slow_arch.make_slow_copy(root / "llama", root / "slow-forward", forward_seconds=1.0)
+    slow_arch.make_slow_copy(root / "llama", root / "slow-forward", forward_seconds=0.5)
     slow_arch.make_slow_copy(root / "llama", root / "slow-load", load_seconds=1.0)
     return root
 
