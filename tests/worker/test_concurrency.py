@@ -151,7 +151,7 @@ def test_unload_during_a_forward_waits_then_succeeds(worker: RunningServer) -> N
     assert len(reply.next_token_ids) == 1
     forward_end = inst.intervals[0][1]
     assert forward_end <= unloaded_at
-    assert unload.unload_seconds >= 0.3 and unload.freed_bytes > 0  # it waited out the 0.5 s forward
+    assert unload.freed_bytes > 0 and unload.unload_seconds > 0
     assert "uf" not in [m.id for m in stub.ListModels(pb.ListModelsRequest()).models]
 
 
@@ -166,10 +166,11 @@ def test_cancelled_forward_keeps_the_model_until_its_thread_is_done(worker: Runn
     except grpc.RpcError as exc:
         err = exc
     assert err is not None and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    # The deadline passed but the forward still runs; Unload must wait for it.
-    unload = stub.Unload(pb.UnloadRequest(model_id="cx"))
-    assert inst.intervals and inst.intervals[0][1] <= time.perf_counter()
-    assert unload.unload_seconds > 0.2
+    # The deadline passed but the forward still runs; Unload must wait for it: when Unload returns,
+    # the forward's thread has finished (the instrument records a forward when it ends).
+    assert not inst.intervals
+    stub.Unload(pb.UnloadRequest(model_id="cx"))
+    assert len(inst.intervals) == 1
 
 
 def test_many_clients_mixed_calls(worker: RunningServer) -> None:
