@@ -137,6 +137,8 @@ class BlockManager:
 # -- sequences -------------------------------------------------------------------------------------
 @dataclass
 class Request:
+    """One prompt's generation as the scheduler tracks it."""
+
     index: int
     prompt: list[int]
     max_new_tokens: int

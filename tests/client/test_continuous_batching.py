@@ -193,3 +193,49 @@ def test_smollm2(client_loop, tmp_path: Path) -> None:
             assert s.prompt_tokens_computed == s.prompt_tokens - 32
     finally:
         running.stop(grace=0.5)
+
+
+def test_the_readme_worked_example(paged: RunningServer, client) -> None:
+    """README "Driving the worker from a scheduler": the three ForwardPaged calls of its worked
+    example (block size 4), checked against greedy Forward of each sequence alone."""
+    rng = random.Random()
+    a = [rng.randrange(128) for _ in range(6)]
+    b = [rng.randrange(128) for _ in range(3)]
+    c = a[:4] + [rng.randrange(128) for _ in range(2)]  # shares A's first block
+    client.reset_cache("cb")
+    # Step 1: prefill A (blocks 2, 5) and B (block 7).
+    r1 = client.forward_paged(
+        "cb",
+        input_tokens=a + b,
+        positions=[0, 1, 2, 3, 4, 5, 0, 1, 2],
+        block_tables=[[2, 5], [7]],
+        slot_mapping=[8, 9, 10, 11, 20, 21, 28, 29, 30],
+        context_lens=[6, 3],
+        is_prefill=True,
+    )
+    a6, b3 = r1.next_token_ids
+    # Step 2: A and B decode; C is admitted, reusing block 2, prefilling its last 2 tokens into block 9.
+    r2 = client.forward_paged(
+        "cb",
+        input_tokens=[a6, b3, c[4], c[5]],
+        positions=[6, 3, 4, 5],
+        block_tables=[[2, 5], [7], [2, 9]],
+        slot_mapping=[22, 31, 36, 37],
+        context_lens=[7, 4, 6],
+        query_lens=[1, 1, 2],
+        is_prefill=True,
+    )
+    a7, b4, c6 = r2.next_token_ids
+    # Step 3: all three decode; B's fifth token opens its second block, 1.
+    r3 = client.forward_paged(
+        "cb",
+        input_tokens=[a7, b4, c6],
+        positions=[7, 4, 6],
+        block_tables=[[2, 5], [7, 1], [2, 9]],
+        slot_mapping=[23, 4, 38],
+        context_lens=[8, 5, 7],
+        is_prefill=False,
+    )
+    assert [a6, a7, r3.next_token_ids[0]] == greedy_reference(client, "cb", a, 3)
+    assert [b3, b4, r3.next_token_ids[1]] == greedy_reference(client, "cb", b, 3)
+    assert [c6, r3.next_token_ids[2]] == greedy_reference(client, "cb", c, 2)
