@@ -318,3 +318,29 @@ def test_denied_calls_are_counted_and_registries_are_per_server(
         )
     finally:
         running.stop(grace=0.1)
+
+
+def test_a_busy_metrics_port_stops_the_start(aio_loop: asyncio.AbstractEventLoop, model_root: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(OSError, match=rf"cannot serve metrics on 127\.0\.0\.1:{port}: "):
+            start_server(aio_loop, make_settings(model_root, metrics_port=port))
+
+
+def test_metrics_port_zero_means_off(aio_loop: asyncio.AbstractEventLoop, model_root: Path) -> None:
+    running = start_server(aio_loop, make_settings(model_root, metrics_port=0))
+    try:
+        assert running.server.metrics_http is None
+        running.stub().ListModels(pb.ListModelsRequest())
+        # The registry still counts (an embedding application can serve it itself).
+        assert (
+            running.server.metrics.registry.get_sample_value(
+                "grpc_server_handled_total",
+                dict(grpc_type="unary", grpc_service=SERVICE, grpc_method="ListModels", grpc_code="OK"),
+            )
+            == 1
+        )
+    finally:
+        running.stop(grace=0.1)
