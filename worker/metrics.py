@@ -38,23 +38,8 @@ log = logging.getLogger(LOGGER_NAME + ".metrics")
 # checkpoint several minutes. Forwards range from a sub-millisecond decode of a tiny model to a long
 # prefill. gRPC calls span both (ListModels .. Load).
 LOAD_BUCKETS = (
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    20.0,
-    30.0,
-    60.0,
-    120.0,
-    180.0,
-    300.0,
-    450.0,
-    600.0,
-)
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 300.0, 450.0, 600.0,
+)  # fmt: skip
 UNLOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 FORWARD_BUCKETS = (
     0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -198,7 +183,8 @@ class DeviceMemoryCollector:
 
     cpu: total, available (MemAvailable) and process_resident (this process's RSS); cuda:N: total,
     free (driver view, all processes), allocated and reserved (this process's torch allocator). CUDA
-    is only asked once this process has initialized it, so a scrape never creates a CUDA context.
+    is only asked once this process has initialized it: a scrape of a CPU worker never creates a CUDA
+    context.
     """
 
     NAME = "modelworker_device_memory_bytes"
