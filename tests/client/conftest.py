@@ -30,7 +30,9 @@ def client_loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 @pytest.fixture(scope="session")
 def weights_seed() -> int:
-    return random.randrange(2**31)
+    seed = random.randrange(2**31)
+    print(f"tiny model weights seed {seed}")  # shown with the first failing test's output
+    return seed
 
 
 @pytest.fixture(scope="session")

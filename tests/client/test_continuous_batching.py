@@ -64,6 +64,7 @@ def paged(worker: RunningServer) -> RunningServer:
 
 def test_matches_greedy_forward_with_reuse_and_a_shared_prefix(paged: RunningServer, client) -> None:
     seed = random.randrange(2**31)
+    print(f"seed {seed}")
     rng = random.Random(seed)
     vocab = 128
     prefix = [rng.randrange(vocab) for _ in range(10)]  # two full blocks of 4, then half of one
@@ -100,6 +101,7 @@ def test_matches_greedy_forward_with_reuse_and_a_shared_prefix(paged: RunningSer
 
 def test_preemption_and_chunked_prefill_keep_the_tokens(paged: RunningServer, client) -> None:
     seed = random.randrange(2**31)
+    print(f"seed {seed}")
     rng = random.Random(seed)
     # Four prompts of 8-14 tokens, each growing by 10: at their peak they need 4 x 5 of the 12 blocks.
     prompts = [[rng.randrange(128) for _ in range(n)] for n in (14, rng.randint(8, 10), 9, 8)]
