@@ -120,6 +120,8 @@ class CallGate(grpc.aio.ServerInterceptor):
         self._idle.set()
 
     async def wait_idle(self, timeout: float) -> bool:
+        if self._idle.is_set():  # wait_for(..., 0) would time out before the wait could run
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             return True
