@@ -1,9 +1,10 @@
 """Strict safetensors loading straight into a module's parameters.
 
 Headers are parsed and checked by us before any tensor byte is read (truncated files, offsets past
-the end, sizes that disagree with shapes, absurd header lengths), then every tensor is copied from a
-memory map into its parameter — already on the target device and dtype — one tensor at a time, so no
-second full copy of the checkpoint ever exists. Pickle checkpoints are refused, never opened.
+the end, sizes that disagree with shapes, absurd header lengths), then every tensor is read into its
+parameter — already on the target device and dtype — one tensor at a time, so no second full copy of
+the checkpoint ever exists: with read(2) when the parameter's bytes are the file's bytes (CPU, same
+dtype), else copied (and converted) from a memory map. Pickle checkpoints are refused, never opened.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -321,6 +323,29 @@ def _read_into(target: torch.Tensor, entry: TensorEntry, mm: mmap.mmap) -> None:
     del source
 
 
+def _reads_directly(target: torch.Tensor, entry: TensorEntry) -> bool:
+    """True when the file's bytes are the target's bytes: CPU, same dtype, one contiguous run."""
+    return target.device.type == "cpu" and target.dtype == entry.dtype and target.is_contiguous()
+
+
+def _read_direct(target: torch.Tensor, entry: TensorEntry, f: BinaryIO) -> None:
+    """read(2) straight into the parameter's memory: one copy (page cache → parameter), and unlike a
+    memory map no file page is mapped into the process, so resident memory never holds the checkpoint
+    twice."""
+    if entry.numel == 0:
+        return
+    view = memoryview(target.detach().reshape(-1).view(torch.uint8).numpy())
+    f.seek(entry.offset)
+    done = 0
+    while done < entry.nbytes:
+        n = f.readinto(view[done:])
+        if not n:
+            raise CorruptCheckpoint(
+                f"{entry.file}: tensor {entry.name!r} ends early (the file shrank while loading)"
+            )
+        done += n
+
+
 @torch.no_grad()
 def load_weights(module: nn.Module, model_dir: Path, mapping: WeightMapping) -> int:
     """Load every weight of `model_dir` into `module` strictly; returns the bytes read."""
@@ -332,16 +357,27 @@ def load_weights(module: nn.Module, model_dir: Path, mapping: WeightMapping) -> 
         by_file.setdefault(item[0].file, []).append(item)
     total = 0
     for path, items in by_file.items():
-        with path.open("rb") as f:
+        targets: list[tuple[TensorEntry, torch.Tensor]] = []
+        for entry, param_name, shard in sorted(items, key=lambda it: it[0].offset):
+            target = params[param_name]
+            if shard is not None:
+                sizes = _shard_sizes(module, param_name)
+                target = target.narrow(0, sum(sizes[:shard]), sizes[shard])
+            targets.append((entry, target))
+        mapped = [(e, t) for e, t in targets if not _reads_directly(t, e)]
+        with path.open("rb", buffering=0) as f:
+            for entry, target in targets:
+                if _reads_directly(target, entry):
+                    _read_direct(target, entry, f)
+                    total += entry.nbytes
+            if not mapped:
+                continue
+            # Conversions (dtype, device, strided targets) copy from a map of the file.
             # ACCESS_COPY gives a writable (copy-on-write) view, which torch.frombuffer wants; nothing
             # is ever written, so no page is copied.
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         try:
-            for entry, param_name, shard in sorted(items, key=lambda it: it[0].offset):
-                target = params[param_name]
-                if shard is not None:
-                    sizes = _shard_sizes(module, param_name)
-                    target = target.narrow(0, sum(sizes[:shard]), sizes[shard])
+            for entry, target in mapped:
                 _read_into(target, entry, mm)
                 total += entry.nbytes
         finally:
