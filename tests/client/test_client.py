@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 import architectures
 from registry import KvCacheOptions, LoadOptions, Model, ModelRegistry
+from tests.certs import issue, make_ca
 from tests.worker.harness import RunningServer, make_settings, start_server
 from worker.client import (
     AsyncModelWorkerClient,
@@ -346,20 +346,6 @@ def test_bearer_token(authed: RunningServer) -> None:
     asyncio.run(async_calls())
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _issue(name: str, subject: str, ext: str, cwd: Path) -> None:
-    _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key", cwd=cwd)
-    _openssl("req", "-new", "-key", f"{name}.key", "-subj", f"/CN={subject}", "-out", f"{name}.csr", cwd=cwd)
-    (cwd / f"{name}.ext").write_text(ext + "\n")
-    _openssl(
-        "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=cwd,
-    )  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA; a server certificate valid only for the name worker.test (so reaching 127.0.0.1 needs the
@@ -367,12 +353,9 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl CLI")
     d = tmp_path_factory.mktemp("client-certs")
-    _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key", cwd=d)
-    _openssl(
-        "req", "-x509", "-new", "-key", "ca.key", "-subj", "/CN=ca", "-days", "2", "-out", "ca.pem", cwd=d
-    )
-    _issue("server", "worker.test", "subjectAltName=DNS:worker.test", d)
-    _issue("client", "scheduler", "extendedKeyUsage=clientAuth", d)
+    make_ca(d)
+    issue("server", "worker.test", "subjectAltName=DNS:worker.test", d)
+    issue("client", "scheduler", "extendedKeyUsage=clientAuth", d)
     return d
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,16 +12,6 @@ from tests.tiny_models import make_tiny_model_dir
 
 from . import slow_arch
 from .harness import RunningServer, make_settings, start_server
-
-
-@pytest.fixture(scope="session")
-def aio_loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="aio-server", daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
 
 
 @pytest.fixture(scope="session")

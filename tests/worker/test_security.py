@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
+from tests.certs import issue, make_ca
 from worker.pb.modelworker.v1 import worker_pb2 as pb
 from worker.pb.modelworker.v1 import worker_pb2_grpc as pb_grpc
 
@@ -19,60 +19,18 @@ from .harness import RunningServer, make_settings, rpc_error, start_server
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _issue(name: str, cn: str, ext: str, cwd: Path) -> None:
-    _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key", cwd=cwd)
-    _openssl("req", "-new", "-key", f"{name}.key", "-subj", f"/CN={cn}", "-out", f"{name}.csr", cwd=cwd)
-    (cwd / f"{name}.ext").write_text(ext + "\n")
-    _openssl(
-        "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=cwd,
-    )  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA, a server certificate for localhost/127.0.0.1, a client certificate, and a stranger's
     client certificate from another CA."""
     d = tmp_path_factory.mktemp("certs")
-    _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key", cwd=d)
-    _openssl(
-        "req",
-        "-x509",
-        "-new",
-        "-key",
-        "ca.key",
-        "-subj",
-        "/CN=test-ca",
-        "-days",
-        "2",
-        "-out",
-        "ca.pem",
-        cwd=d,
-    )
-    _issue("server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1", d)
-    _issue("client", "scheduler", "extendedKeyUsage=clientAuth", d)
+    make_ca(d, subject="test-ca")
+    issue("server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1", d)
+    issue("client", "scheduler", "extendedKeyUsage=clientAuth", d)
     other = d / "other"
     other.mkdir()
-    _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key", cwd=other)
-    _openssl(
-        "req",
-        "-x509",
-        "-new",
-        "-key",
-        "ca.key",
-        "-subj",
-        "/CN=other-ca",
-        "-days",
-        "2",
-        "-out",
-        "ca.pem",
-        cwd=other,
-    )
-    _issue("client", "stranger", "extendedKeyUsage=clientAuth", other)
+    make_ca(other, subject="other-ca")
+    issue("client", "stranger", "extendedKeyUsage=clientAuth", other)
     return d
 
 
