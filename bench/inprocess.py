@@ -1,0 +1,213 @@
+"""Items 2, 3, 4 and 6: our forward passes against transformers in the same process, same threads,
+float32, alternating call by call; and the decode step against the memory-bandwidth limit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from registry import Model
+
+from .common import Case, Goal, Row, Stats, alternate
+from .context import Bench
+from .models import (
+    BATCH,
+    BATCH_CONTEXT,
+    BLOCK_SIZE,
+    DECODE_CONTEXT,
+    PREFILL_LENGTHS,
+    BenchModel,
+    ReferenceDecoder,
+)
+
+
+def best_reference(stats: dict[str, Stats], names: list[str]) -> tuple[str, Stats]:
+    """The fastest transformers attention implementation by median (the fair reference)."""
+    name = min(names, key=lambda n: stats[n].median)
+    return name, stats[name]
+
+
+def reference_cell(name: str, s: Stats) -> str:
+    return f"{s.fmt()} transformers {name}"
+
+
+def prefill(b: Bench) -> None:
+    """Item 2: stateless forward over a fresh prompt, last-token logits, batch 1."""
+    for model in b.models:
+        for n in PREFILL_LENGTHS if model is b.smol else PREFILL_LENGTHS[:1]:
+            _prefill(b, model, n)
+
+
+def _prefill(b: Bench, model: BenchModel, n: int) -> None:
+    ours = b.ours[model.label]
+    refs = b.refs[model.label]
+    ids = b.tokens(model, 1, n)
+    cases = [Case("ours", lambda: ours.forward(ids, all_logits=False))]
+    for attn, hf in refs.items():
+        cases.append(Case(attn, lambda hf=hf: _reference_prefill(hf, ids)))
+    stats = alternate(cases, b.budget(12.0 if n > 128 else 6.0), min_reps=3, max_reps=30)
+    name, ref = best_reference(stats, list(refs))
+    b.report.add(
+        Row(
+            f"2. Prefill {n} tokens, {model.label}",
+            stats["ours"].fmt(),
+            reference_cell(name, ref),
+            stats["ours"].median / ref.median,
+            Goal(1.0),
+            key=f"prefill-{n}-{model.label}",
+        )
+    )
+
+
+@torch.inference_mode()
+def _reference_prefill(hf: Any, ids: torch.Tensor) -> torch.Tensor:
+    # Stateless like ours: no cache built, only the last position's logits computed.
+    return hf(ids, use_cache=False, logits_to_keep=1).logits
+
+
+def _paged_prefill(ours: Model, ids: torch.Tensor, table: list[int]) -> None:
+    """Write ids [n] as one sequence into the paged cache at the blocks of `table`."""
+    n = ids.shape[0]
+    index = torch.arange(n)
+    blocks = torch.tensor(table, dtype=torch.long)
+    slots = blocks[index // BLOCK_SIZE] * BLOCK_SIZE + index % BLOCK_SIZE
+    ours.forward_paged(ids, index, [table], slots, [n], True)
+
+
+def decode(b: Bench) -> None:
+    """Item 3: one decode step at context 512, batch 1: forward_with_cache and forward_paged against
+    transformers with its DynamicCache (rewound untimed after each step, so the context stays 512)."""
+    for model in b.models:
+        _decode(b, model)
+
+
+def _decode(b: Bench, model: BenchModel) -> None:
+    ctx = DECODE_CONTEXT
+    ours = b.ours[model.label]
+    ids = b.tokens(model, 1, ctx)
+    ours.reset_kv_cache()
+    ours.forward_with_cache(ids[:, : ctx - 1], 0, ctx - 1, all_logits=False)
+    table = list(range(ctx // BLOCK_SIZE))  # blocks [0, 32): the first NUM_BLOCKS share
+    _paged_prefill(ours, ids[0, : ctx - 1], table)
+    step = ids[:, ctx - 1 :]
+    last = torch.tensor([ctx - 1])
+    slot = torch.tensor([table[(ctx - 1) // BLOCK_SIZE] * BLOCK_SIZE + (ctx - 1) % BLOCK_SIZE])
+
+    cases = [
+        Case("with_cache", lambda: ours.forward_with_cache(step, ctx - 1, 1, all_logits=False)),
+        Case("paged", lambda: ours.forward_paged(step[0], last, [table], slot, [ctx], False)),
+    ]
+    decoders = {attn: ReferenceDecoder(hf, ids[:, : ctx - 1]) for attn, hf in b.refs[model.label].items()}
+    for attn, dec in decoders.items():
+        cases.append(Case(attn, lambda dec=dec: dec.step(step), prepare=dec.rewind))
+    stats = alternate(cases, b.budget(8.0), min_reps=5, max_reps=200, warmup=2)
+    name, ref = best_reference(stats, list(decoders))
+    for kind, label in (("with_cache", "forward_with_cache"), ("paged", "forward_paged")):
+        b.report.add(
+            Row(
+                f"3. Decode step, context {ctx}, {label}, {model.label}",
+                stats[kind].fmt(),
+                reference_cell(name, ref),
+                stats[kind].median / ref.median,
+                Goal(0.9),
+                key=f"decode-{kind}-{model.label}",
+            )
+        )
+    b.figures[f"decode-with_cache-{model.label}"] = stats["with_cache"]
+    b.figures[f"decode-paged-{model.label}"] = stats["paged"]
+    b.figures[f"decode-ref-{model.label}"] = ref
+    b.labels[f"decode-ref-{model.label}"] = f"transformers {name}"
+
+
+def batched_decode(b: Bench) -> None:
+    """Item 4: 16 sequences at context 256 in one forward_paged decode step against transformers'
+    batched decode; and tokens/s against our own batch-1 step at the same context."""
+    model = b.smol
+    ours = b.ours[model.label]
+    ctx, per_seq = BATCH_CONTEXT, BATCH_CONTEXT // BLOCK_SIZE
+    first = DECODE_CONTEXT // BLOCK_SIZE  # blocks after the ones item 3 used
+    tables = [[first + s * per_seq + j for j in range(per_seq)] for s in range(BATCH)]
+    prefix = b.tokens(model, 1, ctx - 1)
+    # Every row holds the same prefix: prefill one sequence, copy its blocks to the others. The
+    # timed step reads as many keys as 16 separate prefills would leave, at a 16th of the set-up cost.
+    _paged_prefill(ours, prefix[0], tables[0])
+    src = torch.tensor(tables[0])
+    for layer_k, layer_v in zip(ours.paged.k, ours.paged.v, strict=True):
+        for table in tables[1:]:
+            dst = torch.tensor(table)
+            layer_k[dst] = layer_k[src]
+            layer_v[dst] = layer_v[src]
+    tokens = b.tokens(model, BATCH)
+    positions = torch.full((BATCH,), ctx - 1, dtype=torch.long)
+    slots = torch.tensor([t[(ctx - 1) // BLOCK_SIZE] * BLOCK_SIZE + (ctx - 1) % BLOCK_SIZE for t in tables])
+    lens = [ctx] * BATCH
+
+    cases = [
+        Case("batch", lambda: ours.forward_paged(tokens, positions, tables, slots, lens, False)),
+        Case(
+            "single",
+            lambda: ours.forward_paged(tokens[:1], positions[:1], tables[:1], slots[:1], [ctx], False),
+        ),
+    ]
+    decoders = {attn: ReferenceDecoder(hf, prefix, repeat=BATCH) for attn, hf in b.refs[model.label].items()}
+    for attn, dec in decoders.items():
+        cases.append(Case(attn, lambda dec=dec: dec.step(tokens.view(BATCH, 1)), prepare=dec.rewind))
+    stats = alternate(cases, b.budget(10.0), min_reps=3, max_reps=100, warmup=2)
+    name, ref = best_reference(stats, list(decoders))
+    batch, single = stats["batch"], stats["single"]
+    b.report.add(
+        Row(
+            f"4. Batched decode step, {BATCH} × context {ctx}, forward_paged, {model.label}",
+            batch.fmt(),
+            reference_cell(name, ref),
+            batch.median / ref.median,
+            Goal(1.0),
+            key="batched-step",
+        )
+    )
+    batch_tps, single_tps = BATCH / batch.median, 1 / single.median
+    b.report.add(
+        Row(
+            f"4. Batched decode tokens/s, {BATCH} × context {ctx} vs our batch 1, {model.label}",
+            f"{batch_tps:.1f} tok/s",
+            f"{single_tps:.1f} tok/s (batch 1: {single.fmt()})",
+            batch_tps / single_tps,
+            Goal(6.0, at_least=True),
+            key="batched-speedup",
+        )
+    )
+
+
+def roofline(b: Bench) -> None:
+    """Item 6: a batch-1 decode step must read every weight once; at the measured read bandwidth
+    that takes (weights + the KV it attends over) / bandwidth. Reported as a fraction of that limit."""
+    model = b.smol
+    ours = b.ours[model.label]
+    c = ours.config
+    kv_bytes = DECODE_CONTEXT * 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4
+    need = ours.weight_bytes + kv_bytes
+    limit = need / b.bandwidth
+    limit_text = f"limit {limit * 1e3:.1f} ms = {need / 1e6:.0f} MB ÷ {b.bandwidth / 1e9:.1f} GB/s"
+    for key, label in (
+        (f"decode-with_cache-{model.label}", "ours forward_with_cache"),
+        (f"decode-paged-{model.label}", "ours forward_paged"),
+        (f"decode-ref-{model.label}", b.labels[f"decode-ref-{model.label}"]),
+    ):
+        step = b.figures[key]
+        b.report.add(
+            Row(
+                f"6. Roofline: decode step at context {DECODE_CONTEXT}, {label}, {model.label}",
+                f"{step.fmt()}: {limit / step.median:.0%} of the limit",
+                limit_text,
+                step.median / limit,
+                "report",
+                key=f"roofline-{label}",
+            )
+        )
+
+
+def reference_models(b: Bench, model: BenchModel) -> dict[str, Any]:
+    from .models import load_reference
+
+    return {attn: load_reference(model, attn) for attn in ("eager", "sdpa")}

@@ -1,0 +1,493 @@
+"""Items 1, 5, 7 and 8: Load (in-process, over gRPC, the read floor, transformers), the worker's
+resident memory, the gRPC overhead of a decode step and concurrent clients.
+
+The worker runs as `python -m worker serve --port 0` in its own process, as in production: its
+memory is measured from outside, and client threads in the bench never compete with the server for
+the GIL.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from registry.safetensors_loader import checkpoint_files, read_header
+from worker.pb.modelworker.v1 import worker_pb2 as pb
+from worker.pb.modelworker.v1 import worker_pb2_grpc as pb_grpc
+
+from .common import Case, Goal, Row, Stats, alternate, paired_difference, proc_status, quantile
+from .context import Bench
+from .models import DECODE_CONTEXT, LOAD_KV, BenchModel, load_ours, load_reference
+
+MB = 1e6
+LISTENING = re.compile(r"listening on (\S+):(\d+)")
+GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+CONCURRENT_CONTEXT = 256  # item 8: decode steps at this context
+CLIENT_COUNTS = (1, 4, 16)
+
+
+def kv_pb(kv: Any) -> pb.KvCacheConfig:
+    return pb.KvCacheConfig(
+        block_size=kv.block_size,
+        num_blocks=kv.num_blocks,
+        max_seq_len=kv.max_seq_len,
+        max_batch_size=kv.max_batch_size,
+    )
+
+
+class WorkerProcess:
+    """`python -m worker serve` on a free loopback port, its log in a file; stopped with SIGTERM."""
+
+    def __init__(self, roots: list[Path], threads: int, log_path: Path) -> None:
+        # Same intra-op threads as the bench process (torch reads OMP_NUM_THREADS at start).
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        cmd = [sys.executable, "-m", "worker", "serve", "--port", "0", "--metrics-port", "0"]
+        for root in roots:
+            cmd += ["--model-root", str(root)]
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.port = 0
+        self.channel: grpc.Channel | None = None
+        self._stub: pb_grpc.ModelWorkerStub | None = None
+        self.health: health_pb2_grpc.HealthStub | None = None
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = LISTENING.search(self.log_path.read_text(errors="replace"))
+            if match:
+                self.port = int(match.group(2))
+                self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=GRPC_OPTIONS)
+                grpc.channel_ready_future(self.channel).result(timeout=30)
+                self._stub = pb_grpc.ModelWorkerStub(self.channel)
+                self.health = health_pb2_grpc.HealthStub(self.channel)
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        tail = self.log_path.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"the worker did not start (exit {self.proc.poll()}); its log ends:\n{tail}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def stub(self) -> pb_grpc.ModelWorkerStub:
+        assert self._stub is not None, "wait_ready() first"
+        return self._stub
+
+    def stop(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+# -- item 7 ---------------------------------------------------------------------------------------------
+
+
+class PeakSampler:
+    """Samples a process's RSS every millisecond or so (a cross-check of the kernel's VmHWM)."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.001)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def memory(b: Bench, worker: WorkerProcess, model_id: str) -> None:
+    """Item 7, on a worker that has loaded nothing yet: resident memory after a Load of SmolLM2 with
+    the default KV cache, and the peak during it, against weights + KV bytes."""
+    model = b.smol
+    idle = proc_status(worker.pid)
+    with PeakSampler(worker.pid) as sampler:
+        reply = worker.stub.Load(pb.LoadRequest(model_id=model_id, model_dir=str(model.path)), timeout=600)
+    after = proc_status(worker.pid)
+    info = reply.model
+    need = info.weight_bytes + info.kv_cache_bytes
+    held = after["VmRSS"] - idle["VmRSS"]
+    peak = max(after["VmHWM"], sampler.peak) - idle["VmRSS"]
+    need_text = (
+        f"{need / MB:.0f} MB = weights {info.weight_bytes / MB:.0f} + KV {info.kv_cache_bytes / MB:.0f}"
+    )
+    b.report.add(
+        Row(
+            f"7. Worker RSS after Load − before, {model.label}",
+            f"{held / MB:.0f} MB (idle worker {idle['VmRSS'] / MB:.0f} MB)",
+            need_text,
+            held / need,
+            Goal(1.15),
+            key="memory-after",
+        )
+    )
+    b.report.add(
+        Row(
+            f"7. Worker peak RSS during Load − before, {model.label}",
+            f"{peak / MB:.0f} MB",
+            need_text,
+            peak / need,
+            Goal(1.3),
+            key="memory-peak",
+        )
+    )
+
+
+# -- item 1 ---------------------------------------------------------------------------------------------
+
+
+def read_floor(files: list[Path]) -> list[torch.Tensor]:
+    """Every tensor's bytes read into a fresh tensor of its own: the allocations and the bytes any
+    loader must produce, with nothing else (no model, no checks beyond the header)."""
+    out: list[torch.Tensor] = []
+    for path in files:
+        entries = sorted(read_header(path).values(), key=lambda e: e.offset)
+        with path.open("rb", buffering=0) as f:
+            for entry in entries:
+                buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+                view = memoryview(buf.numpy())
+                f.seek(entry.offset)
+                done = 0
+                while done < entry.nbytes:
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise OSError(f"{path}: short read")
+                    done += n
+                out.append(buf)
+    return out
+
+
+def load(b: Bench, worker: WorkerProcess) -> None:
+    """Item 1: Load of each model in-process and over gRPC against reading its bytes (the floor), and
+    load-to-first-token against transformers. transformers' from_pretrained maps the file and reads
+    weights lazily, so both sides are timed up to the logits of a first token, when every weight has
+    been read."""
+    for model in b.models:
+        _load(b, worker, model)
+
+
+def _load(b: Bench, worker: WorkerProcess, model: BenchModel) -> None:
+    big = model is b.smol
+    files = checkpoint_files(model.path)
+    model_id = f"bench-load-{'smol' if big else 'tiny'}"
+    one = torch.tensor([[1]])
+
+    def ours() -> Any:
+        return load_ours(b.registry, model_id, model, LOAD_KV)
+
+    def ours_first() -> Any:
+        m = ours()
+        m.forward(one, all_logits=False)
+        return m
+
+    def unload(_: object) -> None:
+        b.registry.unload_model(model_id)
+
+    def remote() -> Any:
+        request = pb.LoadRequest(model_id=model_id, model_dir=str(model.path), kv_cache=kv_pb(LOAD_KV))
+        return worker.stub.Load(request, timeout=600)
+
+    def remote_unload(_: object) -> None:
+        worker.stub.Unload(pb.UnloadRequest(model_id=model_id), timeout=600)
+
+    def reference_first() -> Any:
+        hf = load_reference(model, "sdpa")
+        with torch.inference_mode():
+            hf(one, use_cache=False)
+        return hf
+
+    cases = [
+        Case("floor", lambda: read_floor(files)),
+        Case("ours", ours, cleanup=unload),
+        Case("grpc", remote, cleanup=remote_unload),
+        Case("ours_first", ours_first, cleanup=unload),
+        Case("ref_first", reference_first, collect=True),
+        Case("ref_lazy", lambda: load_reference(model, "sdpa"), collect=True),
+    ]
+    stats = alternate(cases, b.budget(20.0 if big else 4.0), min_reps=3, max_reps=30)
+    s = stats
+    unit = "s" if big else "ms"
+    floor_cell = f"{s['floor'].fmt(unit)} read {model.checkpoint_bytes / MB:.0f} MB"
+    if big:
+        b.report.add(
+            Row(
+                f"1. Load in-process vs reading the checkpoint, {model.label}",
+                s["ours"].fmt(unit),
+                floor_cell,
+                s["ours"].median / s["floor"].median,
+                Goal(1.5),
+                key="load-floor",
+            )
+        )
+        b.report.add(
+            Row(
+                f"1. Load over gRPC vs reading the checkpoint, {model.label}",
+                s["grpc"].fmt(unit),
+                floor_cell,
+                s["grpc"].median / s["floor"].median,
+                Goal(1.5),
+                key="load-grpc-floor",
+            )
+        )
+    else:
+        b.report.add(
+            Row(
+                f"1. Load over gRPC vs in-process, {model.label}",
+                s["grpc"].fmt(unit),
+                f"{s['ours'].fmt(unit)} in-process",
+                s["grpc"].median / s["ours"].median,
+                None,
+                note="fixed cost of a Load",
+                key="load-grpc-tiny",
+            )
+        )
+    b.report.add(
+        Row(
+            f"1. Load + first token vs transformers from_pretrained + first token, {model.label}",
+            s["ours_first"].fmt(unit),
+            f"{s['ref_first'].fmt(unit)} (from_pretrained alone, lazy: {s['ref_lazy'].fmt(unit)})",
+            s["ours_first"].median / s["ref_first"].median,
+            Goal(1.0, strict=True),
+            key=f"load-reference-{model.label}",
+        )
+    )
+
+
+# -- item 5 ---------------------------------------------------------------------------------------------
+
+
+def load_remote(worker: WorkerProcess, model_id: str, model: BenchModel, kv: Any = None) -> pb.ModelInfo:
+    request = pb.LoadRequest(model_id=model_id, model_dir=str(model.path))
+    if kv is not None:
+        request.kv_cache.CopyFrom(kv_pb(kv))
+    return worker.stub.Load(request, timeout=600).model
+
+
+def remote_prefill(stub: pb_grpc.ModelWorkerStub, model_id: str, ids: list[int]) -> None:
+    stub.Forward(
+        pb.ForwardRequest(model_id=model_id, token_ids=ids, use_cache=True, logits_mode=pb.LOGITS_NONE),
+        timeout=600,
+    )
+
+
+def grpc_overhead(b: Bench, worker: WorkerProcess, remote_ids: dict[str, str]) -> None:
+    """Item 5: a decode step at context 512 (Forward with use_cache) over gRPC against the same call
+    on our model in this process, alternating; the added time is the per-round difference."""
+    modes = (
+        ("LOGITS_LAST float32", pb.LOGITS_LAST, pb.FLOAT32),
+        ("LOGITS_LAST bfloat16", pb.LOGITS_LAST, pb.BFLOAT16),
+        ("LOGITS_NONE", pb.LOGITS_NONE, pb.FLOAT32),
+    )
+    for model in b.models:
+        _overhead(b, worker, model, remote_ids[model.label], modes)
+
+
+def _overhead(
+    b: Bench, worker: WorkerProcess, model: BenchModel, model_id: str, modes: tuple[tuple[str, int, int], ...]
+) -> None:
+    ctx = DECODE_CONTEXT
+    ours = b.ours[model.label]
+    ids = b.tokens(model, 1, ctx)
+    ours.reset_kv_cache()
+    ours.forward_with_cache(ids[:, : ctx - 1], 0, ctx - 1, all_logits=False)
+    remote_prefill(worker.stub, model_id, ids[0, : ctx - 1].tolist())
+    step = ids[:, ctx - 1 :]
+    token = [int(step[0, 0])]
+    compute: dict[str, list[float]] = {}
+
+    def rpc(name: str, mode: int, dtype: int) -> Callable[[], Any]:
+        request = pb.ForwardRequest(
+            model_id=model_id,
+            token_ids=token,
+            use_cache=True,
+            start_pos=ctx - 1,
+            logits_mode=mode,
+            logits_dtype=dtype,
+        )
+        seen = compute.setdefault(name, [])
+
+        def call() -> Any:
+            reply = worker.stub.Forward(request, timeout=60)
+            seen.append(reply.compute_seconds)
+            return reply
+
+        return call
+
+    cases = [Case("inproc", lambda: ours.forward_with_cache(step, ctx - 1, 1, all_logits=False))]
+    cases += [Case(name, rpc(name, mode, dtype)) for name, mode, dtype in modes]
+    # The transport alone: a call that does no model work and no executor hop.
+    health = worker.health
+    assert health is not None
+    cases.append(Case("health", lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=60)))
+    big = model is b.smol
+    stats = alternate(cases, b.budget(10.0 if big else 3.0), min_reps=10, max_reps=400, warmup=3)
+    inproc = stats["inproc"]
+    for name, _, _ in modes:
+        added = paired_difference(stats[name], inproc)
+        server = Stats(tuple(compute[name][-len(stats[name].samples) :]))
+        transport = Stats(tuple(t - c for t, c in zip(stats[name].samples, server.samples, strict=True)))
+        unit = "ms" if big else "µs"
+        b.report.add(
+            Row(
+                f"5. gRPC overhead, decode step at context {ctx}, {name}, {model.label}",
+                f"+{added.fmt(unit)} (RPC {stats[name].fmt(unit)})",
+                f"{inproc.fmt(unit)} in-process",
+                stats[name].median / inproc.median,
+                Goal(1.0, text="≤ +1 ms at p50"),
+                met=added.median <= 1e-3,
+                note=f"outside the model call {transport.fmt(unit)}; a Health check {stats['health'].fmt(unit)}",
+                key=f"grpc-{name}-{model.label}",
+            )
+        )
+
+
+# -- item 8 ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClientLog:
+    latencies: list[float] = field(default_factory=list)
+    compute: list[float] = field(default_factory=list)
+
+
+def _client_loop(
+    target: str,
+    request: pb.ForwardRequest,
+    ready: threading.Barrier,
+    go: threading.Event,
+    deadline: list[float],
+    log: ClientLog,
+) -> None:
+    channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+    stub = pb_grpc.ModelWorkerStub(channel)
+    try:
+        stub.Forward(request, timeout=120)  # connect and warm up this channel, untimed
+        ready.wait()
+        go.wait()
+        while time.perf_counter() < deadline[0]:
+            began = time.perf_counter()
+            reply = stub.Forward(request, timeout=120)
+            log.latencies.append(time.perf_counter() - began)
+            log.compute.append(reply.compute_seconds)
+    finally:
+        channel.close()
+
+
+def run_clients(
+    worker: WorkerProcess, requests: list[pb.ForwardRequest], seconds: float
+) -> tuple[float, Stats, float]:
+    """Each request in a client thread (and channel) of its own, all starting together once every one
+    is connected, for `seconds`: (calls/s, latencies, forwards in flight on average = Σ server
+    compute time ÷ wall time)."""
+    logs = [ClientLog() for _ in requests]
+    ready = threading.Barrier(len(requests) + 1)
+    go = threading.Event()
+    deadline = [0.0]
+    threads = [
+        threading.Thread(target=_client_loop, args=(worker.target, r, ready, go, deadline, log), daemon=True)
+        for r, log in zip(requests, logs, strict=True)
+    ]
+    for t in threads:
+        t.start()
+    ready.wait(timeout=300)
+    began = time.perf_counter()
+    deadline[0] = began + seconds
+    go.set()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - began
+    latencies = [x for log in logs for x in log.latencies]
+    compute = sum(x for log in logs for x in log.compute)
+    return len(latencies) / wall, Stats(tuple(latencies)), compute / wall
+
+
+def concurrency(b: Bench, worker: WorkerProcess, model_ids: list[str]) -> None:
+    """Item 8: 1, 4 and 16 clients issuing decode-step Forwards (context 256, LOGITS_LAST float32)
+    against one model, then spread over two models. The per-model lock serializes one model's calls;
+    two models must overlap (forwards in flight > 1)."""
+    ctx = CONCURRENT_CONTEXT
+    model = b.smol
+    ids = b.tokens(model, ctx)
+    for model_id in model_ids:
+        remote_prefill(worker.stub, model_id, ids[: ctx - 1].tolist())
+    requests = {
+        model_id: pb.ForwardRequest(
+            model_id=model_id, token_ids=[int(ids[-1])], use_cache=True, start_pos=ctx - 1
+        )
+        for model_id in model_ids
+    }
+    seconds = 1.5 if b.quick else 4.0
+    one: dict[int, tuple[float, Stats, float]] = {}
+    for clients in CLIENT_COUNTS:
+        for n_models in (1, 2):
+            chosen = [requests[model_ids[i % n_models]] for i in range(clients)]
+            rate, lat, in_flight = run_clients(worker, chosen, seconds)
+            cell = (
+                f"{rate:.1f} calls/s, p50 {quantile(lat.samples, 0.5) * 1e3:.0f} ms, "
+                f"p99 {quantile(lat.samples, 0.99) * 1e3:.0f} ms, in flight {in_flight:.2f}"
+            )
+            if n_models == 1:
+                one[clients] = (rate, lat, in_flight)
+                b.report.add(
+                    Row(
+                        f"8. {clients} client{'s' if clients > 1 else ''}, 1 model, decode step at context {ctx}",
+                        cell,
+                        f"{one[1][0]:.1f} calls/s with 1 client" if clients > 1 else "—",
+                        rate / one[1][0] if clients > 1 else None,
+                        None,
+                        key=f"concurrent-1-{clients}",
+                    )
+                )
+            else:
+                base = one[clients][0]
+                goal = "in flight > 1" if clients > 1 else None
+                b.report.add(
+                    Row(
+                        f"8. {clients} client{'s' if clients > 1 else ''}, 2 models, decode step at context {ctx}",
+                        cell,
+                        f"{base:.1f} calls/s with 1 model",
+                        rate / base,
+                        goal,
+                        met=(in_flight > 1.0) if clients > 1 else None,
+                        key=f"concurrent-2-{clients}",
+                    )
+                )
