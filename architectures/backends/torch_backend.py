@@ -143,10 +143,14 @@ class TorchBackend:
         if cached is None:
             cached = _decode_keys(plan, block_size, window)
             plan.decode_by_window[window] = cached
-        slots, mask = cached  # [Bd, M], [Bd, 1, 1, M]
-        bd, width = slots.shape
+        index, mask = cached  # slots [Bd, M] (or whole blocks [Bd, M / block_size]), mask [Bd, 1, 1, M]
+        bd, width = mask.shape[0], mask.shape[-1]
         d = q.shape[-1]
-        flat = slots.reshape(-1)
+        flat = index.reshape(-1)
+        if window is None:
+            # Whole blocks as rows of block_size * Hkv * D: a few large copies instead of one per token.
+            k_flat = k_flat.view(-1, block_size * n_kv * d)
+            v_flat = v_flat.view(-1, block_size * n_kv * d)
         k = k_flat.index_select(0, flat).view(bd, width, n_kv, d).transpose(1, 2)  # [Bd, Hkv, M, D]
         v = v_flat.index_select(0, flat).view(bd, width, n_kv, d).transpose(1, 2)
         o = F.scaled_dot_product_attention(q.view(bd, n_kv, groups, d), k, v, attn_mask=mask, scale=scale)
@@ -155,11 +159,18 @@ class TorchBackend:
 
 def _decode_keys(plan: TorchPlan, block_size: int, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather slots [Bd, M] and mask [Bd, 1, 1, M] of the decode sequences. With a window only the
-    last `window` keys are gathered, so decode cost does not grow with the context."""
+    last `window` keys are gathered, so decode cost does not grow with the context. Without one,
+    whole blocks: block ids [Bd, M / block_size], M rounded up to a multiple of the block size (the
+    keys past a sequence's context are masked; a shorter table's padding is block 0, masked too)."""
     ctx = plan.decode_ctx
-    start = torch.zeros_like(ctx) if window is None else (ctx - window).clamp(min=0)
+    if window is None:
+        blocks = -(-plan.decode_max_ctx // block_size)
+        j = torch.arange(blocks * block_size, device=ctx.device)
+        valid = j[None, :] < ctx[:, None]
+        return plan.decode_tables[:, :blocks], valid[:, None, None, :]
+    start = (ctx - window).clamp(min=0)
     seen = ctx - start  # keys each sequence attends to
-    width = plan.decode_max_ctx if window is None else min(plan.decode_max_ctx, window)
+    width = min(plan.decode_max_ctx, window)
     j = torch.arange(width, device=ctx.device)
     valid = j[None, :] < seen[:, None]
     index = torch.where(valid, start[:, None] + j[None, :], 0)
