@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import inprocess, serving
-from .common import GiB, Report, cpu_model, read_bandwidth, usable_cores
+from .common import FRESH_PAGES_ENV, GiB, Report, cpu_model, read_bandwidth, usable_cores
 from .context import Bench
 from .models import (
     BENCH_KV,
@@ -96,25 +96,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: {exc}", file=sys.stderr)
             return 2
         b = Bench(args.quick, threads, report, new_registry([m.root for m in models]), models)
-        worker = None
-        if items & {1, 5, 7, 8}:
-            worker = serving.WorkerProcess([m.root for m in models], threads, tmp / "worker.log")
+        roots = [m.root for m in models]
+        worker = load_worker = None
+        if items & {5, 7, 8}:
+            worker = serving.WorkerProcess(roots, threads, tmp / "worker.log")
+        if 1 in items:  # its own worker, whose Loads land in fresh pages (see serving.load)
+            load_worker = serving.WorkerProcess(roots, threads, tmp / "load-worker.log", FRESH_PAGES_ENV)
         try:
             print(f"loading models ({threads} torch threads)...", flush=True)
             for model in models:
                 b.ours[model.label] = load_ours(b.registry, _local_id(model), model, BENCH_KV)
                 b.refs[model.label] = {attn: load_reference(model, attn) for attn in ("eager", "sdpa")}
-            if worker is not None:
-                worker.wait_ready()
+            for w in (worker, load_worker):
+                if w is not None:
+                    w.wait_ready()
             b.bandwidth = read_bandwidth(GiB, reps=5)
-            run_items(b, items, worker)
+            run_items(b, items, worker, load_worker)
         finally:
-            if worker is not None:
-                worker.stop()
+            for w in (worker, load_worker):
+                if w is not None:
+                    w.stop()
     report.header = header(b, started)
     for row in report.rows:
-        if row.met is False and not row.note and row.key in REASONS:
-            row.note = REASONS[row.key]
+        if row.met is False and row.key in REASONS:
+            row.note = f"{REASONS[row.key]}; {row.note}" if row.note else REASONS[row.key]
     report.footer = [f"Run time: {time.monotonic() - began:.0f} s."]
     text = report.markdown()
     print()
@@ -131,16 +136,22 @@ def _local_id(model: BenchModel) -> str:
     return "bench-" + model.label.lower().replace(" ", "-")
 
 
-def run_items(b: Bench, items: set[int], worker: serving.WorkerProcess | None) -> None:
+def run_items(
+    b: Bench,
+    items: set[int],
+    worker: serving.WorkerProcess | None,
+    load_worker: serving.WorkerProcess | None,
+) -> None:
     remote = {b.smol.label: "smol-a", b.models[1].label: "tiny-a"}
     if 7 in items:
         assert worker is not None
         print("7. memory of the worker process...", flush=True)
         serving.memory(b, worker, remote[b.smol.label])  # first: the worker has loaded nothing yet
     if 1 in items:
-        assert worker is not None
+        assert load_worker is not None
         print("1. load...", flush=True)
-        serving.load(b, worker)
+        serving.load(b, load_worker)
+        load_worker.stop()
     steps = (
         (2, "prefill", inprocess.prefill),
         (3, "decode step", inprocess.decode),

@@ -71,7 +71,7 @@ def _sig(x: float, digits: int) -> str:
     """x to `digits` significant figures (whole numbers stay whole: 871, not 8.71e+02)."""
     if abs(x) >= 10 ** (digits - 1):
         return f"{x:.0f}"
-    return f"{x:.{digits}g}"
+    return f"{x:#.{digits}g}"
 
 
 @dataclass
@@ -156,6 +156,29 @@ def proc_status(pid: int) -> dict[str, int]:
         if key.startswith(("Vm", "Rss")) and len(parts) == 2 and parts[1] == "kB":
             out[key] = int(parts[0]) * 1024
     return out
+
+
+# -- allocation ----------------------------------------------------------------------------------------
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+# Every allocation from 128 KiB up is then a fresh anonymous map: its pages are faulted in on first
+# touch and returned on free, as in a process that loads its first model. glibc's default threshold
+# moves up (to at most 32 MiB) as large blocks are freed, after which a second Load may land in pages
+# the first one faulted in, and Load timings would depend on what ran before them.
+FRESH_PAGES_THRESHOLD = 128 * 1024
+FRESH_PAGES_ENV = {"MALLOC_MMAP_THRESHOLD_": str(FRESH_PAGES_THRESHOLD)}
+STEADY_THRESHOLD = 32 * MiB  # where glibc's moving threshold ends up in a long-running process
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """Set glibc's mmap threshold in this process; False where that is not possible (not glibc)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):
+        return False
 
 
 # -- the machine ---------------------------------------------------------------------------------------

@@ -66,13 +66,23 @@ def _reference_prefill(hf: Any, ids: torch.Tensor) -> torch.Tensor:
     return hf(ids, use_cache=False, logits_to_keep=1).logits
 
 
-def _paged_prefill(ours: Model, ids: torch.Tensor, table: list[int]) -> None:
+def paged_prefill(ours: Model, ids: torch.Tensor, table: list[int]) -> None:
     """Write ids [n] as one sequence into the paged cache at the blocks of `table`."""
     n = ids.shape[0]
     index = torch.arange(n)
     blocks = torch.tensor(table, dtype=torch.long)
     slots = blocks[index // BLOCK_SIZE] * BLOCK_SIZE + index % BLOCK_SIZE
     ours.forward_paged(ids, index, [table], slots, [n], True)
+
+
+def copy_blocks(ours: Model, src: list[int], dsts: list[list[int]]) -> None:
+    """Copy the paged K/V of blocks `src` to each table in `dsts`, in every layer."""
+    index = torch.tensor(src)
+    for layer_k, layer_v in zip(ours.paged.k, ours.paged.v, strict=True):
+        for table in dsts:
+            dst = torch.tensor(table)
+            layer_k[dst] = layer_k[index]
+            layer_v[dst] = layer_v[index]
 
 
 def decode(b: Bench) -> None:
@@ -89,7 +99,7 @@ def _decode(b: Bench, model: BenchModel) -> None:
     ours.reset_kv_cache()
     ours.forward_with_cache(ids[:, : ctx - 1], 0, ctx - 1, all_logits=False)
     table = list(range(ctx // BLOCK_SIZE))  # blocks [0, 32): the first NUM_BLOCKS share
-    _paged_prefill(ours, ids[0, : ctx - 1], table)
+    paged_prefill(ours, ids[0, : ctx - 1], table)
     step = ids[:, ctx - 1 :]
     last = torch.tensor([ctx - 1])
     slot = torch.tensor([table[(ctx - 1) // BLOCK_SIZE] * BLOCK_SIZE + (ctx - 1) % BLOCK_SIZE])
@@ -131,13 +141,8 @@ def batched_decode(b: Bench) -> None:
     prefix = b.tokens(model, 1, ctx - 1)
     # Every row holds the same prefix: prefill one sequence, copy its blocks to the others. The
     # timed step reads as many keys as 16 separate prefills would leave, at a 16th of the set-up cost.
-    _paged_prefill(ours, prefix[0], tables[0])
-    src = torch.tensor(tables[0])
-    for layer_k, layer_v in zip(ours.paged.k, ours.paged.v, strict=True):
-        for table in tables[1:]:
-            dst = torch.tensor(table)
-            layer_k[dst] = layer_k[src]
-            layer_v[dst] = layer_v[src]
+    paged_prefill(ours, prefix[0], tables[0])
+    copy_blocks(ours, tables[0], tables[1:])
     tokens = b.tokens(model, BATCH)
     positions = torch.full((BATCH,), ctx - 1, dtype=torch.long)
     slots = torch.tensor([t[(ctx - 1) // BLOCK_SIZE] * BLOCK_SIZE + (ctx - 1) % BLOCK_SIZE for t in tables])

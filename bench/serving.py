@@ -29,7 +29,19 @@ from registry.safetensors_loader import checkpoint_files, read_header
 from worker.pb.modelworker.v1 import worker_pb2 as pb
 from worker.pb.modelworker.v1 import worker_pb2_grpc as pb_grpc
 
-from .common import Case, Goal, Row, Stats, alternate, paired_difference, proc_status, quantile
+from .common import (
+    FRESH_PAGES_THRESHOLD,
+    STEADY_THRESHOLD,
+    Case,
+    Goal,
+    Row,
+    Stats,
+    alternate,
+    paired_difference,
+    proc_status,
+    quantile,
+    set_mmap_threshold,
+)
 from .context import Bench
 from .models import DECODE_CONTEXT, LOAD_KV, BenchModel, load_ours, load_reference
 
@@ -52,9 +64,11 @@ def kv_pb(kv: Any) -> pb.KvCacheConfig:
 class WorkerProcess:
     """`python -m worker serve` on a free loopback port, its log in a file; stopped with SIGTERM."""
 
-    def __init__(self, roots: list[Path], threads: int, log_path: Path) -> None:
+    def __init__(
+        self, roots: list[Path], threads: int, log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         # Same intra-op threads as the bench process (torch reads OMP_NUM_THREADS at start).
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **(env or {}))
         cmd = [sys.executable, "-m", "worker", "serve", "--port", "0", "--metrics-port", "0"]
         for root in roots:
             cmd += ["--model-root", str(root)]
@@ -97,8 +111,10 @@ class WorkerProcess:
         return self._stub
 
     def stop(self) -> None:
+        """SIGTERM and wait (idempotent)."""
         if self.channel is not None:
             self.channel.close()
+            self.channel = None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -200,9 +216,18 @@ def load(b: Bench, worker: WorkerProcess) -> None:
     """Item 1: Load of each model in-process and over gRPC against reading its bytes (the floor), and
     load-to-first-token against transformers. transformers' from_pretrained maps the file and reads
     weights lazily, so both sides are timed up to the logits of a first token, when every weight has
-    been read."""
-    for model in b.models:
-        _load(b, worker, model)
+    been read.
+
+    Every Load lands in fresh pages, as a worker's first Load does: this process sets glibc's mmap
+    threshold for the item (the `worker` was started with it), so no candidate reuses pages that
+    another one faulted in."""
+    fresh = set_mmap_threshold(FRESH_PAGES_THRESHOLD)
+    try:
+        for model in b.models:
+            _load(b, worker, model)
+    finally:
+        if fresh:
+            set_mmap_threshold(STEADY_THRESHOLD)
 
 
 def _load(b: Bench, worker: WorkerProcess, model: BenchModel) -> None:
