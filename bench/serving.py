@@ -394,7 +394,7 @@ def _overhead(
         b.report.add(
             Row(
                 f"5. gRPC overhead, decode step at context {ctx}, {name}, {model.label}",
-                f"+{added.fmt(unit)} (RPC {stats[name].fmt(unit)})",
+                f"{'+' if added.median >= 0 else ''}{added.fmt(unit)} (RPC {stats[name].fmt(unit)})",
                 f"{inproc.fmt(unit)} in-process",
                 stats[name].median / inproc.median,
                 Goal(1.0, text="≤ +1 ms at p50"),
