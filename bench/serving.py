@@ -20,14 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psutil
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from registry.safetensors_loader import checkpoint_files, read_header
-from worker.pb.modelworker.v1 import worker_pb2 as pb
-from worker.pb.modelworker.v1 import worker_pb2_grpc as pb_grpc
+from worker.client import ForwardResult, KvCacheConfig, ModelInfo, ModelWorkerClient
 
 from .common import (
     FRESH_PAGES_THRESHOLD,
@@ -47,13 +44,12 @@ from .models import DECODE_CONTEXT, LOAD_KV, BenchModel, load_ours, load_referen
 
 MB = 1e6
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
-GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
 CONCURRENT_CONTEXT = 256  # item 8: decode steps at this context
 CLIENT_COUNTS = (1, 4, 16)
 
 
-def kv_pb(kv: Any) -> pb.KvCacheConfig:
-    return pb.KvCacheConfig(
+def kv_config(kv: Any) -> KvCacheConfig:
+    return KvCacheConfig(
         block_size=kv.block_size,
         num_blocks=kv.num_blocks,
         max_seq_len=kv.max_seq_len,
@@ -76,9 +72,7 @@ class WorkerProcess:
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self.port = 0
-        self.channel: grpc.Channel | None = None
-        self._stub: pb_grpc.ModelWorkerStub | None = None
-        self.health: health_pb2_grpc.HealthStub | None = None
+        self._client: ModelWorkerClient | None = None
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
@@ -86,10 +80,8 @@ class WorkerProcess:
             match = LISTENING.search(self.log_path.read_text(errors="replace"))
             if match:
                 self.port = int(match.group(2))
-                self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=GRPC_OPTIONS)
-                grpc.channel_ready_future(self.channel).result(timeout=30)
-                self._stub = pb_grpc.ModelWorkerStub(self.channel)
-                self.health = health_pb2_grpc.HealthStub(self.channel)
+                self._client = ModelWorkerClient(self.target, timeout=600)
+                self._client.health(timeout=30)  # connected and answering
                 return
             if self.proc.poll() is not None:
                 break
@@ -106,15 +98,16 @@ class WorkerProcess:
         return f"127.0.0.1:{self.port}"
 
     @property
-    def stub(self) -> pb_grpc.ModelWorkerStub:
-        assert self._stub is not None, "wait_ready() first"
-        return self._stub
+    def client(self) -> ModelWorkerClient:
+        """The bench's client of this worker (item 8's clients open their own)."""
+        assert self._client is not None, "wait_ready() first"
+        return self._client
 
     def stop(self) -> None:
         """SIGTERM and wait (idempotent)."""
-        if self.channel is not None:
-            self.channel.close()
-            self.channel = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -157,9 +150,8 @@ def memory(b: Bench, worker: WorkerProcess, model_id: str) -> None:
     model = b.smol
     idle = proc_status(worker.pid)
     with PeakSampler(worker.pid) as sampler:
-        reply = worker.stub.Load(pb.LoadRequest(model_id=model_id, model_dir=str(model.path)), timeout=600)
+        info = worker.client.load(model_id, model.path).model
     after = proc_status(worker.pid)
-    info = reply.model
     need = info.weight_bytes + info.kv_cache_bytes
     held = after["VmRSS"] - idle["VmRSS"]
     peak = max(after["VmHWM"], sampler.peak) - idle["VmRSS"]
@@ -248,11 +240,10 @@ def _load(b: Bench, worker: WorkerProcess, model: BenchModel) -> None:
         b.registry.unload_model(model_id)
 
     def remote() -> Any:
-        request = pb.LoadRequest(model_id=model_id, model_dir=str(model.path), kv_cache=kv_pb(LOAD_KV))
-        return worker.stub.Load(request, timeout=600)
+        return worker.client.load(model_id, model.path, kv_cache=kv_config(LOAD_KV))
 
     def remote_unload(_: object) -> None:
-        worker.stub.Unload(pb.UnloadRequest(model_id=model_id), timeout=600)
+        worker.client.unload(model_id)
 
     def reference_first() -> Any:
         hf = load_reference(model, "sdpa")
@@ -320,58 +311,56 @@ def _load(b: Bench, worker: WorkerProcess, model: BenchModel) -> None:
 # -- item 5 ---------------------------------------------------------------------------------------------
 
 
-def load_remote(worker: WorkerProcess, model_id: str, model: BenchModel, kv: Any = None) -> pb.ModelInfo:
-    request = pb.LoadRequest(model_id=model_id, model_dir=str(model.path))
-    if kv is not None:
-        request.kv_cache.CopyFrom(kv_pb(kv))
-    return worker.stub.Load(request, timeout=600).model
+def load_remote(worker: WorkerProcess, model_id: str, model: BenchModel, kv: Any = None) -> ModelInfo:
+    kv_cache = None if kv is None else kv_config(kv)
+    return worker.client.load(model_id, model.path, kv_cache=kv_cache).model
 
 
-def remote_prefill(stub: pb_grpc.ModelWorkerStub, model_id: str, ids: list[int]) -> None:
-    stub.Forward(
-        pb.ForwardRequest(model_id=model_id, token_ids=ids, use_cache=True, logits_mode=pb.LOGITS_NONE),
-        timeout=600,
-    )
+def remote_prefill(client: ModelWorkerClient, model_id: str, ids: list[int]) -> None:
+    client.forward(model_id, ids, use_cache=True, logits_mode="none")
 
 
 def grpc_overhead(b: Bench, worker: WorkerProcess, remote_ids: dict[str, str]) -> None:
     """Item 5: a decode step at context 512 (Forward with use_cache) over gRPC against the same call
     on our model in this process, alternating; the added time is the per-round difference."""
     modes = (
-        ("LOGITS_LAST float32", pb.LOGITS_LAST, pb.FLOAT32),
-        ("LOGITS_LAST bfloat16", pb.LOGITS_LAST, pb.BFLOAT16),
-        ("LOGITS_NONE", pb.LOGITS_NONE, pb.FLOAT32),
+        ("LOGITS_LAST float32", "last", "float32"),
+        ("LOGITS_LAST bfloat16", "last", "bfloat16"),
+        ("LOGITS_NONE", "none", "float32"),
     )
     for model in b.models:
         _overhead(b, worker, model, remote_ids[model.label], modes)
 
 
 def _overhead(
-    b: Bench, worker: WorkerProcess, model: BenchModel, model_id: str, modes: tuple[tuple[str, int, int], ...]
+    b: Bench, worker: WorkerProcess, model: BenchModel, model_id: str, modes: tuple[tuple[str, str, str], ...]
 ) -> None:
     ctx = DECODE_CONTEXT
     ours = b.ours[model.label]
     ids = b.tokens(model, 1, ctx)
     ours.reset_kv_cache()
     ours.forward_with_cache(ids[:, : ctx - 1], 0, ctx - 1, all_logits=False)
-    remote_prefill(worker.stub, model_id, ids[0, : ctx - 1].tolist())
+    client = worker.client
+    remote_prefill(client, model_id, ids[0, : ctx - 1].tolist())
     step = ids[:, ctx - 1 :]
     token = [int(step[0, 0])]
     compute: dict[str, list[float]] = {}
 
-    def rpc(name: str, mode: int, dtype: int) -> Callable[[], Any]:
-        request = pb.ForwardRequest(
-            model_id=model_id,
-            token_ids=token,
-            use_cache=True,
-            start_pos=ctx - 1,
-            logits_mode=mode,
-            logits_dtype=dtype,
-        )
+    def rpc(name: str, mode: str, dtype: str) -> Callable[[], Any]:
         seen = compute.setdefault(name, [])
 
-        def call() -> Any:
-            reply = worker.stub.Forward(request, timeout=60)
+        def call() -> ForwardResult:
+            # Through the typed client, as a Python scheduler would call: the request is encoded
+            # and the logits decoded (to numpy float32) inside the timed call.
+            reply = client.forward(
+                model_id,
+                token,
+                use_cache=True,
+                start_pos=ctx - 1,
+                logits_mode=mode,  # type: ignore[arg-type]
+                logits_dtype=dtype,  # type: ignore[arg-type]
+                timeout=60,
+            )
             seen.append(reply.compute_seconds)
             return reply
 
@@ -380,9 +369,7 @@ def _overhead(
     cases = [Case("inproc", lambda: ours.forward_with_cache(step, ctx - 1, 1, all_logits=False))]
     cases += [Case(name, rpc(name, mode, dtype)) for name, mode, dtype in modes]
     # The transport alone: a call that does no model work and no executor hop.
-    health = worker.health
-    assert health is not None
-    cases.append(Case("health", lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=60)))
+    cases.append(Case("health", lambda: client.health(timeout=60)))
     big = model is b.smol
     stats = alternate(cases, b.budget(10.0 if big else 3.0), min_reps=10, max_reps=400, warmup=3)
     inproc = stats["inproc"]
@@ -414,31 +401,41 @@ class ClientLog:
     compute: list[float] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class DecodeCall:
+    """One client's repeated decode step: token at start_pos of model_id's contiguous cache row."""
+
+    model_id: str
+    token: int
+    start_pos: int
+
+    def send(self, client: ModelWorkerClient) -> ForwardResult:
+        return client.forward(
+            self.model_id, [self.token], use_cache=True, start_pos=self.start_pos, timeout=120
+        )
+
+
 def _client_loop(
     target: str,
-    request: pb.ForwardRequest,
+    call: DecodeCall,
     ready: threading.Barrier,
     go: threading.Event,
     deadline: list[float],
     log: ClientLog,
 ) -> None:
-    channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
-    stub = pb_grpc.ModelWorkerStub(channel)
-    try:
-        stub.Forward(request, timeout=120)  # connect and warm up this channel, untimed
+    with ModelWorkerClient(target) as client:  # a connection of its own, like a separate scheduler
+        call.send(client)  # connect and warm up, untimed
         ready.wait()
         go.wait()
         while time.perf_counter() < deadline[0]:
             began = time.perf_counter()
-            reply = stub.Forward(request, timeout=120)
+            reply = call.send(client)
             log.latencies.append(time.perf_counter() - began)
             log.compute.append(reply.compute_seconds)
-    finally:
-        channel.close()
 
 
 def run_clients(
-    worker: WorkerProcess, requests: list[pb.ForwardRequest], seconds: float
+    worker: WorkerProcess, requests: list[DecodeCall], seconds: float
 ) -> tuple[float, Stats, float]:
     """Each request in a client thread (and channel) of its own, all starting together once every one
     is connected, for `seconds`: (calls/s, latencies, forwards in flight on average = Σ server
@@ -473,13 +470,8 @@ def concurrency(b: Bench, worker: WorkerProcess, model_ids: list[str]) -> None:
     model = b.smol
     ids = b.tokens(model, ctx)
     for model_id in model_ids:
-        remote_prefill(worker.stub, model_id, ids[: ctx - 1].tolist())
-    requests = {
-        model_id: pb.ForwardRequest(
-            model_id=model_id, token_ids=[int(ids[-1])], use_cache=True, start_pos=ctx - 1
-        )
-        for model_id in model_ids
-    }
+        remote_prefill(worker.client, model_id, ids[: ctx - 1].tolist())
+    requests = {model_id: DecodeCall(model_id, int(ids[-1]), ctx - 1) for model_id in model_ids}
     seconds = 1.5 if b.quick else 4.0
     one: dict[int, tuple[float, Stats, float]] = {}
     for clients in CLIENT_COUNTS:

@@ -29,7 +29,7 @@ from bench.common import (
 )
 from bench.inprocess import copy_blocks, paged_prefill
 from bench.models import BENCH_KV, BenchModel, ReferenceDecoder, load_ours, new_registry
-from bench.serving import read_floor
+from bench.serving import DecodeCall, WorkerProcess, kv_config, read_floor, remote_prefill, run_clients
 from registry.safetensors_loader import checkpoint_files
 from tests.tiny_models import make_hf_model, save_hf_model
 
@@ -170,3 +170,25 @@ def test_copied_blocks_decode_like_a_prefill(tiny_dir: Path) -> None:
     got = ours.forward_paged(tokens, torch.full((3,), pos), tables, slots, [ctx] * 3, False)
     for row in range(3):
         torch.testing.assert_close(got[row], expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_worker_process_serves_loads_and_stops(tiny_dir: Path, tmp_path: Path) -> None:
+    """The bench's worker subprocess: it starts on a free port, Loads through the client, answers
+    concurrent decode clients (whose server-side compute adds up to the in-flight figure), reports
+    its memory, and exits 0 on SIGTERM."""
+    worker = WorkerProcess([tiny_dir.parent], 1, tmp_path / "worker.log")
+    try:
+        worker.wait_ready(timeout=120)
+        assert worker.port > 0
+        idle = proc_status(worker.pid)["VmRSS"]
+        info = worker.client.load("a", tiny_dir, kv_cache=kv_config(BENCH_KV)).model
+        assert info.vocab_size == 128 and info.kv_block_size == BENCH_KV.block_size
+        assert proc_status(worker.pid)["VmRSS"] > idle
+        remote_prefill(worker.client, "a", list(range(1, 20)))
+        calls = [DecodeCall("a", 5, 19), DecodeCall("a", 6, 19)]
+        rate, latencies, in_flight = run_clients(worker, calls, seconds=0.5)
+        assert rate > 0 and len(latencies.samples) == pytest.approx(rate * 0.5, rel=0.5)
+        assert 0 < in_flight <= 1.05  # one model: its lock lets one forward run at a time
+    finally:
+        worker.stop()
+    assert worker.proc.returncode == 0
