@@ -13,6 +13,7 @@ import enum
 import re
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,6 +183,10 @@ class ModelRegistry:
                 admission(spec.model_dir, spec.architecture, spec.options)
             model = builder(spec.model_dir, device, spec.options)
         except BaseException as exc:
+            # The builder's finished frames hold the half-built model (weights, caches), and the
+            # exception outlives this call (entry.error, a cycle through this frame): drop their
+            # locals now, not at the next garbage collection, so a failed load frees its memory.
+            _clear_frames(exc)
             entry.error = exc
             with self._models_lock:
                 if self._models.get(entry.model_id) is entry:
@@ -272,6 +277,16 @@ class ModelRegistry:
                     if self._models.get(model_id) is entry:
                         del self._models[model_id]
         return freed
+
+
+def _clear_frames(exc: BaseException) -> None:
+    """Clear the locals of the finished frames of exc's traceback and of the errors it chains to."""
+    seen: set[int] = set()
+    err: BaseException | None = exc
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)
+        err = err.__cause__ or err.__context__
 
 
 def _with_quant(options: LoadOptions | None, is_quant_model: bool) -> LoadOptions:
