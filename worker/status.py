@@ -57,7 +57,11 @@ def note(**values: Any) -> None:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    # torch's CPU allocator reports a refused allocation as a plain RuntimeError
+    # ("DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes").
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
 def map_exception(exc: BaseException) -> tuple[grpc.StatusCode, str]:
