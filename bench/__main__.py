@@ -18,7 +18,16 @@ from pathlib import Path
 import torch
 
 from . import inprocess, serving
-from .common import FRESH_PAGES_ENV, GiB, Report, cpu_model, read_bandwidth, usable_cores
+from .common import (
+    FRESH_PAGES_ENV,
+    CpuSnapshot,
+    GiB,
+    Report,
+    cpu_model,
+    foreign_cpu_share,
+    read_bandwidth,
+    usable_cores,
+)
 from .context import Bench
 from .models import (
     BENCH_KV,
@@ -72,8 +81,8 @@ def header(b: Bench, started: datetime) -> list[str]:
         "float32 on CPU; checkpoints in the page cache (warm).",
         f"Memory read bandwidth: {b.bandwidth / 1e9:.1f} GB/s (best of 5 sums over a 1 GiB float32 tensor).",
         "Figures: median (p10–p90) over alternating rounds (ours and reference back to back in every "
-        "round); ratio = ours ÷ reference, medians. Reference: transformers, the faster of its eager "
-        "and sdpa attention for each row (named).",
+        "round); ratio = ours ÷ reference, the median of the per-round ratios. Reference: transformers, "
+        "the faster of its eager and sdpa attention for each row (named).",
     ]
 
 
@@ -87,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_transformers()
     started = datetime.now()
     began = time.monotonic()
+    cpu_start = CpuSnapshot.take()
     report = Report()
     with tempfile.TemporaryDirectory(prefix="modelworker-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -117,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
                 if w is not None:
                     w.stop()
     report.header = header(b, started)
+    foreign = foreign_cpu_share(cpu_start, CpuSnapshot.take(), usable_cores())
+    report.header.append(
+        f"Other processes used {foreign:.0%} of the cores' time during the run"
+        + (": expect noise (rows marked noisy), and rerun on a quiet machine." if foreign > 0.05 else ".")
+    )
     for row in report.rows:
         if row.met is False and row.key in REASONS:
             row.note = f"{REASONS[row.key]}; {row.note}" if row.note else REASONS[row.key]

@@ -122,6 +122,21 @@ def alternate(
     return {name: Stats(tuple(values)) for name, values in samples.items()}
 
 
+def ratio(a: Stats, b: Stats) -> float:
+    """a ÷ b as the median of the per-round ratios (both from the same `alternate` call): noise that
+    hits a whole round cancels. Unpaired samples fall back to the ratio of the medians."""
+    if len(a.samples) != len(b.samples):
+        return a.median / b.median
+    return quantile([x / y for x, y in zip(a.samples, b.samples, strict=True)], 0.5)
+
+
+NOISY_SPREAD = 2.0  # p90 / p10 above this: the machine was busy with something else during the item
+
+
+def is_noisy(s: Stats) -> bool:
+    return s.p10 > 0 and s.p90 / s.p10 > NOISY_SPREAD
+
+
 def paired_difference(a: Stats, b: Stats) -> Stats:
     """a - b round by round (both from the same `alternate` call)."""
     return Stats(tuple(x - y for x, y in zip(a.samples, b.samples, strict=True)))
@@ -181,6 +196,38 @@ def set_mmap_threshold(nbytes: int) -> bool:
         return False
 
 
+# -- other work on the machine ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU seconds used so far by the whole machine (steal included) and by this process tree
+    (children are counted once they have been waited for)."""
+
+    machine_busy: float
+    own: float
+    wall: float
+
+    @staticmethod
+    def take() -> CpuSnapshot:
+        import psutil
+
+        t = psutil.cpu_times()
+        busy = sum(getattr(t, f) for f in t._fields if f not in ("idle", "iowait", "guest", "guest_nice"))
+        me = psutil.Process().cpu_times()
+        own = me.user + me.system + me.children_user + me.children_system
+        return CpuSnapshot(busy, own, time.monotonic())
+
+
+def foreign_cpu_share(start: CpuSnapshot, end: CpuSnapshot, cores: int) -> float:
+    """The share of the cores' time that other processes (and other VMs: steal) used in between."""
+    wall = end.wall - start.wall
+    if wall <= 0:
+        return 0.0
+    foreign = (end.machine_busy - start.machine_busy) - (end.own - start.own)
+    return max(foreign, 0.0) / (wall * cores)
+
+
 # -- the machine ---------------------------------------------------------------------------------------
 
 
@@ -235,6 +282,7 @@ class Row:
     met: bool | None = None
     note: str = ""  # printed after the verdict: why a goal is missed, or what a figure means
     key: str = ""  # stable id for reasons written next to missed goals
+    spread: tuple[Stats, ...] = ()  # the timings behind the row: flagged when one is noisy
 
     def __post_init__(self) -> None:
         if isinstance(self.goal, Goal) and self.ratio is not None and self.met is None:
@@ -273,7 +321,12 @@ def render_row(row: Row) -> str:
     ratio = "—" if row.ratio is None else f"{row.ratio:.2f}×"
     goal = "—" if row.goal is None else str(row.goal)
     verdict = "—" if row.met is None else ("yes" if row.met else "**no**")
-    if row.note:
-        verdict = f"{verdict}: {row.note}" if row.met is not None else row.note
+    note = row.note
+    if any(is_noisy(s) for s in row.spread):
+        note = f"noisy (p90 > {NOISY_SPREAD:g}× p10: other work on the machine)" + (
+            f"; {note}" if note else ""
+        )
+    if note:
+        verdict = f"{verdict}: {note}" if row.met is not None else note
     cells = [row.item, row.ours, row.reference, ratio, goal, verdict]
     return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"

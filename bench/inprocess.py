@@ -9,7 +9,7 @@ import torch
 
 from registry import Model
 
-from .common import Case, Goal, Row, Stats, alternate
+from .common import Case, Goal, Row, Stats, alternate, ratio
 from .context import Bench
 from .models import (
     BATCH,
@@ -53,9 +53,10 @@ def _prefill(b: Bench, model: BenchModel, n: int) -> None:
             f"2. Prefill {n} tokens, {model.label}",
             stats["ours"].fmt(),
             reference_cell(name, ref),
-            stats["ours"].median / ref.median,
+            ratio(stats["ours"], ref),
             Goal(1.0),
             key=f"prefill-{n}-{model.label}",
+            spread=(stats["ours"], ref),
         )
     )
 
@@ -119,9 +120,10 @@ def _decode(b: Bench, model: BenchModel) -> None:
                 f"3. Decode step, context {ctx}, {label}, {model.label}",
                 stats[kind].fmt(),
                 reference_cell(name, ref),
-                stats[kind].median / ref.median,
+                ratio(stats[kind], ref),
                 Goal(0.9),
                 key=f"decode-{kind}-{model.label}",
+                spread=(stats[kind], ref),
             )
         )
     b.figures[f"decode-with_cache-{model.label}"] = stats["with_cache"]
@@ -166,9 +168,10 @@ def batched_decode(b: Bench) -> None:
             f"4. Batched decode step, {BATCH} × context {ctx}, forward_paged, {model.label}",
             batch.fmt(),
             reference_cell(name, ref),
-            batch.median / ref.median,
+            ratio(batch, ref),
             Goal(1.0),
             key="batched-step",
+            spread=(batch, ref),
         )
     )
     batch_tps, single_tps = BATCH / batch.median, 1 / single.median
@@ -180,6 +183,7 @@ def batched_decode(b: Bench) -> None:
             batch_tps / single_tps,
             Goal(6.0, at_least=True),
             key="batched-speedup",
+            spread=(batch, single),
         )
     )
 

@@ -37,6 +37,7 @@ from .common import (
     paired_difference,
     proc_status,
     quantile,
+    ratio,
     set_mmap_threshold,
 )
 from .context import Bench
@@ -269,9 +270,10 @@ def _load(b: Bench, worker: WorkerProcess, model: BenchModel) -> None:
                 f"1. Load in-process vs reading the checkpoint, {model.label}",
                 s["ours"].fmt(unit),
                 floor_cell,
-                s["ours"].median / s["floor"].median,
+                ratio(s["ours"], s["floor"]),
                 Goal(1.5),
                 key="load-floor",
+                spread=(s["ours"], s["floor"]),
             )
         )
         b.report.add(
@@ -279,9 +281,10 @@ def _load(b: Bench, worker: WorkerProcess, model: BenchModel) -> None:
                 f"1. Load over gRPC vs reading the checkpoint, {model.label}",
                 s["grpc"].fmt(unit),
                 floor_cell,
-                s["grpc"].median / s["floor"].median,
+                ratio(s["grpc"], s["floor"]),
                 Goal(1.5),
                 key="load-grpc-floor",
+                spread=(s["grpc"], s["floor"]),
             )
         )
     else:
@@ -290,7 +293,7 @@ def _load(b: Bench, worker: WorkerProcess, model: BenchModel) -> None:
                 f"1. Load over gRPC vs in-process, {model.label}",
                 s["grpc"].fmt(unit),
                 f"{s['ours'].fmt(unit)} in-process",
-                s["grpc"].median / s["ours"].median,
+                ratio(s["grpc"], s["ours"]),
                 None,
                 note="fixed cost of a Load",
                 key="load-grpc-tiny",
@@ -301,9 +304,10 @@ def _load(b: Bench, worker: WorkerProcess, model: BenchModel) -> None:
             f"1. Load + first token vs transformers from_pretrained + first token, {model.label}",
             s["ours_first"].fmt(unit),
             f"{s['ref_first'].fmt(unit)} (from_pretrained alone, lazy: {s['ref_lazy'].fmt(unit)})",
-            s["ours_first"].median / s["ref_first"].median,
+            ratio(s["ours_first"], s["ref_first"]),
             Goal(1.0, strict=True),
             key=f"load-reference-{model.label}",
+            spread=(s["ours_first"], s["ref_first"]),
         )
     )
 
@@ -383,11 +387,12 @@ def _overhead(
                 f"5. gRPC overhead, decode step at context {ctx}, {name}, {model.label}",
                 f"{'+' if added.median >= 0 else ''}{added.fmt(unit)} (RPC {stats[name].fmt(unit)})",
                 f"{inproc.fmt(unit)} in-process",
-                stats[name].median / inproc.median,
+                ratio(stats[name], inproc),
                 Goal(1.0, text="≤ +1 ms at p50"),
                 met=added.median <= 1e-3,
                 note=f"outside the model call {transport.fmt(unit)}; a Health check {stats['health'].fmt(unit)}",
                 key=f"grpc-{name}-{model.label}",
+                spread=(stats[name], inproc),
             )
         )
 

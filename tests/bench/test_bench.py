@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +17,21 @@ from safetensors.torch import load_file
 
 from bench.common import (
     Case,
+    CpuSnapshot,
     Goal,
     Report,
     Row,
     Stats,
     alternate,
+    foreign_cpu_share,
+    is_noisy,
     paired_difference,
     proc_status,
     quantile,
+    ratio,
     render_row,
     set_mmap_threshold,
+    usable_cores,
 )
 from bench.inprocess import copy_blocks, paged_prefill
 from bench.models import BENCH_KV, BenchModel, ReferenceDecoder, load_ours, new_registry
@@ -59,6 +65,30 @@ def test_stats_format_and_pairs() -> None:
     assert Stats((871.4,)).fmt("s") == "871 s (871–871)"
     other = Stats((0.001, 0.002, 0.003, 0.004, 0.005))
     assert paired_difference(s, other).samples == pytest.approx((0.009, 0.010, 0.008, 0.026, 0.004))
+
+
+def test_paired_ratio_cancels_noise_that_hits_a_round() -> None:
+    ours = Stats((1.0, 5.0, 1.1, 0.9, 1.0))  # round 2 ran while the machine was busy...
+    ref = Stats((2.0, 10.0, 2.0, 2.0, 2.0))  # ...for both candidates
+    assert ratio(ours, ref) == pytest.approx(0.5)
+    assert ratio(Stats((1.0, 3.0)), Stats((2.0,))) == pytest.approx(1.0)  # unpaired: medians
+    assert is_noisy(Stats((1.0, 1.0, 5.0, 5.0))) and not is_noisy(Stats((1.0, 1.2, 1.3)))
+    row = Row("x", "a", "b", 0.5, Goal(1.0), spread=(ours, Stats((1.0, 1.1, 1.2))))
+    assert render_row(row).endswith("| yes: noisy (p90 > 2× p10: other work on the machine) |")
+
+
+def test_foreign_cpu_share_counts_only_other_processes() -> None:
+    def spin(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    start = CpuSnapshot.take()
+    spin(0.3)  # our own work: not foreign
+    share = foreign_cpu_share(start, CpuSnapshot.take(), usable_cores())
+    assert 0.0 <= share < 0.5
+    fake_end = CpuSnapshot(start.machine_busy + 2.0, start.own + 0.5, start.wall + 1.0)
+    assert foreign_cpu_share(start, fake_end, 2) == pytest.approx(0.75)
 
 
 def test_goals() -> None:
