@@ -81,6 +81,9 @@ class ModelEntry:
 class LoadOutcome:
     entry: ModelEntry
     already_loaded: bool
+    # The model this load produced or joined. An Unload waiting for the load may clear entry.model
+    # as soon as the load is done, before the caller looks; None if it did so before a joiner looked.
+    model: Model | None = None
 
 
 class ModelRegistry:
@@ -166,15 +169,15 @@ class ModelRegistry:
             existing.done.wait()
             if existing.error is not None:
                 raise existing.error
-            return LoadOutcome(existing, already_loaded=True)
-        return LoadOutcome(self._build(entry, builder, admission), already_loaded=False)
+            return LoadOutcome(existing, already_loaded=True, model=existing.model)
+        return LoadOutcome(entry, already_loaded=False, model=self._build(entry, builder, admission))
 
     def _build(
         self,
         entry: ModelEntry,
         builder: ModelBuilder,
         admission: Callable[[Path, str, LoadOptions], None] | None,
-    ) -> ModelEntry:
+    ) -> Model:
         spec = entry.spec
         device = torch.device(spec.options.device) if spec.options.device else self.device
         started = time.perf_counter()
@@ -198,7 +201,7 @@ class ModelRegistry:
         entry.loaded_at = time.time()
         entry.state = ModelState.READY
         entry.done.set()
-        return entry
+        return model
 
     def load_model_by_architecture(
         self,

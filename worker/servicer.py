@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 from registry import KvCacheOptions, LoadOptions, Model, ModelConfig, ModelRegistry
 from registry.cache_plan import plan_cache
-from registry.errors import InvalidArgument, OutOfResources
+from registry.errors import InvalidArgument, ModelNotReady, OutOfResources
 from registry.registry import LoadOutcome, ModelEntry, ModelState, validate_model_id
 from registry.safetensors_loader import estimate_weight_bytes
 
@@ -146,7 +147,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             raise InvalidArgument("model_dir is empty")
         started = time.perf_counter()
         try:
-            outcome = await self._in_thread(lambda: self._load_blocking(request))
+            outcome, info = await self._in_thread(lambda: self._load_and_describe(request))
         except Exception as exc:
             self.observer.model_load_failed(
                 request.model_id,
@@ -157,10 +158,26 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             raise
         entry = outcome.entry
         note(architecture=entry.architecture, already_loaded=outcome.already_loaded)
+        if info is None:
+            raise ModelNotReady(
+                f"model {request.model_id!r} was unloaded by another call before this Load could answer; "
+                "load it again"
+            )
         if not outcome.already_loaded:
-            note(load_seconds=round(entry.load_seconds, 6), weight_bytes=entry.model.weight_bytes)
-            self.observer.model_loaded(entry)
-        return pb.LoadResponse(model=self._model_info(entry), already_loaded=outcome.already_loaded)
+            note(load_seconds=round(entry.load_seconds, 6), weight_bytes=info.weight_bytes)
+            if entry.model is not None:  # not unloaded meanwhile: its series would outlive it
+                self.observer.model_loaded(entry)
+        return pb.LoadResponse(model=info, already_loaded=outcome.already_loaded)
+
+    def _load_and_describe(self, request: pb.LoadRequest) -> tuple[LoadOutcome, pb.ModelInfo | None]:
+        """Load, and describe the model in the load's thread, from the model the load produced or
+        joined: an Unload issued during the Load frees it (entry.model) as soon as the load is done,
+        maybe before the event loop looks. The outcome returned holds no model, so nothing keeps it
+        alive after an Unload. info is None if the model was gone before a joining Load looked."""
+        outcome = self._load_blocking(request)
+        model = outcome.model
+        info = self._model_info(outcome.entry, model) if model is not None else None
+        return LoadOutcome(outcome.entry, outcome.already_loaded), info
 
     async def preload(self, model_id: str, model_dir: str) -> ModelEntry:
         """A Load at start-up (`--preload ID=DIR`), with the worker's defaults, logged like a Load."""
@@ -283,11 +300,21 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
     async def _unload(self, model_id: str) -> tuple[float, int]:
         started = time.perf_counter()
         entry = self.registry.get_entry(model_id)
-        device = entry.model.device if entry.model is not None else None
 
         def unload() -> int:
+            # Under the model's lock the id's entry is the one unload_model frees (the one fetched
+            # above may have been unloaded while this call waited for the lock).
+            current = self.registry.get_entry(model_id)
+            current.done.wait()  # a load still running: its model, once built
+            model = current.model
+            device = model.device if model is not None else None
+            survivor = _weak_ref(model)
+            del model
             freed = self.registry.unload_model(model_id)
-            dev.release_cached_memory(device)
+            # Refcounting frees a released model at once; a full collection (~0.1 s with torch
+            # loaded, holding the GIL, so the event loop stalls) is needed only when the model
+            # outlived its unload, i.e. it sits in a reference cycle.
+            dev.release_cached_memory(device, collect=survivor is None or survivor() is not None)
             return freed
 
         freed = await self._locked(model_id, unload)  # in-flight calls on the model finish first
@@ -539,7 +566,8 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         )
 
     # -- encoding ------------------------------------------------------------------------------
-    def _model_info(self, entry: ModelEntry) -> pb.ModelInfo:
+    def _model_info(self, entry: ModelEntry, model: Model | None = None) -> pb.ModelInfo:
+        """The entry's info; `model` (a snapshot taken by the caller) instead of entry.model."""
         spec = entry.spec
         info = pb.ModelInfo(
             id=entry.model_id,
@@ -551,7 +579,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             is_quant_model=spec.options.is_quant_model,
             attention_backend=spec.options.attention_backend,
         )
-        model = entry.model
+        model = model if model is not None else entry.model
         if model is None:
             return info
         c, cache = model.config, model.cache_spec
@@ -613,6 +641,14 @@ def _forward_reply(
         ids, logprobs = top_k(rows if mode != pb.LOGITS_NONE else last, k)
         fill_top_k(response.top_k, ids, logprobs)
     return response
+
+
+def _weak_ref(obj: object) -> weakref.ref | None:
+    """A weak reference to obj, or None when there is no object or it takes no weak references."""
+    try:
+        return weakref.ref(obj) if obj is not None else None
+    except TypeError:
+        return None
 
 
 def _inference(fn: Callable[[], T]) -> T:
