@@ -98,10 +98,12 @@ def all_devices() -> list[DeviceMemory]:
     return devices
 
 
-def release_cached_memory(device: torch.device | None) -> None:
-    """Give cached allocator blocks back after an unload or an out-of-memory error."""
+def release_cached_memory(device: torch.device | None, collect: bool = True) -> None:
+    """Give cached allocator blocks back after an unload or an out-of-memory error; `collect` first
+    frees tensors that only reference cycles keep alive (a full, slow garbage collection)."""
     import gc
 
-    gc.collect()
+    if collect:
+        gc.collect()
     if device is not None and device.type == "cuda":
         torch.cuda.empty_cache()
