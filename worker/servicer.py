@@ -79,7 +79,10 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         self.observer = observer
         self.default_device = dev.resolve_default_device(settings.device)
         self._executor = executor or ThreadPoolExecutor(EXECUTOR_THREADS, thread_name_prefix="model")
+        # One lock per model id while any call holds or waits for it; the entry goes when the last
+        # user is done, so ids that come and go do not accumulate.
         self._locks: dict[str, asyncio.Lock] = {}
+        self._lock_users: dict[str, int] = {}
         # Bytes admitted for loads still building, so concurrent loads cannot both take the same memory.
         self._reserved: dict[object, int] = {}
         self._reserve_lock = threading.Lock()
@@ -96,25 +99,46 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         return await asyncio.shield(future)
 
     def _lock_for(self, model_id: str) -> asyncio.Lock:
+        """The model's lock, counting the caller as a user until `_lock_done`."""
         lock = self._locks.get(model_id)
         if lock is None:
             lock = self._locks[model_id] = asyncio.Lock()
+        self._lock_users[model_id] = self._lock_users.get(model_id, 0) + 1
         return lock
+
+    def _lock_done(self, model_id: str) -> None:
+        users = self._lock_users[model_id] - 1
+        if users:
+            self._lock_users[model_id] = users
+        else:  # nobody holds or waits: a later call may start a fresh lock
+            del self._lock_users[model_id]
+            del self._locks[model_id]
 
     async def _locked(self, model_id: str, fn: Callable[[], T]) -> T:
         """fn under the model's asyncio lock, in the executor. The lock is released when the thread
         finishes, not when the caller gives up, so nothing can free the model under a running call."""
         lock = self._lock_for(model_id)
         waited = time.perf_counter()
-        await lock.acquire()
+        try:
+            await lock.acquire()
+        except BaseException:  # cancelled while waiting
+            self._lock_done(model_id)
+            raise
         self.observer.lock_waited(model_id, time.perf_counter() - waited)
         try:
             loop = asyncio.get_running_loop()
             future = loop.run_in_executor(self._executor, functools.partial(_inference, fn))
         except BaseException:
             lock.release()
+            self._lock_done(model_id)
             raise
-        future.add_done_callback(lambda f: (lock.release(), _consume(f)))
+
+        def finished(f: asyncio.Future) -> None:
+            lock.release()
+            self._lock_done(model_id)
+            _consume(f)
+
+        future.add_done_callback(finished)
         return await asyncio.shield(future)
 
     async def _on_model(self, model_id: str, fn: Callable[[Model], T]) -> T:
