@@ -84,9 +84,11 @@ def test_foreign_cpu_share_counts_only_other_processes() -> None:
             pass
 
     start = CpuSnapshot.take()
-    spin(0.3)  # our own work: not foreign
-    share = foreign_cpu_share(start, CpuSnapshot.take(), usable_cores())
-    assert 0.0 <= share < 0.5
+    spin(0.3)  # our own work: not foreign (what other processes did meanwhile is the machine's business)
+    end = CpuSnapshot.take()
+    assert end.own - start.own >= 0.2  # the spin was counted as ours
+    share = foreign_cpu_share(start, end, usable_cores())
+    assert 0.0 <= share <= 1.0
     fake_end = CpuSnapshot(start.machine_busy + 2.0, start.own + 0.5, start.wall + 1.0)
     assert foreign_cpu_share(start, fake_end, 2) == pytest.approx(0.75)
 
