@@ -128,7 +128,9 @@ class Model(abc.ABC):
     def reset_kv_cache(self) -> None: ...
 
     @abc.abstractmethod
-    def slice_kv_cache(self, layer_idx: int, start_pos: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def slice_kv_cache(
+        self, layer_idx: int, start_pos: int, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the contiguous cache: [max_batch_size, num_kv_heads, length, head_dim]."""
 
     @abc.abstractmethod
