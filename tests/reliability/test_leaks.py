@@ -12,7 +12,8 @@
   memory map are closed by every Load);
 - threads: the worker's model executor starts its threads lazily, up to EXECUTOR_THREADS, and keeps
   them; nothing else may start a thread per cycle. Rule: the count never exceeds its level after the
-  first cycle plus the executor threads not yet started, and the last ten cycles add none.
+  first cycle plus the executor threads not yet started (the pool may start one of those at any cycle,
+  whenever a call arrives while its idle thread has not yet parked, so no per-cycle rule holds).
 """
 
 from __future__ import annotations
@@ -78,4 +79,3 @@ def test_load_unload_cycles_leak_nothing(worker: ServeProcess) -> None:
     assert min(rss[-5:]) <= rss[0] * (1 + RSS_TOLERANCE)
     assert fds[-1] == fds[0], fds
     assert max(threads) <= threads[0] + EXECUTOR_THREADS - 1, threads
-    assert threads[-1] == threads[-10], threads
