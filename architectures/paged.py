@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from registry.errors import InvalidArgument, InvalidRequest, OutOfResources
@@ -165,24 +166,34 @@ def _as_int_list(values: Any, field: str) -> list[int]:
     return out
 
 
-def _as_long_1d(values: IntsLike, field: str) -> torch.Tensor:
-    """A host int64 copy for validation (one transfer when the caller's tensor is on a device)."""
+def _as_long_1d(values: IntsLike, field: str) -> np.ndarray:
+    """A host int64 copy for validation (one transfer when the caller's tensor is on a device).
+
+    Validation runs in NumPy: on the handful of entries a decode step carries, each torch op costs
+    several microseconds of dispatch, NumPy's about one.
+    """
     if isinstance(values, torch.Tensor):
         t = values.detach()
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise InvalidRequest(f"{field} must hold integers, got {t.dtype}")
-    else:
-        try:
-            t = torch.as_tensor(list(values))
-        except (TypeError, ValueError, RuntimeError):
-            raise InvalidRequest(f"{field} must be a list of integers") from None
-        if t.numel() and (t.dtype.is_floating_point or t.dtype == torch.bool):
-            raise InvalidRequest(f"{field} must hold integers, got {t.dtype}")
-    if t.dim() != 1:
+        if t.dim() != 1:
+            raise InvalidRequest(
+                f"{field} must be 1-D (all sequences' tokens concatenated), got shape {list(t.shape)}"
+            )
+        return t.to(device="cpu", dtype=torch.long).numpy()
+    try:
+        a = np.asarray(list(values))
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequest(f"{field} must be a list of integers") from None
+    if a.size and a.dtype.kind not in "iu":
+        raise InvalidRequest(f"{field} must hold integers, got {a.dtype}")
+    if a.ndim != 1:
         raise InvalidRequest(
-            f"{field} must be 1-D (all sequences' tokens concatenated), got shape {list(t.shape)}"
+            f"{field} must be 1-D (all sequences' tokens concatenated), got shape {list(a.shape)}"
         )
-    return t.to(device="cpu", dtype=torch.long)
+    if a.dtype.kind == "u" and a.size and int(a.max()) > np.iinfo(np.int64).max:
+        raise InvalidRequest(f"{field} holds a value beyond int64")
+    return a.astype(np.int64, copy=False)
 
 
 def prepare_paged_batch(
@@ -262,21 +273,21 @@ def prepare_paged_batch(
     pos = _as_long_1d(positions, "positions")
     slots = _as_long_1d(slot_mapping, "slot_mapping")
     for field, t in (("input_tokens", tokens), ("positions", pos), ("slot_mapping", slots)):
-        if t.numel() != num_tokens:
+        if t.size != num_tokens:
             raise InvalidRequest(
-                f"{field} has {t.numel()} entries but the sequences' query_lens add up to {num_tokens}"
+                f"{field} has {t.size} entries but the sequences' query_lens add up to {num_tokens}"
             )
-    qlens_t = torch.tensor(qlens, dtype=torch.long)
-    ctx_t = torch.tensor(ctx, dtype=torch.long)
-    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), qlens_t)
-    cu_q = torch.zeros(num_seqs + 1, dtype=torch.long)
-    torch.cumsum(qlens_t, 0, out=cu_q[1:])
+    qlens_a = np.asarray(qlens, dtype=np.int64)
+    ctx_a = np.asarray(ctx, dtype=np.int64)
+    seq_of_token = np.repeat(np.arange(num_seqs), qlens_a)
+    cu_q = np.zeros(num_seqs + 1, dtype=np.int64)
+    np.cumsum(qlens_a, out=cu_q[1:])
     # Index of each new token inside its sequence: the last query_len of context_len.
-    seq_index = (ctx_t - qlens_t)[seq_of_token] + torch.arange(num_tokens) - cu_q[:-1][seq_of_token]
+    seq_index = (ctx_a - qlens_a)[seq_of_token] + np.arange(num_tokens) - cu_q[:-1][seq_of_token]
 
-    def fail_at(bad: torch.Tensor, field: str, values: torch.Tensor, what: str) -> None:
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
+    def fail_at(bad: np.ndarray, field: str, values: np.ndarray, what: str) -> None:
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
             s = int(seq_of_token[i])
             raise InvalidRequest(
                 f"sequence {s}: {field}[{i}] = {int(values[i])} (token {int(seq_index[i])} of the sequence) {what}"
@@ -302,12 +313,14 @@ def prepare_paged_batch(
     )
 
     stored = slots >= 0
-    stored_slots = slots[stored]
-    if stored_slots.numel() != torch.unique(stored_slots).numel():
-        sorted_slots, order = torch.sort(stored_slots, stable=True)
-        first_dup = int((sorted_slots[1:] == sorted_slots[:-1]).nonzero()[0, 0])
-        token_ids = stored.nonzero()[:, 0][order[first_dup : first_dup + 2]]
-        a, b = int(token_ids[0]), int(token_ids[1])
+    stored_index = np.flatnonzero(stored)
+    stored_slots = slots[stored_index]
+    order = np.argsort(stored_slots, kind="stable")
+    sorted_slots = stored_slots[order]
+    dups = np.flatnonzero(sorted_slots[1:] == sorted_slots[:-1])
+    if dups.size:
+        first_dup = int(dups[0])
+        a, b = (int(i) for i in stored_index[order[first_dup : first_dup + 2]])
         raise InvalidRequest(
             f"sequence {int(seq_of_token[b])}: slot_mapping[{b}] = {int(slots[b])} repeats the slot of "
             f"slot_mapping[{a}] (sequence {int(seq_of_token[a])}); each slot can be written once per call"
@@ -316,14 +329,13 @@ def prepare_paged_batch(
     # A slot must be where the sequence's block table puts that token: a mismatch would write into
     # (and corrupt) another sequence's blocks while this one attends over stale data.
     max_blocks = max(len(t) for t in tables)
-    table_t = torch.zeros(num_seqs, max_blocks, dtype=torch.long)
+    table_a = np.zeros((num_seqs, max_blocks), dtype=np.int64)
     for s, t in enumerate(tables):
-        if t:
-            table_t[s, : len(t)] = torch.tensor(t, dtype=torch.long)
-    expected = table_t[seq_of_token, seq_index // bs] * bs + seq_index % bs
+        table_a[s, : len(t)] = t
+    expected = table_a[seq_of_token, seq_index // bs] * bs + seq_index % bs
     wrong = stored & (slots != expected)
-    if bool(wrong.any()):
-        i = int(wrong.nonzero()[0, 0])
+    if wrong.any():
+        i = int(np.flatnonzero(wrong)[0])
         s, j = int(seq_of_token[i]), int(seq_index[i])
         raise InvalidRequest(
             f"sequence {s}: slot_mapping[{i}] = {int(slots[i])} but token {j} of the sequence belongs in "
@@ -332,15 +344,14 @@ def prepare_paged_batch(
 
     # -- device tensors, built once per call and shared by every layer ---------------------------
     # Two host-to-device copies in all (one per dtype) rather than one per tensor.
-    cu_ctx = torch.zeros(num_seqs + 1, dtype=torch.long)
-    torch.cumsum(ctx_t, 0, out=cu_ctx[1:])
-    all_stored = bool(stored.all())
-    store_rows = torch.zeros(0, dtype=torch.long) if all_stored else stored.nonzero()[:, 0]
+    cu_ctx = np.zeros(num_seqs + 1, dtype=np.int64)
+    np.cumsum(ctx_a, out=cu_ctx[1:])
+    all_stored = stored_index.size == num_tokens
     dev = cache.device
     tokens_d, pos_d, slots_d, store_slots_d, store_rows_d, last_d = _to_device(
-        dev, torch.long, [tokens, pos, slots, stored_slots, store_rows, cu_q[1:] - 1]
+        dev, torch.long, [tokens, pos, slots, stored_slots, stored_index, cu_q[1:] - 1]
     )
-    table_d, cu_q_d, cu_ctx_d, ctx_d = _to_device(dev, torch.int32, [table_t, cu_q, cu_ctx, ctx_t])
+    table_d, cu_q_d, cu_ctx_d, ctx_d = _to_device(dev, torch.int32, [table_a, cu_q, cu_ctx, ctx_a])
     return PagedBatch(
         num_seqs=num_seqs,
         is_prefill=bool(is_prefill),
@@ -363,13 +374,13 @@ def prepare_paged_batch(
     )
 
 
-def _to_device(device: torch.device, dtype: torch.dtype, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+def _to_device(device: torch.device, dtype: torch.dtype, parts: list[np.ndarray]) -> list[torch.Tensor]:
     """`parts` converted to `dtype` on `device`, through one copy: contiguous views of one buffer."""
-    flat = torch.cat([p.reshape(-1).to(dtype) for p in parts]).to(device)
+    flat = torch.from_numpy(np.concatenate([p.reshape(-1) for p in parts])).to(device=device, dtype=dtype)
     out, offset = [], 0
     for p in parts:
-        out.append(flat[offset : offset + p.numel()].view(p.shape))
-        offset += p.numel()
+        out.append(flat[offset : offset + p.size].view(p.shape))
+        offset += p.size
     return out
 
 
