@@ -33,7 +33,7 @@ REASONS: dict[str, str] = {
         "25% faster but cost a transposing Load and ~8% on batch ≥ 4"
     ),
     f"decode-paged-{SMOL}": "as forward_with_cache + gathering 512 keys from blocks in 30 layers (~2.3 ms)",
-    f"decode-paged-{TINY}": "~0.4 ms per call of batch validation (prepare_paged_batch) against a 0.5 ms step",
+    f"decode-paged-{TINY}": "a fixed cost per call against a 0.5 ms step: batch validation and index tensors (~0.1 ms), the K/V store and block gather in each layer",
     f"decode-with_cache-{TINY}": "per-call argument checks against a sub-millisecond step",
     "batched-step": (
         "gathering 16 × 256 keys per layer from blocks (190 MB/step) vs appending to a contiguous cache; "
