@@ -5,20 +5,13 @@ calls made."""
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import secrets
-import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
-from typing import Any
 
 import grpc
 
+from tests.serve_process import ServeLog
 from worker import __version__
 from worker.pb.modelworker.v1 import worker_pb2 as pb
 from worker.pb.modelworker.v1 import worker_pb2_grpc as pb_grpc
@@ -27,59 +20,19 @@ from .scrape import scrape
 from .test_scrape import free_port
 
 
-class ServeProcess:
-    def __init__(self, args: list[str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "serve", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-
-    def records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.lines if line.startswith("{")]
-
-    def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for record in self.records():
-                m = re.search(pattern, record["msg"])
-                if m:
-                    return m
-            assert self.proc.poll() is None, "serve exited early:\n" + "\n".join(self.lines)
-            time.sleep(0.05)
-        raise AssertionError(f"no log line matching {pattern!r}:\n" + "\n".join(self.lines))
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(30)
-        self._reader.join(10)
-        return code
-
-
 def test_serve_logs_and_metrics(model_root: Path) -> None:
     token = "tok-" + secrets.token_hex(8)
     metrics_port = free_port()
-    serve = ServeProcess(
+    serve = ServeLog(
         [
             "--port", "0", "--metrics-port", str(metrics_port), "--model-root", str(model_root),
-            "--device", "cpu", "--log-format", "json", "--auth-token", token, "--grace-seconds", "1",
-        ]
+            "--device", "cpu", "--auth-token", token, "--grace-seconds", "1",
+        ],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     try:
-        port = int(serve.wait_for(r"^listening on 127\.0\.0\.1:(\d+)$").group(1))
-        serve.wait_for(rf"^metrics on http://127\.0\.0\.1:{metrics_port}/metrics$")
+        port = int(serve.wait_for_msg(r"^listening on 127\.0\.0\.1:(\d+)$").group(1))
+        serve.wait_for_msg(rf"^metrics on http://127\.0\.0\.1:{metrics_port}/metrics$")
         auth = ("authorization", f"Bearer {token}")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.ModelWorkerStub(channel)
@@ -99,7 +52,7 @@ def test_serve_logs_and_metrics(model_root: Path) -> None:
         unloaded = scrape(metrics_port)
     finally:
         exit_code = serve.stop()
-    assert exit_code == 0, "\n".join(serve.lines)
+    assert exit_code == 0, "".join(serve.raw)
 
     assert loaded.value("modelworker_models_loaded") == 1
     assert loaded.value("modelworker_model_weight_bytes", model="m") == info.weight_bytes
@@ -108,9 +61,9 @@ def test_serve_logs_and_metrics(model_root: Path) -> None:
     assert unloaded.value("modelworker_models_loaded") == 0
     assert unloaded.with_label("model", "m") == []
 
-    records = serve.records()
-    assert len(records) == len(serve.lines), "every line is JSON:\n" + "\n".join(serve.lines)
-    assert token not in "\n".join(serve.lines)
+    records = serve.lines
+    assert len(records) == len(serve.raw), "every line is JSON:\n" + "".join(serve.raw)
+    assert token not in "".join(serve.raw)
     start = records[0]
     assert start["msg"] == f"starting modelworker {__version__}"
     assert start["auth_token"] == "***"

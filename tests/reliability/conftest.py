@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.serve_process import plugin_env_for
 from tests.tiny_models import make_tiny_model_dir
 from tests.worker import slow_arch
-
-from .procs import plugin_env_for
 
 # The smallest model that is still a real transformer: loads in a few milliseconds.
 MINI = dict(

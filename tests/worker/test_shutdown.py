@@ -7,13 +7,10 @@ entry point in the group `modelworker.architectures`, from a dist-info directory
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,91 +18,32 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.serve_process import REPO, ServeLog, plugin_env_for
 from worker.pb.modelworker.v1 import worker_pb2 as pb
 from worker.pb.modelworker.v1 import worker_pb2_grpc as pb_grpc
 
 from . import slow_arch
 from .harness import make_settings, start_server
 
-REPO = Path(__file__).resolve().parents[2]
 GRACE = 8.0
-
-
-class Serve:
-    """A `python -m worker serve` process whose JSON log lines are collected as they come."""
-
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "serve", "--log-format", "json", *args],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[dict] = []
-        self.raw: list[str] = []
-        self._new = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._new:
-                self.raw.append(line)
-                try:
-                    self.lines.append(json.loads(line))
-                except ValueError:
-                    pass
-                self._new.notify_all()
-
-    def wait_for(self, predicate, timeout: float = 60) -> dict:
-        deadline = time.monotonic() + timeout
-        with self._new:
-            while True:
-                found = next((line for line in self.lines if predicate(line)), None)
-                if found is not None:
-                    return found
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    raise AssertionError("log line not seen; stderr:\n" + "".join(self.raw))
-                self._new.wait(min(left, 0.2))
-
-    def port(self) -> int:
-        line = self.wait_for(lambda r: r["msg"].startswith("listening on "))
-        return int(line["msg"].rsplit(":", 1)[1])
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
 def plugin_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    site = tmp_path_factory.mktemp("plugin-site")
-    dist = site / "modelworker_test_slow-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: modelworker-test-slow\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(
-        f"[modelworker.architectures]\nslow = {slow_arch.__name__}:register\n"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELWORKER_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(site), str(REPO)])
-    return env
+    return plugin_env_for(tmp_path_factory.mktemp("plugin-site"))
 
 
 def test_sigterm_with_a_call_in_flight(tmp_path: Path, model_root: Path, plugin_env: dict[str, str]) -> None:
     root = tmp_path / "models"
     root.mkdir()
     slow_arch.make_slow_copy(model_root / "llama-a", root / "slow", forward_seconds=2.0)
-    serve = Serve(
+    serve = ServeLog(
         ["--port", "0", "--metrics-port", "0", "--model-root", str(root), "--preload", "s=slow",
          "--grace-seconds", str(GRACE)],
         plugin_env,
     )  # fmt: skip
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{serve.port()}")
+        channel = grpc.insecure_channel(f"127.0.0.1:{serve.listening_port()}")
         serve.wait_for(lambda r: r["msg"] == "preloaded" and r.get("model") == "s")
         health = health_pb2_grpc.HealthStub(channel)
         assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
@@ -136,7 +74,7 @@ def test_sigterm_with_a_call_in_flight(tmp_path: Path, model_root: Path, plugin_
 
 
 def test_preload_failure_exits_1(tmp_path: Path, plugin_env: dict[str, str]) -> None:
-    serve = Serve(
+    serve = ServeLog(
         ["--port", "0", "--metrics-port", "0", "--model-root", str(tmp_path), "--preload", "x=absent"],
         plugin_env,
     )
