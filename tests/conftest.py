@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 from collections.abc import Iterator
 
@@ -18,3 +19,11 @@ def aio_loop() -> Iterator[asyncio.AbstractEventLoop]:
     yield loop
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def weights_seed() -> int:
+    """A fresh seed for the tiny models' random weights, printed so a failure can be replayed."""
+    seed = random.randrange(2**31)
+    print(f"tiny model weights seed {seed}")  # shown with the first failing test's output
+    return seed

@@ -4,8 +4,6 @@ fresh random weights, and a client of that worker."""
 from __future__ import annotations
 
 import asyncio
-import random
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,24 +13,6 @@ from tests.tiny_models import make_tiny_model_dir
 from tests.worker import slow_arch
 from tests.worker.harness import RunningServer, make_settings, start_server
 from worker.client import ModelWorkerClient
-
-
-@pytest.fixture(scope="session")
-def client_loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """The event loop the in-process servers run on (a background thread)."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="client-tests-server", daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-
-
-@pytest.fixture(scope="session")
-def weights_seed() -> int:
-    seed = random.randrange(2**31)
-    print(f"tiny model weights seed {seed}")  # shown with the first failing test's output
-    return seed
 
 
 @pytest.fixture(scope="session")
@@ -47,8 +27,8 @@ def client_model_root(tmp_path_factory: pytest.TempPathFactory, weights_seed: in
 
 
 @pytest.fixture(scope="module")
-def worker(client_loop: asyncio.AbstractEventLoop, client_model_root: Path) -> Iterator[RunningServer]:
-    running = start_server(client_loop, make_settings(client_model_root, grace_seconds=0.5))
+def worker(aio_loop: asyncio.AbstractEventLoop, client_model_root: Path) -> Iterator[RunningServer]:
+    running = start_server(aio_loop, make_settings(client_model_root, grace_seconds=0.5))
     yield running
     running.stop(grace=0.5)
 

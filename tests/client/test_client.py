@@ -315,9 +315,9 @@ def test_deadlines_default_and_per_call(loaded: RunningServer) -> None:
 
 
 @pytest.fixture(scope="module")
-def authed(client_loop: asyncio.AbstractEventLoop, client_model_root: Path) -> Iterator[RunningServer]:
+def authed(aio_loop: asyncio.AbstractEventLoop, client_model_root: Path) -> Iterator[RunningServer]:
     running = start_server(
-        client_loop, make_settings(client_model_root, auth_token="tok-123", grace_seconds=0.5)
+        aio_loop, make_settings(client_model_root, auth_token="tok-123", grace_seconds=0.5)
     )
     yield running
     running.stop(grace=0.5)
@@ -361,7 +361,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def mtls(
-    client_loop: asyncio.AbstractEventLoop, client_model_root: Path, certs: Path
+    aio_loop: asyncio.AbstractEventLoop, client_model_root: Path, certs: Path
 ) -> Iterator[RunningServer]:
     settings = make_settings(
         client_model_root,
@@ -370,7 +370,7 @@ def mtls(
         tls_client_ca=certs / "ca.pem",
         grace_seconds=0.5,
     )
-    running = start_server(client_loop, settings)
+    running = start_server(aio_loop, settings)
     yield running
     running.stop(grace=0.5)
 

@@ -169,11 +169,11 @@ def test_script(paged: RunningServer, client, capsys: pytest.CaptureFixture[str]
 
 
 @pytest.mark.slow
-def test_smollm2(client_loop, tmp_path: Path) -> None:
+def test_smollm2(aio_loop, tmp_path: Path) -> None:
     from tests.real_model import smollm2_hf_dir
 
     model_dir = smollm2_hf_dir()
-    running = start_server(client_loop, make_settings(model_dir.parent, grace_seconds=0.5))
+    running = start_server(aio_loop, make_settings(model_dir.parent, grace_seconds=0.5))
     try:
         with ModelWorkerClient(running.target, timeout=120) as c:
             # 6 blocks of 16 tokens and two seats for 4 sequences of 20-36 tokens: blocks are reused.

@@ -86,7 +86,7 @@ class AbortingServicer(pb_grpc.ModelWorkerServicer):
 
 
 @pytest.fixture(scope="module")
-def aborting(client_loop: asyncio.AbstractEventLoop) -> Iterator[str]:
+def aborting(aio_loop: asyncio.AbstractEventLoop) -> Iterator[str]:
     async def start() -> tuple[grpc.aio.Server, int]:
         server = grpc.aio.server()
         pb_grpc.add_ModelWorkerServicer_to_server(AbortingServicer(), server)
@@ -94,9 +94,9 @@ def aborting(client_loop: asyncio.AbstractEventLoop) -> Iterator[str]:
         await server.start()
         return server, port
 
-    server, port = asyncio.run_coroutine_threadsafe(start(), client_loop).result(10)
+    server, port = asyncio.run_coroutine_threadsafe(start(), aio_loop).result(10)
     yield f"127.0.0.1:{port}"
-    asyncio.run_coroutine_threadsafe(server.stop(0), client_loop).result(10)
+    asyncio.run_coroutine_threadsafe(server.stop(0), aio_loop).result(10)
 
 
 def _check(err: ModelWorkerClientError, code: grpc.StatusCode) -> None:

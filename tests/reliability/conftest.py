@@ -4,10 +4,6 @@ directories with fresh random weights (tiny, minimal, medium and slow copies), a
 
 from __future__ import annotations
 
-import asyncio
-import random
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,24 +34,6 @@ MEDIUM = dict(
 )
 SLOW_FORWARD_SECONDS = 0.6
 SLOW_LOAD_SECONDS = 0.8
-
-
-@pytest.fixture(scope="session")
-def aio_loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """The loop the in-process servers run on, in a background thread."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="reliability-server", daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-
-
-@pytest.fixture(scope="session")
-def weights_seed() -> int:
-    seed = random.randrange(2**31)
-    print(f"reliability: model weights seed {seed}")
-    return seed
 
 
 @pytest.fixture(scope="session")
