@@ -18,6 +18,10 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BFLOAT16: _ClassVar[DType]
     INT32: _ClassVar[DType]
     INT64: _ClassVar[DType]
+    INT8: _ClassVar[DType]
+    UINT8: _ClassVar[DType]
+    FLOAT8_E4M3FN: _ClassVar[DType]
+    INT16: _ClassVar[DType]
 
 class LogitsMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -31,12 +35,22 @@ class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LOADING: _ClassVar[ModelState]
     READY: _ClassVar[ModelState]
     UNLOADING: _ClassVar[ModelState]
+    SLEEPING: _ClassVar[ModelState]
+
+class LogprobsMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOGPROBS_RAW: _ClassVar[LogprobsMode]
+    LOGPROBS_PROCESSED: _ClassVar[LogprobsMode]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
 BFLOAT16: DType
 INT32: DType
 INT64: DType
+INT8: DType
+UINT8: DType
+FLOAT8_E4M3FN: DType
+INT16: DType
 LOGITS_LAST: LogitsMode
 LOGITS_ALL: LogitsMode
 LOGITS_NONE: LogitsMode
@@ -44,6 +58,9 @@ MODEL_STATE_UNSPECIFIED: ModelState
 LOADING: ModelState
 READY: ModelState
 UNLOADING: ModelState
+SLEEPING: ModelState
+LOGPROBS_RAW: LogprobsMode
+LOGPROBS_PROCESSED: LogprobsMode
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -54,6 +71,56 @@ class Tensor(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SamplingParams(_message.Message):
+    __slots__ = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "prompt_token_ids", "output_token_ids", "logprobs")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    seed: int
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    output_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    logprobs: int
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[int] = ...) -> None: ...
+
+class TokenLogprob(_message.Message):
+    __slots__ = ("token_id", "logprob", "rank", "top_token_ids", "top_logprobs")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    logprob: float
+    rank: int
+    top_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., rank: _Optional[int] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class SequenceOutput(_message.Message):
+    __slots__ = ("token_ids", "num_accepted_drafts", "logprobs")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ACCEPTED_DRAFTS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    num_accepted_drafts: int
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., num_accepted_drafts: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class KvCacheConfig(_message.Message):
     __slots__ = ("block_size", "num_blocks", "max_bytes", "max_seq_len", "max_batch_size")
@@ -70,7 +137,7 @@ class KvCacheConfig(_message.Message):
     def __init__(self, block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_bytes: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model_id", "model_dir", "architecture", "is_quant_model", "dtype", "device", "kv_cache", "attention_backend")
+    __slots__ = ("model_id", "model_dir", "architecture", "is_quant_model", "dtype", "device", "kv_cache", "attention_backend", "quantization", "enforce_eager", "load_mode")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +146,9 @@ class LoadRequest(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    ENFORCE_EAGER_FIELD_NUMBER: _ClassVar[int]
+    LOAD_MODE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_dir: str
     architecture: str
@@ -87,7 +157,10 @@ class LoadRequest(_message.Message):
     device: str
     kv_cache: KvCacheConfig
     attention_backend: str
-    def __init__(self, model_id: _Optional[str] = ..., model_dir: _Optional[str] = ..., architecture: _Optional[str] = ..., is_quant_model: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., kv_cache: _Optional[_Union[KvCacheConfig, _Mapping]] = ..., attention_backend: _Optional[str] = ...) -> None: ...
+    quantization: str
+    enforce_eager: bool
+    load_mode: str
+    def __init__(self, model_id: _Optional[str] = ..., model_dir: _Optional[str] = ..., architecture: _Optional[str] = ..., is_quant_model: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., kv_cache: _Optional[_Union[KvCacheConfig, _Mapping]] = ..., attention_backend: _Optional[str] = ..., quantization: _Optional[str] = ..., enforce_eager: _Optional[bool] = ..., load_mode: _Optional[str] = ...) -> None: ...
 
 class LoadResponse(_message.Message):
     __slots__ = ("model", "already_loaded")
@@ -120,7 +193,7 @@ class TopK(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("model_id", "token_ids", "batch_size", "positions", "use_cache", "start_pos", "logits_mode", "logits_dtype", "top_k")
+    __slots__ = ("model_id", "token_ids", "batch_size", "positions", "use_cache", "start_pos", "logits_mode", "logits_dtype", "top_k", "sampling", "logprobs_mode")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +203,8 @@ class ForwardRequest(_message.Message):
     LOGITS_MODE_FIELD_NUMBER: _ClassVar[int]
     LOGITS_DTYPE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_MODE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     batch_size: int
@@ -139,19 +214,25 @@ class ForwardRequest(_message.Message):
     logits_mode: LogitsMode
     logits_dtype: DType
     top_k: int
-    def __init__(self, model_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., batch_size: _Optional[int] = ..., positions: _Optional[_Iterable[int]] = ..., use_cache: _Optional[bool] = ..., start_pos: _Optional[int] = ..., logits_mode: _Optional[_Union[LogitsMode, str]] = ..., logits_dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    sampling: _containers.RepeatedCompositeFieldContainer[SamplingParams]
+    logprobs_mode: LogprobsMode
+    def __init__(self, model_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., batch_size: _Optional[int] = ..., positions: _Optional[_Iterable[int]] = ..., use_cache: _Optional[bool] = ..., start_pos: _Optional[int] = ..., logits_mode: _Optional[_Union[LogitsMode, str]] = ..., logits_dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ..., sampling: _Optional[_Iterable[_Union[SamplingParams, _Mapping]]] = ..., logprobs_mode: _Optional[_Union[LogprobsMode, str]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("logits", "next_token_ids", "top_k", "compute_seconds")
+    __slots__ = ("logits", "next_token_ids", "top_k", "compute_seconds", "outputs", "weights_version")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
     logits: Tensor
     next_token_ids: _containers.RepeatedScalarFieldContainer[int]
     top_k: _containers.RepeatedCompositeFieldContainer[TopK]
     compute_seconds: float
-    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., next_token_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[_Iterable[_Union[TopK, _Mapping]]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    outputs: _containers.RepeatedCompositeFieldContainer[SequenceOutput]
+    weights_version: int
+    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., next_token_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[_Iterable[_Union[TopK, _Mapping]]] = ..., compute_seconds: _Optional[float] = ..., outputs: _Optional[_Iterable[_Union[SequenceOutput, _Mapping]]] = ..., weights_version: _Optional[int] = ...) -> None: ...
 
 class BlockTable(_message.Message):
     __slots__ = ("block_ids",)
@@ -160,7 +241,7 @@ class BlockTable(_message.Message):
     def __init__(self, block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ForwardPagedRequest(_message.Message):
-    __slots__ = ("model_id", "input_tokens", "positions", "block_tables", "slot_mapping", "context_lens", "is_prefill", "query_lens", "logits_mode", "logits_dtype", "top_k")
+    __slots__ = ("model_id", "input_tokens", "positions", "block_tables", "slot_mapping", "context_lens", "is_prefill", "query_lens", "logits_mode", "logits_dtype", "top_k", "sampling", "logprobs_mode", "num_draft_tokens")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +253,9 @@ class ForwardPagedRequest(_message.Message):
     LOGITS_MODE_FIELD_NUMBER: _ClassVar[int]
     LOGITS_DTYPE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_MODE_FIELD_NUMBER: _ClassVar[int]
+    NUM_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     input_tokens: _containers.RepeatedScalarFieldContainer[int]
     positions: _containers.RepeatedScalarFieldContainer[int]
@@ -183,22 +267,29 @@ class ForwardPagedRequest(_message.Message):
     logits_mode: LogitsMode
     logits_dtype: DType
     top_k: int
-    def __init__(self, model_id: _Optional[str] = ..., input_tokens: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., block_tables: _Optional[_Iterable[_Union[BlockTable, _Mapping]]] = ..., slot_mapping: _Optional[_Iterable[int]] = ..., context_lens: _Optional[_Iterable[int]] = ..., is_prefill: _Optional[bool] = ..., query_lens: _Optional[_Iterable[int]] = ..., logits_mode: _Optional[_Union[LogitsMode, str]] = ..., logits_dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    sampling: _containers.RepeatedCompositeFieldContainer[SamplingParams]
+    logprobs_mode: LogprobsMode
+    num_draft_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model_id: _Optional[str] = ..., input_tokens: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., block_tables: _Optional[_Iterable[_Union[BlockTable, _Mapping]]] = ..., slot_mapping: _Optional[_Iterable[int]] = ..., context_lens: _Optional[_Iterable[int]] = ..., is_prefill: _Optional[bool] = ..., query_lens: _Optional[_Iterable[int]] = ..., logits_mode: _Optional[_Union[LogitsMode, str]] = ..., logits_dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ..., sampling: _Optional[_Iterable[_Union[SamplingParams, _Mapping]]] = ..., logprobs_mode: _Optional[_Union[LogprobsMode, str]] = ..., num_draft_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ForwardPagedResponse(_message.Message):
-    __slots__ = ("logits", "next_token_ids", "top_k", "compute_seconds")
+    __slots__ = ("logits", "next_token_ids", "top_k", "compute_seconds", "outputs", "weights_version")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
     logits: Tensor
     next_token_ids: _containers.RepeatedScalarFieldContainer[int]
     top_k: _containers.RepeatedCompositeFieldContainer[TopK]
     compute_seconds: float
-    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., next_token_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[_Iterable[_Union[TopK, _Mapping]]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    outputs: _containers.RepeatedCompositeFieldContainer[SequenceOutput]
+    weights_version: int
+    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., next_token_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[_Iterable[_Union[TopK, _Mapping]]] = ..., compute_seconds: _Optional[float] = ..., outputs: _Optional[_Iterable[_Union[SequenceOutput, _Mapping]]] = ..., weights_version: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "architecture", "model_dir", "device", "dtype", "state", "num_parameters", "weight_bytes", "kv_cache_bytes", "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim", "max_position_embeddings", "sliding_window", "kv_block_size", "kv_num_blocks", "max_seq_len", "max_batch_size", "attention_backend", "is_quant_model", "load_seconds", "loaded_at")
+    __slots__ = ("id", "architecture", "model_dir", "device", "dtype", "state", "num_parameters", "weight_bytes", "kv_cache_bytes", "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim", "max_position_embeddings", "sliding_window", "kv_block_size", "kv_num_blocks", "max_seq_len", "max_batch_size", "attention_backend", "is_quant_model", "load_seconds", "loaded_at", "quantization", "tensor_parallel_size", "weights_version", "cuda_graph_batch_sizes", "load_mode", "cuda_graph_bytes", "released", "buffer_bytes")
     ID_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +315,14 @@ class ModelInfo(_message.Message):
     IS_QUANT_MODEL_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LOADED_AT_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CUDA_GRAPH_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    LOAD_MODE_FIELD_NUMBER: _ClassVar[int]
+    CUDA_GRAPH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_BYTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     architecture: str
     model_dir: str
@@ -249,7 +348,15 @@ class ModelInfo(_message.Message):
     is_quant_model: bool
     load_seconds: float
     loaded_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., architecture: _Optional[str] = ..., model_dir: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., num_parameters: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., sliding_window: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_num_blocks: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., attention_backend: _Optional[str] = ..., is_quant_model: _Optional[bool] = ..., load_seconds: _Optional[float] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    quantization: str
+    tensor_parallel_size: int
+    weights_version: int
+    cuda_graph_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
+    load_mode: str
+    cuda_graph_bytes: int
+    released: _containers.RepeatedScalarFieldContainer[str]
+    buffer_bytes: int
+    def __init__(self, id: _Optional[str] = ..., architecture: _Optional[str] = ..., model_dir: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., num_parameters: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., sliding_window: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_num_blocks: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., attention_backend: _Optional[str] = ..., is_quant_model: _Optional[bool] = ..., load_seconds: _Optional[float] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., quantization: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., weights_version: _Optional[int] = ..., cuda_graph_batch_sizes: _Optional[_Iterable[int]] = ..., load_mode: _Optional[str] = ..., cuda_graph_bytes: _Optional[int] = ..., released: _Optional[_Iterable[str]] = ..., buffer_bytes: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -328,7 +435,7 @@ class Limits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("version", "devices", "default_device", "default_dtype", "attention_backends", "limits", "model_roots", "architectures")
+    __slots__ = ("version", "devices", "default_device", "default_dtype", "attention_backends", "limits", "model_roots", "architectures", "world_size", "threads")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -337,6 +444,8 @@ class InfoResponse(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ROOTS_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURES_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
     version: str
     devices: _containers.RepeatedCompositeFieldContainer[DeviceInfo]
     default_device: str
@@ -345,4 +454,178 @@ class InfoResponse(_message.Message):
     limits: Limits
     model_roots: _containers.RepeatedScalarFieldContainer[str]
     architectures: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., default_device: _Optional[str] = ..., default_dtype: _Optional[str] = ..., attention_backends: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., model_roots: _Optional[_Iterable[str]] = ..., architectures: _Optional[_Iterable[str]] = ...) -> None: ...
+    world_size: int
+    threads: int
+    def __init__(self, version: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., default_device: _Optional[str] = ..., default_dtype: _Optional[str] = ..., attention_backends: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., model_roots: _Optional[_Iterable[str]] = ..., architectures: _Optional[_Iterable[str]] = ..., world_size: _Optional[int] = ..., threads: _Optional[int] = ...) -> None: ...
+
+class UpdateWeightsRequest(_message.Message):
+    __slots__ = ("model_id", "model_dir")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    model_dir: str
+    def __init__(self, model_id: _Optional[str] = ..., model_dir: _Optional[str] = ...) -> None: ...
+
+class UpdateWeightsResponse(_message.Message):
+    __slots__ = ("weights_version", "update_seconds", "num_tensors", "bytes")
+    WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    weights_version: int
+    update_seconds: float
+    num_tensors: int
+    bytes: int
+    def __init__(self, weights_version: _Optional[int] = ..., update_seconds: _Optional[float] = ..., num_tensors: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class WeightsChunk(_message.Message):
+    __slots__ = ("model_id", "name", "tensor", "offset", "total_bytes")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    name: str
+    tensor: Tensor
+    offset: int
+    total_bytes: int
+    def __init__(self, model_id: _Optional[str] = ..., name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+
+class InitWeightsGroupRequest(_message.Message):
+    __slots__ = ("model_id", "master_address", "master_port", "world_size", "rank_offset", "group_name", "backend", "timeout_seconds")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MASTER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MASTER_PORT_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANK_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    GROUP_NAME_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    master_address: str
+    master_port: int
+    world_size: int
+    rank_offset: int
+    group_name: str
+    backend: str
+    timeout_seconds: float
+    def __init__(self, model_id: _Optional[str] = ..., master_address: _Optional[str] = ..., master_port: _Optional[int] = ..., world_size: _Optional[int] = ..., rank_offset: _Optional[int] = ..., group_name: _Optional[str] = ..., backend: _Optional[str] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class InitWeightsGroupResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TensorShape(_message.Message):
+    __slots__ = ("dims",)
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    dims: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, dims: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class UpdateWeightsFromDistributedRequest(_message.Message):
+    __slots__ = ("model_id", "group_name", "names", "dtypes", "shapes")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_NAME_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    DTYPES_FIELD_NUMBER: _ClassVar[int]
+    SHAPES_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    group_name: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    dtypes: _containers.RepeatedScalarFieldContainer[DType]
+    shapes: _containers.RepeatedCompositeFieldContainer[TensorShape]
+    def __init__(self, model_id: _Optional[str] = ..., group_name: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., shapes: _Optional[_Iterable[_Union[TensorShape, _Mapping]]] = ...) -> None: ...
+
+class DestroyWeightsGroupRequest(_message.Message):
+    __slots__ = ("group_name",)
+    GROUP_NAME_FIELD_NUMBER: _ClassVar[int]
+    group_name: str
+    def __init__(self, group_name: _Optional[str] = ...) -> None: ...
+
+class DestroyWeightsGroupResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReleaseMemoryRequest(_message.Message):
+    __slots__ = ("model_id", "tags", "offload")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    OFFLOAD_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    offload: bool
+    def __init__(self, model_id: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., offload: _Optional[bool] = ...) -> None: ...
+
+class ReleaseMemoryResponse(_message.Message):
+    __slots__ = ("released_bytes", "release_seconds")
+    RELEASED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    released_bytes: int
+    release_seconds: float
+    def __init__(self, released_bytes: _Optional[int] = ..., release_seconds: _Optional[float] = ...) -> None: ...
+
+class ResumeMemoryRequest(_message.Message):
+    __slots__ = ("model_id", "tags")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_id: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ResumeMemoryResponse(_message.Message):
+    __slots__ = ("resume_seconds", "resumed_bytes")
+    RESUME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    resume_seconds: float
+    resumed_bytes: int
+    def __init__(self, resume_seconds: _Optional[float] = ..., resumed_bytes: _Optional[int] = ...) -> None: ...
+
+class ExportKvBlocksRequest(_message.Message):
+    __slots__ = ("model_id", "block_ids")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class KvLayout(_message.Message):
+    __slots__ = ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype")
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: DType
+    def __init__(self, num_layers: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class KvBlocksChunk(_message.Message):
+    __slots__ = ("model_id", "dst_block_ids", "layout", "layer_start", "layer_end", "block_ids", "key", "value")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DST_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    dst_block_ids: _containers.RepeatedScalarFieldContainer[int]
+    layout: KvLayout
+    layer_start: int
+    layer_end: int
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    key: Tensor
+    value: Tensor
+    def __init__(self, model_id: _Optional[str] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., key: _Optional[_Union[Tensor, _Mapping]] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ImportKvBlocksResponse(_message.Message):
+    __slots__ = ("blocks", "bytes")
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    blocks: int
+    bytes: int
+    def __init__(self, blocks: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...

@@ -79,6 +79,51 @@ class ModelWorkerStub:
                 request_serializer=modelworker_dot_v1_dot_worker__pb2.InfoRequest.SerializeToString,
                 response_deserializer=modelworker_dot_v1_dot_worker__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.UpdateWeights = channel.unary_unary(
+                '/modelworker.v1.ModelWorker/UpdateWeights',
+                request_serializer=modelworker_dot_v1_dot_worker__pb2.UpdateWeightsRequest.SerializeToString,
+                response_deserializer=modelworker_dot_v1_dot_worker__pb2.UpdateWeightsResponse.FromString,
+                _registered_method=True)
+        self.UpdateWeightsFromStream = channel.stream_unary(
+                '/modelworker.v1.ModelWorker/UpdateWeightsFromStream',
+                request_serializer=modelworker_dot_v1_dot_worker__pb2.WeightsChunk.SerializeToString,
+                response_deserializer=modelworker_dot_v1_dot_worker__pb2.UpdateWeightsResponse.FromString,
+                _registered_method=True)
+        self.InitWeightsGroup = channel.unary_unary(
+                '/modelworker.v1.ModelWorker/InitWeightsGroup',
+                request_serializer=modelworker_dot_v1_dot_worker__pb2.InitWeightsGroupRequest.SerializeToString,
+                response_deserializer=modelworker_dot_v1_dot_worker__pb2.InitWeightsGroupResponse.FromString,
+                _registered_method=True)
+        self.UpdateWeightsFromDistributed = channel.unary_unary(
+                '/modelworker.v1.ModelWorker/UpdateWeightsFromDistributed',
+                request_serializer=modelworker_dot_v1_dot_worker__pb2.UpdateWeightsFromDistributedRequest.SerializeToString,
+                response_deserializer=modelworker_dot_v1_dot_worker__pb2.UpdateWeightsResponse.FromString,
+                _registered_method=True)
+        self.DestroyWeightsGroup = channel.unary_unary(
+                '/modelworker.v1.ModelWorker/DestroyWeightsGroup',
+                request_serializer=modelworker_dot_v1_dot_worker__pb2.DestroyWeightsGroupRequest.SerializeToString,
+                response_deserializer=modelworker_dot_v1_dot_worker__pb2.DestroyWeightsGroupResponse.FromString,
+                _registered_method=True)
+        self.ReleaseMemory = channel.unary_unary(
+                '/modelworker.v1.ModelWorker/ReleaseMemory',
+                request_serializer=modelworker_dot_v1_dot_worker__pb2.ReleaseMemoryRequest.SerializeToString,
+                response_deserializer=modelworker_dot_v1_dot_worker__pb2.ReleaseMemoryResponse.FromString,
+                _registered_method=True)
+        self.ResumeMemory = channel.unary_unary(
+                '/modelworker.v1.ModelWorker/ResumeMemory',
+                request_serializer=modelworker_dot_v1_dot_worker__pb2.ResumeMemoryRequest.SerializeToString,
+                response_deserializer=modelworker_dot_v1_dot_worker__pb2.ResumeMemoryResponse.FromString,
+                _registered_method=True)
+        self.ExportKvBlocks = channel.unary_stream(
+                '/modelworker.v1.ModelWorker/ExportKvBlocks',
+                request_serializer=modelworker_dot_v1_dot_worker__pb2.ExportKvBlocksRequest.SerializeToString,
+                response_deserializer=modelworker_dot_v1_dot_worker__pb2.KvBlocksChunk.FromString,
+                _registered_method=True)
+        self.ImportKvBlocks = channel.stream_unary(
+                '/modelworker.v1.ModelWorker/ImportKvBlocks',
+                request_serializer=modelworker_dot_v1_dot_worker__pb2.KvBlocksChunk.SerializeToString,
+                response_deserializer=modelworker_dot_v1_dot_worker__pb2.ImportKvBlocksResponse.FromString,
+                _registered_method=True)
 
 
 class ModelWorkerServicer:
@@ -155,6 +200,73 @@ class ModelWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateWeights(self, request, context):
+        """--- weight updates (RL rollouts) ---
+        New weights from another checkpoint directory of the same architecture and shapes, in place;
+        strict like Load, all or nothing. Codes: OK, NOT_FOUND, INVALID_ARGUMENT, PERMISSION_DENIED,
+        FAILED_PRECONDITION (sleeping model), RESOURCE_EXHAUSTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateWeightsFromStream(self, request_iterator, context):
+        """Named checkpoint tensors streamed by the client (large ones in pieces); applied only when the
+        stream ends complete and valid.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InitWeightsGroup(self, request, context):
+        """Join a torch.distributed group in which a trainer is rank 0 and broadcasts tensors.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateWeightsFromDistributed(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DestroyWeightsGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseMemory(self, request, context):
+        """--- memory release (sleep / wake) ---
+        Free a model's weights and/or KV cache; the model is SLEEPING until ResumeMemory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeMemory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportKvBlocks(self, request, context):
+        """--- KV block transfer (disaggregated prefill, swapping) ---
+        Every layer's K and V of the named paged blocks, chunked under the message cap.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportKvBlocks(self, request_iterator, context):
+        """Write exported blocks into dst_block_ids; nothing is written unless the whole stream is valid.
+        Codes: OK, NOT_FOUND, INVALID_ARGUMENT (ids, shapes), FAILED_PRECONDITION (layout).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +314,51 @@ def add_ModelWorkerServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=modelworker_dot_v1_dot_worker__pb2.InfoRequest.FromString,
                     response_serializer=modelworker_dot_v1_dot_worker__pb2.InfoResponse.SerializeToString,
+            ),
+            'UpdateWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateWeights,
+                    request_deserializer=modelworker_dot_v1_dot_worker__pb2.UpdateWeightsRequest.FromString,
+                    response_serializer=modelworker_dot_v1_dot_worker__pb2.UpdateWeightsResponse.SerializeToString,
+            ),
+            'UpdateWeightsFromStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.UpdateWeightsFromStream,
+                    request_deserializer=modelworker_dot_v1_dot_worker__pb2.WeightsChunk.FromString,
+                    response_serializer=modelworker_dot_v1_dot_worker__pb2.UpdateWeightsResponse.SerializeToString,
+            ),
+            'InitWeightsGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.InitWeightsGroup,
+                    request_deserializer=modelworker_dot_v1_dot_worker__pb2.InitWeightsGroupRequest.FromString,
+                    response_serializer=modelworker_dot_v1_dot_worker__pb2.InitWeightsGroupResponse.SerializeToString,
+            ),
+            'UpdateWeightsFromDistributed': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateWeightsFromDistributed,
+                    request_deserializer=modelworker_dot_v1_dot_worker__pb2.UpdateWeightsFromDistributedRequest.FromString,
+                    response_serializer=modelworker_dot_v1_dot_worker__pb2.UpdateWeightsResponse.SerializeToString,
+            ),
+            'DestroyWeightsGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.DestroyWeightsGroup,
+                    request_deserializer=modelworker_dot_v1_dot_worker__pb2.DestroyWeightsGroupRequest.FromString,
+                    response_serializer=modelworker_dot_v1_dot_worker__pb2.DestroyWeightsGroupResponse.SerializeToString,
+            ),
+            'ReleaseMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseMemory,
+                    request_deserializer=modelworker_dot_v1_dot_worker__pb2.ReleaseMemoryRequest.FromString,
+                    response_serializer=modelworker_dot_v1_dot_worker__pb2.ReleaseMemoryResponse.SerializeToString,
+            ),
+            'ResumeMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeMemory,
+                    request_deserializer=modelworker_dot_v1_dot_worker__pb2.ResumeMemoryRequest.FromString,
+                    response_serializer=modelworker_dot_v1_dot_worker__pb2.ResumeMemoryResponse.SerializeToString,
+            ),
+            'ExportKvBlocks': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportKvBlocks,
+                    request_deserializer=modelworker_dot_v1_dot_worker__pb2.ExportKvBlocksRequest.FromString,
+                    response_serializer=modelworker_dot_v1_dot_worker__pb2.KvBlocksChunk.SerializeToString,
+            ),
+            'ImportKvBlocks': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportKvBlocks,
+                    request_deserializer=modelworker_dot_v1_dot_worker__pb2.KvBlocksChunk.FromString,
+                    response_serializer=modelworker_dot_v1_dot_worker__pb2.ImportKvBlocksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -447,6 +604,249 @@ class ModelWorker:
             '/modelworker.v1.ModelWorker/Info',
             modelworker_dot_v1_dot_worker__pb2.InfoRequest.SerializeToString,
             modelworker_dot_v1_dot_worker__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelworker.v1.ModelWorker/UpdateWeights',
+            modelworker_dot_v1_dot_worker__pb2.UpdateWeightsRequest.SerializeToString,
+            modelworker_dot_v1_dot_worker__pb2.UpdateWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateWeightsFromStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/modelworker.v1.ModelWorker/UpdateWeightsFromStream',
+            modelworker_dot_v1_dot_worker__pb2.WeightsChunk.SerializeToString,
+            modelworker_dot_v1_dot_worker__pb2.UpdateWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InitWeightsGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelworker.v1.ModelWorker/InitWeightsGroup',
+            modelworker_dot_v1_dot_worker__pb2.InitWeightsGroupRequest.SerializeToString,
+            modelworker_dot_v1_dot_worker__pb2.InitWeightsGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateWeightsFromDistributed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelworker.v1.ModelWorker/UpdateWeightsFromDistributed',
+            modelworker_dot_v1_dot_worker__pb2.UpdateWeightsFromDistributedRequest.SerializeToString,
+            modelworker_dot_v1_dot_worker__pb2.UpdateWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DestroyWeightsGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelworker.v1.ModelWorker/DestroyWeightsGroup',
+            modelworker_dot_v1_dot_worker__pb2.DestroyWeightsGroupRequest.SerializeToString,
+            modelworker_dot_v1_dot_worker__pb2.DestroyWeightsGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelworker.v1.ModelWorker/ReleaseMemory',
+            modelworker_dot_v1_dot_worker__pb2.ReleaseMemoryRequest.SerializeToString,
+            modelworker_dot_v1_dot_worker__pb2.ReleaseMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelworker.v1.ModelWorker/ResumeMemory',
+            modelworker_dot_v1_dot_worker__pb2.ResumeMemoryRequest.SerializeToString,
+            modelworker_dot_v1_dot_worker__pb2.ResumeMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportKvBlocks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modelworker.v1.ModelWorker/ExportKvBlocks',
+            modelworker_dot_v1_dot_worker__pb2.ExportKvBlocksRequest.SerializeToString,
+            modelworker_dot_v1_dot_worker__pb2.KvBlocksChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportKvBlocks(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/modelworker.v1.ModelWorker/ImportKvBlocks',
+            modelworker_dot_v1_dot_worker__pb2.KvBlocksChunk.SerializeToString,
+            modelworker_dot_v1_dot_worker__pb2.ImportKvBlocksResponse.FromString,
             options,
             channel_credentials,
             insecure,
