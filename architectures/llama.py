@@ -11,11 +11,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from registry import LLAMA_STYLE_MAPPING, LoadOptions, ModelConfig
+from registry import FusedPart, LoadOptions, ModelConfig, WeightMapping
 
 from .attention import AttentionContext
 from .base import CausalLM, build_causal_lm
 from .layers import FusedLinear, GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+
+# Checkpoint q/k/v and gate/up are row shards of our fused projections.
+LLAMA_WEIGHT_MAPPING = WeightMapping(
+    fused=(
+        FusedPart("q_proj", "qkv_proj", 0),
+        FusedPart("k_proj", "qkv_proj", 1),
+        FusedPart("v_proj", "qkv_proj", 2),
+        FusedPart("gate_proj", "gate_up_proj", 0),
+        FusedPart("up_proj", "gate_up_proj", 1),
+    ),
+    ignore=(r"rotary_emb\.inv_freq$", r"\.rotary_emb\."),
+)
 
 
 class LlamaAttention(nn.Module):
@@ -84,6 +96,8 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    weight_mapping = LLAMA_WEIGHT_MAPPING
+
     def __init__(self, config: ModelConfig, qkv_bias: bool = False) -> None:
         super().__init__()
         self.model = LlamaModel(config, qkv_bias)
@@ -97,4 +111,6 @@ class LlamaForCausalLM(nn.Module):
 
 def build(model_dir: Path, device: torch.device, options: LoadOptions) -> CausalLM:
     """Builder for LlamaForCausalLM and MistralForCausalLM."""
-    return build_causal_lm(model_dir, device, options, lambda cfg: LlamaForCausalLM(cfg), LLAMA_STYLE_MAPPING)
+    return build_causal_lm(
+        model_dir, device, options, lambda cfg: LlamaForCausalLM(cfg), LlamaForCausalLM.weight_mapping
+    )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from registry import LLAMA_STYLE_MAPPING, LoadOptions
+from registry import LoadOptions
 
 from .base import CausalLM, build_causal_lm
 from .llama import LlamaForCausalLM
@@ -16,5 +16,9 @@ from .llama import LlamaForCausalLM
 def build(model_dir: Path, device: torch.device, options: LoadOptions) -> CausalLM:
     """Builder for Qwen2ForCausalLM."""
     return build_causal_lm(
-        model_dir, device, options, lambda cfg: LlamaForCausalLM(cfg, qkv_bias=True), LLAMA_STYLE_MAPPING
+        model_dir,
+        device,
+        options,
+        lambda cfg: LlamaForCausalLM(cfg, qkv_bias=True),
+        LlamaForCausalLM.weight_mapping,
     )

@@ -21,13 +21,13 @@ from .errors import (
 )
 from .model import CacheSpec, KvCacheOptions, LoadOptions, Model, ModelBuilder
 from .registry import LoadOutcome, ModelEntry, ModelRegistry, ModelState, validate_model_id
-from .weights import LLAMA_STYLE_MAPPING, FusedPart, WeightMapping
+from .weights import ExpertPart, FusedPart, WeightMapping, WeightTarget
 
 __all__ = [
     "ENTRY_POINT_GROUP",
-    "LLAMA_STYLE_MAPPING",
     "CacheSpec",
     "CorruptCheckpoint",
+    "ExpertPart",
     "FusedPart",
     "InvalidArgument",
     "InvalidConfig",
@@ -53,6 +53,7 @@ __all__ = [
     "UnknownArchitecture",
     "UnsafeCheckpoint",
     "WeightMapping",
+    "WeightTarget",
     "WeightsMismatch",
     "load_entry_point_architectures",
     "validate_model_id",

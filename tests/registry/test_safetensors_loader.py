@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from architectures.llama import LlamaForCausalLM
 from registry import (
-    LLAMA_STYLE_MAPPING,
     CorruptCheckpoint,
     FusedPart,
     InvalidArgument,
@@ -22,6 +22,7 @@ from registry import (
     UnsafeCheckpoint,
     WeightMapping,
     WeightsMismatch,
+    WeightTarget,
 )
 from registry.safetensors_loader import (
     INDEX_FILE,
@@ -30,6 +31,8 @@ from registry.safetensors_loader import (
     index_checkpoint,
     load_weights,
 )
+
+LLAMA_STYLE_MAPPING = LlamaForCausalLM.weight_mapping
 
 # Sizes: hidden 8, 4 query heads and 2 kv heads of head_dim 2, MLP 12, vocab 16, 2 layers.
 H, Q, KV, FF, V, L = 8, 8, 4, 12, 16, 2
@@ -364,25 +367,41 @@ def test_wrong_shard_sizes_are_a_programming_error(tmp_path: Path) -> None:
 
 def test_llama_mapping_table() -> None:
     m = LLAMA_STYLE_MAPPING
-    assert m.map("model.layers.3.self_attn.q_proj.weight") == ("model.layers.3.self_attn.qkv_proj.weight", 0)
-    assert m.map("model.layers.3.self_attn.k_proj.bias") == ("model.layers.3.self_attn.qkv_proj.bias", 1)
-    assert m.map("model.layers.3.self_attn.v_proj.weight") == ("model.layers.3.self_attn.qkv_proj.weight", 2)
-    assert m.map("model.layers.0.mlp.gate_proj.weight") == ("model.layers.0.mlp.gate_up_proj.weight", 0)
-    assert m.map("model.layers.0.mlp.up_proj.weight") == ("model.layers.0.mlp.gate_up_proj.weight", 1)
-    assert m.map("model.layers.0.mlp.down_proj.weight") == ("model.layers.0.mlp.down_proj.weight", None)
-    assert m.map("model.layers.0.self_attn.o_proj.weight") == ("model.layers.0.self_attn.o_proj.weight", None)
+    assert m.map("model.layers.3.self_attn.q_proj.weight") == WeightTarget(
+        "model.layers.3.self_attn.qkv_proj.weight", 0
+    )
+    assert m.map("model.layers.3.self_attn.k_proj.bias") == WeightTarget(
+        "model.layers.3.self_attn.qkv_proj.bias", 1
+    )
+    assert m.map("model.layers.3.self_attn.v_proj.weight") == WeightTarget(
+        "model.layers.3.self_attn.qkv_proj.weight", 2
+    )
+    assert m.map("model.layers.0.mlp.gate_proj.weight") == WeightTarget(
+        "model.layers.0.mlp.gate_up_proj.weight", 0
+    )
+    assert m.map("model.layers.0.mlp.up_proj.weight") == WeightTarget(
+        "model.layers.0.mlp.gate_up_proj.weight", 1
+    )
+    assert m.map("model.layers.0.mlp.down_proj.weight") == WeightTarget(
+        "model.layers.0.mlp.down_proj.weight", None
+    )
+    assert m.map("model.layers.0.self_attn.o_proj.weight") == WeightTarget(
+        "model.layers.0.self_attn.o_proj.weight", None
+    )
     assert m.map("model.layers.0.self_attn.rotary_emb.inv_freq") is None
-    assert m.map("lm_head.weight") == ("lm_head.weight", None)
+    assert m.map("lm_head.weight") == WeightTarget("lm_head.weight", None)
     # Whole components only: a module merely containing "up_proj" in its name is not fused.
-    assert m.map("model.layers.0.mlp.setup_proj.weight") == ("model.layers.0.mlp.setup_proj.weight", None)
-    assert m.map("q_proj.weight") == ("qkv_proj.weight", 0)  # a top-level module matches too
+    assert m.map("model.layers.0.mlp.setup_proj.weight") == WeightTarget(
+        "model.layers.0.mlp.setup_proj.weight", None
+    )
+    assert m.map("q_proj.weight") == WeightTarget("qkv_proj.weight", 0)  # a top-level module matches too
     for name in (
         "model.layers.2.self_attn.k_proj.weight",
         "model.layers.2.mlp.up_proj.weight",
         "x.q_proj.bias",
     ):
-        param, shard = m.map(name)  # type: ignore[misc]
-        assert m.checkpoint_name(param, shard) == name
+        target = m.map(name)
+        assert target is not None and m.checkpoint_name(target) == name
 
 
 # -- refused and corrupt checkpoints -----------------------------------------------------------
