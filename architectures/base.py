@@ -43,7 +43,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 class CausalLMNetwork(Protocol):
     """What `build_causal_lm` needs of a network class (`LlamaForCausalLM`, ...): built from the
-    config, with the checkpoint → parameter mapping declared on the class."""
+    config, with the checkpoint → parameter mapping declared on the class. The instance provides
+    `model(input_ids, positions, rotary, ctx)` → final hidden states, `compute_logits(hidden)` →
+    logits in the model dtype, and `tie_weights(config)`."""
 
     weight_mapping: ClassVar[WeightMapping]
 
