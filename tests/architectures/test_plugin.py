@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from architectures import register_builtin
-from registry import ENTRY_POINT_GROUP, InvalidConfig, ModelRegistry, load_entry_point_architectures
+from registry import (
+    ENTRY_POINT_GROUP,
+    InvalidConfig,
+    KvCacheOptions,
+    LoadOptions,
+    ModelRegistry,
+    load_entry_point_architectures,
+)
 from tests.architectures import plugin_softcap
 from tests.tiny_models import make_hf_model, save_hf_model
 
@@ -46,7 +53,8 @@ def write_model(tmp_path: Path, cap: object) -> tuple[torch.nn.Module, Path]:
 
 def test_plugin_architecture_loads_and_matches_the_reference(registry: ModelRegistry, tmp_path: Path) -> None:
     ref, _ = write_model(tmp_path, CAP)
-    assert registry.load_model_auto("s", "softcap") == plugin_softcap.ARCHITECTURE
+    small = LoadOptions(kv_cache=KvCacheOptions(num_blocks=4, max_seq_len=16))
+    assert registry.load_model_auto("s", "softcap", options=small) == plugin_softcap.ARCHITECTURE
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         raw = ref(ids).logits
