@@ -247,9 +247,24 @@ def _layout(module: nn.Module, param_name: str) -> _Layout:
     return _Layout(False, None if sizes is None else tuple(sizes))
 
 
+def _covered_slots(target: WeightTarget, param: torch.Tensor, layout: _Layout) -> list[WeightTarget]:
+    """The required slots one tensor fills: itself, or — when it leaves the expert or the shard
+    open — every expert / shard (a checkpoint that already fuses qkv_proj or gate_up_proj, or
+    stores experts stacked)."""
+    if layout.stacked and target.expert is None:
+        experts: list[int | None] = list(range(param.shape[0]))
+    else:
+        experts = [target.expert]
+    if layout.shard_sizes is not None and target.shard is None:
+        shards: list[int | None] = list(range(len(layout.shard_sizes)))
+    else:
+        shards = [target.shard]
+    return [target._replace(expert=e, shard=sh) for e in experts for sh in shards]
+
+
 def _slot_shape(param: torch.Tensor, layout: _Layout, target: WeightTarget) -> tuple[int, ...]:
     """The shape one checkpoint tensor must have to fill `target` of `param`."""
-    shape = tuple(param.shape[1:] if layout.stacked else param.shape)
+    shape = tuple(param.shape[1:] if layout.stacked and target.expert is not None else param.shape)
     if target.shard is not None and layout.shard_sizes is not None:
         shape = (layout.shard_sizes[target.shard],) + shape[1:]
     return shape
@@ -309,10 +324,13 @@ def plan_load(
         if target is None:
             continue
         key = target._replace(param=canonical.get(target.param, ""))
-        if target.param not in params or key not in required:
+        slots = (
+            _covered_slots(key, params[target.param], layouts[key.param]) if target.param in params else []
+        )
+        if not slots or any(slot not in required for slot in slots):
             unexpected.append(entry.name)
             continue
-        present.add(key)
+        present.update(slots)
         param = params[target.param]
         expected = _slot_shape(param, layouts[key.param], key)
         if entry.shape != expected:
@@ -324,17 +342,21 @@ def plan_load(
         ):
             mismatched.append(f"{entry.name} has dtype {entry.dtype}, expected {param.dtype}")
             continue
-        candidates.setdefault(key, []).append((tied[key.param].index(target.param), entry, target.param))
-    plan: list[tuple[TensorEntry, WeightTarget]] = []
-    for key, found in candidates.items():
+        for slot in slots:
+            candidates.setdefault(slot, []).append(
+                (tied[key.param].index(target.param), entry, target.param, key)
+            )
+    plan: dict[str, tuple[TensorEntry, WeightTarget]] = {}
+    for slot, found in candidates.items():
         by_param: dict[str, list[str]] = {}
-        for _, entry, param_name in found:
+        for _, entry, param_name, _ in found:
             by_param.setdefault(param_name, []).append(entry.name)
         clashes = [names for names in by_param.values() if len(names) > 1]
         if clashes:
-            mismatched.extend(f"{' and '.join(names)} all fill {key.describe()}" for names in clashes)
+            mismatched.extend(f"{' and '.join(names)} all fill {slot.describe()}" for names in clashes)
             continue
-        plan.append((min(found, key=lambda c: c[0])[1], key))
+        _, entry, _, fills = min(found, key=lambda c: c[0])
+        plan[entry.name] = (entry, fills)
     missing = []
     for target in sorted(required - present, key=_slot_order):
         text = mapping.checkpoint_name(target)
@@ -342,7 +364,7 @@ def plan_load(
         missing.append(f"{text} (or tied {', '.join(others)})" if others else text)
     if missing or unexpected or mismatched:
         raise WeightsMismatch(missing=missing, unexpected=unexpected, mismatched=mismatched, where=where)
-    return sorted(plan, key=lambda item: item[0].name)
+    return sorted(plan.values(), key=lambda item: item[0].name)
 
 
 def _slot_order(t: WeightTarget) -> tuple[str, int, int]:

@@ -18,7 +18,9 @@ Which rows a shard covers is declared by the module that owns the parameter: `sh
 tuple; every parameter of the module is split along dim 0, as `FusedLinear` does) or
 `expert_shard_sizes` (a dict: stacked parameter name → shard sizes along dim 1, or None when the
 per-expert tensor fills the whole slice). A parameter named in `expert_shard_sizes` is stacked over
-experts along dim 0.
+experts along dim 0. A checkpoint tensor mapped to such a parameter without a shard (or without an
+expert) fills every shard (or expert) at once: checkpoints that already fuse qkv_proj/gate_up_proj
+(Phi-3) or store experts stacked load with the same network.
 """
 
 from __future__ import annotations

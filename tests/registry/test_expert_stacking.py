@@ -164,6 +164,22 @@ def test_a_whole_missing_expert_is_named_per_tensor(tmp_path: Path) -> None:
     ]
 
 
+def test_experts_already_stacked_in_the_checkpoint(tmp_path: Path) -> None:
+    # Newer checkpoints store `experts.gate_up_proj` [experts, 2 * intermediate, hidden] as one tensor.
+    g = torch.Generator().manual_seed(11)
+    tensors = {
+        "layers.0.mlp.gate.weight": torch.randn(E, H, generator=g),
+        "layers.0.mlp.experts.gate_up_proj": torch.randn(E, 2 * FF, H, generator=g),
+        "layers.0.mlp.experts.down_proj": torch.randn(E, H, FF, generator=g),
+    }
+    module = Toy(layers=1)
+    load_weights(module, write(tensors, tmp_path / "m"), QWEN_MOE)
+    assert torch.equal(
+        module.layers[0].mlp.experts.gate_up_proj, tensors["layers.0.mlp.experts.gate_up_proj"]
+    )
+    assert torch.equal(module.layers[0].mlp.experts.down_proj, tensors["layers.0.mlp.experts.down_proj"])
+
+
 def test_expert_mapping_and_its_inverse() -> None:
     m = QWEN_MOE
     assert m.map("model.layers.3.mlp.experts.7.gate_proj.weight") == WeightTarget(

@@ -335,14 +335,40 @@ def test_integer_tensor_for_a_float_parameter(tmp_path: Path) -> None:
         load_weights(TinyLlama(), write_single(tensors, tmp_path / "m"), LLAMA_STYLE_MAPPING)
 
 
+def test_checkpoint_with_fused_projections_fills_every_shard(tmp_path: Path) -> None:
+    # Phi-3 stores qkv_proj and gate_up_proj already fused: one tensor fills all shards at once.
+    tensors = hf_tensors(seed=36)
+    fused = dict(tensors)
+    for i in range(L):
+        a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        fused[f"{a}.qkv_proj.weight"] = torch.cat([fused.pop(f"{a}.{n}_proj.weight") for n in "qkv"])
+        fused[f"{m}.gate_up_proj.weight"] = torch.cat(
+            [fused.pop(f"{m}.{n}_proj.weight") for n in ("gate", "up")]
+        )
+    split, joined = TinyLlama(), TinyLlama()
+    load_weights(split, write_single(tensors, tmp_path / "split"), LLAMA_STYLE_MAPPING)
+    load_weights(joined, write_single(fused, tmp_path / "fused"), LLAMA_STYLE_MAPPING)
+    for (name, a), (_, b) in zip(split.state_dict().items(), joined.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    half = dict(fused)
+    half["model.layers.0.self_attn.qkv_proj.weight"] = torch.zeros(Q + KV, H)
+    with pytest.raises(
+        WeightsMismatch, match=rf"qkv_proj\.weight is \[{Q + KV}, {H}\], expected \[{Q + 2 * KV}, {H}\]"
+    ):
+        load_weights(TinyLlama(), write_single(half, tmp_path / "half"), LLAMA_STYLE_MAPPING)
+
+
 def test_two_tensors_filling_one_parameter(tmp_path: Path) -> None:
-    # A checkpoint that carries the fused tensor and its parts: with this mapping "qkv_proj" is a
-    # plain name for a fused parameter, which is not a valid destination.
+    # A checkpoint that carries the fused tensor and its parts fills shard 0 twice: refused.
     tensors = hf_tensors(seed=34)
     tensors["model.layers.0.self_attn.qkv_proj.weight"] = torch.zeros(Q + 2 * KV, H)
     with pytest.raises(WeightsMismatch) as info:
         load_weights(TinyLlama(), write_single(tensors, tmp_path / "m"), LLAMA_STYLE_MAPPING)
-    assert info.value.unexpected == ["model.layers.0.self_attn.qkv_proj.weight"]
+    a = "model.layers.0.self_attn"
+    assert (
+        f"{a}.q_proj.weight and {a}.qkv_proj.weight all fill {a}.qkv_proj.weight[shard 0]"
+        in info.value.mismatched
+    )
     # A mapping that sends two names to one slot is reported rather than letting the last one win.
     clash = WeightMapping(fused=LLAMA_STYLE_MAPPING.fused + (FusedPart("q_alt", "qkv_proj", 0),))
     tensors = hf_tensors(seed=34)
