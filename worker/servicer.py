@@ -43,7 +43,7 @@ T = TypeVar("T")
 log = logging.getLogger(LOGGER_NAME)
 
 LOAD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-ATTENTION_BACKENDS = ("auto", "torch", "flash_attn")
+ATTENTION_BACKENDS = ("auto", "torch", "flash_attn", "triton")
 STATE_TO_PB = {ModelState.LOADING: pb.LOADING, ModelState.READY: pb.READY, ModelState.UNLOADING: pb.UNLOADING}
 # Threads for model work: forwards on different models overlap, and a slow Load leaves room for them.
 EXECUTOR_THREADS = 8

@@ -3,9 +3,11 @@
 - `torch`: gather + scaled_dot_product_attention; any device, dtype and block size; the reference.
 - `flash_attn`: the flash-attn package (FlashAttention-2) on CUDA in fp16/bf16 with a block size
   that is a multiple of 256.
-- `auto`: flash_attn where it can run, torch elsewhere.
+- `triton`: our Triton kernels (triton_kernels.py): CUDA in fp16/bf16/fp32, any block size; on the
+  CPU only under TRITON_INTERPRET=1 (the tests' proof of the kernels).
+- `auto`: flash_attn where it can run, else triton on CUDA, else torch.
 
-Nothing here imports flash_attn or touches CUDA at import time; the flash backend imports the
+Nothing here imports flash_attn or triton or touches CUDA at import time; a backend imports its
 package when it is selected.
 """
 
@@ -19,8 +21,9 @@ from registry.errors import InvalidArgument
 
 from .flash_backend import FlashAttnBackend, flash_attn_unavailable_reason
 from .torch_backend import TorchBackend
+from .triton_backend import TritonBackend, triton_unavailable_reason
 
-BACKEND_NAMES = ("auto", "torch", "flash_attn")
+BACKEND_NAMES = ("auto", "torch", "flash_attn", "triton")
 
 
 class AttentionBackend(Protocol):
@@ -59,21 +62,36 @@ def select_backend(
     device = torch.device(device)
     if requested == "torch":
         return TorchBackend()
+    if requested == "triton":
+        why = triton_unavailable_reason(device, dtype)
+        if why is not None:
+            raise InvalidArgument(f"attention_backend triton cannot run: {why}")
+        return TritonBackend()
     reason = flash_attn_unavailable_reason(device, dtype, block_size, head_dim)
     if reason is None:
         return FlashAttnBackend()
     if requested == "flash_attn":
         raise InvalidArgument(f"attention_backend flash_attn cannot run: {reason}")
+    if device.type == "cuda" and triton_unavailable_reason(device, dtype) is None:
+        return TritonBackend()
     return TorchBackend()
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
     """Backends that can run on this machine (for Info): torch always, flash_attn with CUDA and the
-    package. Dtype and block size are per model and decided at Load."""
+    package, triton with CUDA (or the CPU interpreter) and the package. Dtype and block size are per
+    model and decided at Load."""
     names = ["torch"]
     cuda = torch.device(device) if device is not None else torch.device("cuda")
     if cuda.type == "cuda" and flash_attn_unavailable_reason(cuda, torch.bfloat16, 256, None) is None:
         names.append("flash_attn")
+    where = (
+        torch.device(device)
+        if device is not None
+        else (cuda if torch.cuda.is_available() else torch.device("cpu"))
+    )
+    if triton_unavailable_reason(where, torch.float32) is None:
+        names.append("triton")
     return names
 
 
@@ -82,7 +100,9 @@ __all__ = [
     "AttentionBackend",
     "FlashAttnBackend",
     "TorchBackend",
+    "TritonBackend",
     "available_backends",
     "flash_attn_unavailable_reason",
     "select_backend",
+    "triton_unavailable_reason",
 ]
