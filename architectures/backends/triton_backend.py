@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -56,6 +59,24 @@ def triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str |
     return None
 
 
+def load_kernels(interpret: bool) -> ModuleType:
+    """triton_kernels.py, one copy per mode: `@triton.jit` reads TRITON_INTERPRET when the module
+    runs, so compiled and interpreted kernels live in two modules and a process can hold both
+    (the caller has the variable set, or not, accordingly)."""
+    name = f"{__package__}.triton_kernels" + ("_interpreted" if interpret else "")
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("triton_kernels.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return module
+
+
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -80,12 +101,10 @@ class TritonBackend:
     name = "triton"
 
     def __init__(self, *, block_m: int = 64, block_n: int = 64) -> None:
-        from . import triton_kernels
-
-        self._k = triton_kernels
+        self.interpret = interpreter_enabled()
+        self._k = load_kernels(self.interpret)
         self.block_m = block_m
         self.block_n = block_n
-        self.interpret = interpreter_enabled()
         self.fixed_splits: int | None = None  # set while a CUDA graph is captured and replayed
 
     # -- per call ------------------------------------------------------------------------------
