@@ -79,19 +79,14 @@ def select_backend(
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
     """Backends that can run on this machine (for Info): torch always, flash_attn with CUDA and the
-    package, triton with CUDA (or the CPU interpreter) and the package. Dtype and block size are per
+    package, triton with CUDA and the package. Dtype and block size are per
     model and decided at Load."""
     names = ["torch"]
     cuda = torch.device(device) if device is not None else torch.device("cuda")
     if cuda.type == "cuda" and flash_attn_unavailable_reason(cuda, torch.bfloat16, 256, None) is None:
         names.append("flash_attn")
-    where = (
-        torch.device(device)
-        if device is not None
-        else (cuda if torch.cuda.is_available() else torch.device("cpu"))
-    )
-    if triton_unavailable_reason(where, torch.float32) is None:
-        names.append("triton")
+    if cuda.type == "cuda" and triton_unavailable_reason(cuda, torch.float16) is None:
+        names.append("triton")  # on the CPU (the interpreter, for tests) it is not advertised
     return names
 
 
