@@ -198,3 +198,29 @@ def test_model_with_triton_matches_transformers(tmp_path, arch: str, overrides: 
             worst = max(worst, float((logits[row : row + end - start] - want).abs().max()))
             row += end - start
     assert worst <= 1e-4, f"{arch}: max |logit difference| against transformers {worst}"
+
+
+# -- make gpu-check's hot-path rows, run on the CPU -------------------------------------------
+
+
+@needs_interpreter
+def test_gpu_check_triton_vs_torch_row_runs_on_cpu() -> None:
+    from bench import gpu_hot_path
+
+    diff = gpu_hot_path.triton_vs_torch(
+        CPU, torch.float32, 16, num_heads=4, num_kv_heads=2, head_dim=8, lengths=(20, 5, 33)
+    )
+    assert 0 < diff <= 1e-5
+
+
+@needs_interpreter
+def test_gpu_check_graph_row_needs_cuda() -> None:
+    from bench import gpu_check, gpu_hot_path
+
+    shape = {**gpu_check.LLAMA_1B, "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64}
+    shape.update(
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64
+    )
+    network = gpu_check.build_network(shape, CPU, torch.float32)
+    with pytest.raises(RuntimeError, match="no CUDA graphs were captured"):
+        gpu_hot_path.graphs_vs_eager(network, shape, CPU, torch.float32, (1,), context=8)
