@@ -152,7 +152,8 @@ class CausalLM(Model):
         max_blocks = min(cache.num_blocks, -(-longest // cache.block_size))
         # One split count for captured and eager decode alike: replays compute what eager calls do.
         self.backend.fixed_splits = decode_splits(longest)
-        self.graphs = DecodeGraphs.capture(cache, self._decode_step, DEFAULT_MAX_GRAPH_BATCH, max_blocks)
+        with torch.inference_mode():  # as forward_paged runs
+            self.graphs = DecodeGraphs.capture(cache, self._decode_step, DEFAULT_MAX_GRAPH_BATCH, max_blocks)
 
     def _decode_step(self, batch) -> torch.Tensor:
         """Logits [num_seqs, vocab] of a decode batch (one token per sequence, in order)."""

@@ -126,11 +126,12 @@ class TritonBackend:
         n = k.shape[0]
         if n == 0:
             return
-        self._k.store_kv_kernel[(n,)](
-            k, v, k_flat, v_flat, batch.slot_mapping,
+        block_t = 16
+        self._k.store_kv_kernel[(-(-n // block_t),)](
+            k, v, k_flat, v_flat, batch.slot_mapping, n,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             NUM_KV_HEADS=cache.num_kv_heads, HEAD_DIM=cache.head_dim,
-            BLOCK_H=_pow2(cache.num_kv_heads), BLOCK_D=_pow2(cache.head_dim),
+            BLOCK_T=block_t, BLOCK_H=_pow2(cache.num_kv_heads), BLOCK_D=_pow2(cache.head_dim),
         )  # fmt: skip
 
     def attend(
@@ -150,13 +151,16 @@ class TritonBackend:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         n_kv, d = cache.num_kv_heads, cache.head_dim
         groups = q.shape[1] // n_kv
+        block_d = max(16, _pow2(d))
+        # Smaller tiles for wide heads: q, k, v and the accumulator must fit in shared memory/registers.
+        block_n = self.block_n if block_d <= 128 else min(self.block_n, 32)
         common = dict(
             BLOCK_SIZE=cache.block_size,
             NUM_KV_HEADS=n_kv,
             GROUPS=groups,
             HEAD_DIM=d,
-            BLOCK_D=max(16, _pow2(d)),
-            BLOCK_N=self.block_n,
+            BLOCK_D=block_d,
+            BLOCK_N=block_n,
             USE_WINDOW=window is not None,
             USE_SOFTCAP=softcap > 0,
             UPCAST=self.interpret or k_flat.dtype == torch.float32,
@@ -186,7 +190,7 @@ class TritonBackend:
                     NUM_HEADS=q.shape[1], HEAD_DIM=d, BLOCK_D=_pow2(d), BLOCK_S=_pow2(splits),
                 )  # fmt: skip
             return out
-        tile_seq, tile_start, block_q = self._tiles(plan, groups, q.device)
+        tile_seq, tile_start, block_q = self._tiles(plan, groups, q.device, block_d)
         block_m = max(16, _pow2(block_q * groups))
         self._k.varlen_attention_kernel[(tile_seq.shape[0], n_kv)](
             out, q, k_flat, v_flat, table, batch.cu_query_lens, batch.context_lens_t, tile_seq, tile_start,
@@ -197,12 +201,13 @@ class TritonBackend:
         return out
 
     def _tiles(
-        self, plan: TritonPlan, groups: int, device: torch.device
+        self, plan: TritonPlan, groups: int, device: torch.device, block_d: int
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Each sequence's queries cut into tiles of block_q (block_q * groups rows ≤ block_m)."""
         cached = plan.tiles.get(groups)
         if cached is None:
-            block_q = max(1, self.block_m // _pow2(groups))
+            block_m = self.block_m if block_d <= 128 else min(self.block_m, 32)
+            block_q = max(1, block_m // _pow2(groups))
             qlens = np.asarray(plan.query_lens, dtype=np.int64)
             per_seq = -(-qlens // block_q)
             seq = np.repeat(np.arange(qlens.size), per_seq)

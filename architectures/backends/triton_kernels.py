@@ -4,8 +4,8 @@ Cache layout per layer: [num_slots, num_kv_heads, head_dim] (slot = block_id * b
 Keys are read one slot at a time through the block table, so any block size works (tiles of keys
 do not have to line up with blocks).
 
-- `store_kv_kernel`: one program per new token copies its K and V (all KV heads) into its slot;
-  slot -1 is skipped.
+- `store_kv_kernel`: one program per BLOCK_T new tokens copies their K and V (all KV heads) into
+  their slots; slot -1 is skipped.
 - `varlen_attention_kernel`: prefill, prefill over a cached prefix, and mixed batches. One program
   per (tile of BLOCK_Q queries of one sequence, KV head); the rows of a tile are the BLOCK_Q queries
   times the GROUPS query heads that share the KV head (GQA without copying K/V), so a tile's
@@ -38,26 +38,29 @@ def store_kv_kernel(
     k_cache_ptr,
     v_cache_ptr,
     slot_ptr,
+    num_tokens,
     stride_kt,
     stride_kh,
     stride_vt,
     stride_vh,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    token = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + token).to(tl.int64)
-    if slot >= 0:
-        h = tl.arange(0, BLOCK_H)
-        d = tl.arange(0, BLOCK_D)
-        mask = (h[:, None] < NUM_KV_HEADS) & (d[None, :] < HEAD_DIM)
-        dst = slot * (NUM_KV_HEADS * HEAD_DIM) + h[:, None] * HEAD_DIM + d[None, :]
-        k = tl.load(k_ptr + token * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
-        tl.store(k_cache_ptr + dst, k, mask=mask)
-        v = tl.load(v_ptr + token * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
-        tl.store(v_cache_ptr + dst, v, mask=mask)
+    """Tokens [pid * BLOCK_T, ...) → their slots; [BLOCK_T, BLOCK_H, BLOCK_D] elements per side."""
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    slot = tl.load(slot_ptr + t, mask=t < num_tokens, other=-1).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    mask = (slot >= 0)[:, None, None] & (h[None, :, None] < NUM_KV_HEADS) & (d[None, None, :] < HEAD_DIM)
+    hd = h[None, :, None] * HEAD_DIM + d[None, None, :]
+    dst = slot[:, None, None] * (NUM_KV_HEADS * HEAD_DIM) + hd
+    src_k = t[:, None, None] * stride_kt + h[None, :, None] * stride_kh + d[None, None, :]
+    src_v = t[:, None, None] * stride_vt + h[None, :, None] * stride_vh + d[None, None, :]
+    tl.store(k_cache_ptr + dst, tl.load(k_ptr + src_k, mask=mask), mask=mask)
+    tl.store(v_cache_ptr + dst, tl.load(v_ptr + src_v, mask=mask), mask=mask)
 
 
 @triton.jit

@@ -40,22 +40,25 @@ def interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 CASES = [
-    # dtype, block size, query heads, KV heads, windows per layer
-    (torch.float32, 16, 6, 2, [None, 7]),
-    (torch.bfloat16, 32, 4, 4, [None, 20]),
-    (torch.float32, 256, 8, 1, [None, 30]),
+    # dtype, block size, query heads, KV heads, head_dim, windows per layer
+    (torch.float32, 16, 6, 2, 16, [None, 7]),
+    (torch.bfloat16, 32, 4, 4, 16, [None, 20]),
+    (torch.float32, 256, 4, 1, 16, [None, 30]),
+    (torch.float32, 16, 2, 1, 160, [None, 7]),  # head_dim not a power of two, past 128 (smaller tiles)
 ]
 
 
 @pytest.mark.parametrize(
-    ("dtype", "block_size", "num_heads", "num_kv_heads", "windows"),
+    ("dtype", "block_size", "num_heads", "num_kv_heads", "head_dim", "windows"),
     CASES,
-    ids=[f"{str(c[0])[6:]}-bs{c[1]}-h{c[2]}kv{c[3]}" for c in CASES],
+    ids=[f"{str(c[0])[6:]}-bs{c[1]}-h{c[2]}kv{c[3]}-d{c[4]}" for c in CASES],
 )
 @needs_interpreter
-def test_triton_matches_reference_and_torch_backend(dtype, block_size, num_heads, num_kv_heads, windows):
+def test_triton_matches_reference_and_torch_backend(
+    dtype, block_size, num_heads, num_kv_heads, head_dim, windows
+):
     num_blocks = 24 if block_size < 256 else 6
-    cache = PagedKvCache(2, num_blocks, block_size, num_kv_heads, 16, dtype, CPU)
+    cache = PagedKvCache(2, num_blocks, block_size, num_kv_heads, head_dim, dtype, CPU)
     sim = PagedSim(
         cache, TritonBackend(), num_heads, windows=windows, seed=block_size, compare_backend=TorchBackend()
     )
