@@ -49,6 +49,11 @@ def triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str |
                 f"on the CPU it runs only under the Triton interpreter: set {INTERPRET_ENV}=1 in the "
                 "worker's environment (slow; meant for tests)"
             )
+        if _imported_compiled():
+            return (
+                f"triton was imported before {INTERPRET_ENV}=1 was set, so its own helpers are compiled "
+                "ones: set the variable when the worker starts"
+            )
     elif device.type == "cuda":
         if not torch.cuda.is_available():
             return "CUDA is not available on this machine"
@@ -75,6 +80,16 @@ def load_kernels(interpret: bool) -> ModuleType:
             del sys.modules[name]
             raise
     return module
+
+
+def _imported_compiled() -> bool:
+    """triton.language already imported without the interpreter (its helpers, such as tl.zeros, are
+    decorated at import). Never imports triton itself."""
+    tl = sys.modules.get("triton.language")
+    if tl is None:
+        return False
+    interpreter = sys.modules.get("triton.runtime.interpreter")
+    return interpreter is None or not isinstance(getattr(tl, "zeros", None), interpreter.InterpretedFunction)
 
 
 def _pow2(n: int) -> int:

@@ -10,6 +10,7 @@ on machines without CUDA before anything imports triton; on CUDA machines the ke
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -156,6 +157,19 @@ def test_selection_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
         InvalidArgument, match="on the CPU it runs only under the Triton interpreter: set TRITON_INTERPRET=1"
     ):
         select_backend("triton", device=CPU, dtype=torch.float32, block_size=16)
+
+
+def test_interpreter_asked_for_after_triton_was_imported_compiled() -> None:
+    code = (
+        "import os, torch, triton.language\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from architectures.backends import select_backend\n"
+        "select_backend('triton', device='cpu', dtype=torch.float32, block_size=16)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode != 0
+    assert "triton was imported before TRITON_INTERPRET=1 was set" in out.stderr
 
 
 def test_importing_architectures_does_not_import_triton() -> None:
