@@ -233,6 +233,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             device=str(device),
             is_quant_model=request.is_quant_model,
             attention_backend=backend,
+            enforce_eager=request.enforce_eager,
             kv_cache=KvCacheOptions(
                 block_size=kv.block_size,
                 num_blocks=kv.num_blocks,
@@ -273,7 +274,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         for entry in self.registry.list_models():
             model = entry.model
             if model is not None:
-                total += model.weight_bytes + model.cache_spec.total_bytes
+                total += model.weight_bytes + model.cache_spec.total_bytes + model.cuda_graph_bytes
         return total
 
     def _admit(self, token: object, plan: LoadPlan) -> None:
@@ -599,6 +600,8 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         info.max_seq_len = cache.max_seq_len
         info.max_batch_size = cache.max_batch_size
         info.attention_backend = model.attention_backend
+        info.cuda_graph_batch_sizes.extend(model.cuda_graph_batch_sizes)
+        info.cuda_graph_bytes = model.cuda_graph_bytes
         info.load_seconds = entry.load_seconds
         info.loaded_at.FromNanoseconds(int(entry.loaded_at * 1e9))
         return info
