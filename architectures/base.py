@@ -27,6 +27,7 @@ from registry import (
     WeightMapping,
 )
 from registry.load_plan import make_load_plan
+from registry.parallel import attention_shard
 from registry.safetensors_loader import load_weights
 
 from .backends import BACKENDS, AttentionBackend
@@ -73,8 +74,13 @@ def build_causal_lm(
     try:
         # Build on the meta device so no time goes into random initialisation, then materialise
         # uninitialised storage on the target device and fill it from the checkpoint.
+        parallel = plan.parallel
         with torch.device("meta"):
-            network = network_class(config)
+            if parallel.enabled:
+                _check_shardable(network_class, config, parallel.world_size)
+                network = network_class(config, parallel)  # type: ignore[call-arg]
+            else:
+                network = network_class(config)
         network = network.to(dtype=dtype).to_empty(device=device)
         network.tie_weights(config)  # to_empty gives each module its own storage
         load_weights(network, model_dir, network_class.weight_mapping)
@@ -88,10 +94,26 @@ def build_causal_lm(
         raise
 
 
+def _check_shardable(network_class: CausalLMNetwork, config: ModelConfig, world_size: int) -> None:
+    """INVALID_ARGUMENT before anything is built when this network cannot be split over the ranks."""
+    if not getattr(network_class, "supports_tensor_parallel", False):
+        raise InvalidConfig(
+            f"{config.architecture} does not support tensor parallelism (asked for {world_size} ranks)"
+        )
+    attention_shard(config.num_attention_heads, config.num_key_value_heads, world_size, 0)
+
+
 class CausalLM(Model):
     def __init__(self, network: nn.Module, plan: LoadPlan) -> None:
         config, device, dtype, spec = plan.config, plan.device, plan.dtype, plan.cache
         self.config = config
+        self.parallel = plan.parallel
+        # KV heads this rank caches (all of them without tensor parallelism).
+        kv_heads = config.num_key_value_heads
+        if self.parallel.enabled:
+            kv_heads = attention_shard(
+                config.num_attention_heads, kv_heads, self.parallel.world_size, self.parallel.rank
+            ).num_kv_heads
         self.network = network
         self._device = device
         self._dtype = dtype
@@ -107,7 +129,7 @@ class CausalLM(Model):
             c.num_hidden_layers,
             spec.max_batch_size,
             spec.max_seq_len,
-            c.num_key_value_heads,
+            kv_heads,
             c.head_dim,
             dtype,
             device,
@@ -116,7 +138,7 @@ class CausalLM(Model):
             c.num_hidden_layers,
             spec.num_blocks,
             spec.block_size,
-            c.num_key_value_heads,
+            kv_heads,
             c.head_dim,
             dtype,
             device,
@@ -135,6 +157,7 @@ class CausalLM(Model):
             and self.backend.name == "triton"
             and not options.enforce_eager
             and not self.rotary.dynamic
+            and not self.parallel.enabled  # collectives are not captured
         )
 
     def _capture_graphs(self) -> None:
@@ -157,6 +180,10 @@ class CausalLM(Model):
             batch.input_tokens, batch.positions, self.rotary, PagedContext(self.paged, batch, self.backend)
         )
         return self._logits(hidden)
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.parallel.world_size
 
     @property
     def cuda_graph_batch_sizes(self) -> list[int]:
@@ -337,6 +364,23 @@ class CausalLM(Model):
         end = start_pos + length
         k = self.contiguous.k[layer_idx][:, :, start_pos:end].clone()
         v = self.contiguous.v[layer_idx][:, :, start_pos:end].clone()
+        if self.parallel.enabled:
+            k, v = self._gather_kv_heads(k, v)
+        return k, v
+
+    def _gather_kv_heads(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's KV heads [batch, local_kv, length, head_dim] → [batch, kv_heads, length,
+        head_dim] in head order; a replicated head is taken from the first rank holding it."""
+        c, world = self.config, self.parallel.world_size
+        parts = self.parallel.all_gather_object((k.cpu(), v.cpu()))
+        keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for rank, (rk, rv) in enumerate(parts):
+            shard = attention_shard(c.num_attention_heads, c.num_key_value_heads, world, rank)
+            for i in range(shard.num_kv_heads):
+                keys.setdefault(shard.kv_start + i, (rk[:, i], rv[:, i]))
+        heads = [keys[h] for h in range(c.num_key_value_heads)]
+        k = torch.stack([h[0] for h in heads], dim=1).to(self._device)
+        v = torch.stack([h[1] for h in heads], dim=1).to(self._device)
         return k, v
 
     def release(self) -> int:

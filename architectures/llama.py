@@ -14,10 +14,12 @@ import torch
 from torch import nn
 
 from registry import FusedPart, LoadOptions, LoadPlan, ModelConfig, WeightMapping
+from registry.parallel import SINGLE, ParallelContext, attention_shard, even_range
 
 from .attention import AttentionContext
 from .base import CausalLM, build_causal_lm
 from .layers import FusedLinear, GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+from .parallel_layers import ParallelLMHead, RowParallelLinear, VocabParallelEmbedding, column_parallel_fused
 
 # Checkpoint q/k/v and gate/up are row shards of our fused projections.
 LLAMA_WEIGHT_MAPPING = WeightMapping(
@@ -50,20 +52,34 @@ class DecoderVariant:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, variant: DecoderVariant) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, variant: DecoderVariant, parallel: ParallelContext = SINGLE
+    ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        qkv_bias = variant.qkv_bias or config.attention_bias
+        if parallel.enabled:  # this rank's KV groups: column-parallel q/k/v, row-parallel o
+            d = self.head_dim
+            shard = attention_shard(self.num_heads, self.num_kv_heads, parallel.world_size, parallel.rank)
+            self.num_heads, self.num_kv_heads = shard.num_heads, shard.num_kv_heads
+            q, kv = (shard.q_start * d, shard.num_heads * d), (shard.kv_start * d, shard.num_kv_heads * d)
+            full_q, full_kv = config.num_attention_heads * d, config.num_key_value_heads * d
+            self.qkv_proj = column_parallel_fused(
+                config.hidden_size, (full_q, full_kv, full_kv), (q, kv, kv), qkv_bias
+            )
+            self.o_proj = RowParallelLinear(
+                full_q, q[0], q[1], config.hidden_size, config.attention_bias, parallel
+            )
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = FusedLinear(
-            config.hidden_size,
-            (self.q_size, self.kv_size, self.kv_size),
-            bias=variant.qkv_bias or config.attention_bias,
-        )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+        if not parallel.enabled:
+            self.qkv_proj = FusedLinear(
+                config.hidden_size, (self.q_size, self.kv_size, self.kv_size), bias=qkv_bias
+            )
+            self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
         if variant.qk_norm:  # over head_dim, shared by every head
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, variant.norm_offset)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, variant.norm_offset)
@@ -88,11 +104,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, variant: DecoderVariant) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, variant: DecoderVariant, parallel: ParallelContext = SINGLE
+    ) -> None:
         super().__init__()
         hidden, eps, offset = config.hidden_size, config.rms_norm_eps, variant.norm_offset
         self.input_layernorm = RMSNorm(hidden, eps, offset)
-        self.self_attn = LlamaAttention(config, layer_idx, variant)
+        self.self_attn = LlamaAttention(config, layer_idx, variant, parallel)
         # Llama: post_attention_layernorm is the MLP's input norm. Sandwich (Gemma 2/3, checkpoint
         # names): it normalizes the attention output, and the MLP gets pre/post_feedforward norms.
         self.post_attention_layernorm = RMSNorm(hidden, eps, offset)
@@ -100,7 +118,7 @@ class LlamaDecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(hidden, eps, offset)
             self.post_feedforward_layernorm = RMSNorm(hidden, eps, offset)
         self.sandwich = variant.sandwich_norms
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+        self.mlp = make_mlp(config, parallel)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
@@ -113,11 +131,16 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, variant: DecoderVariant) -> None:
+    def __init__(
+        self, config: ModelConfig, variant: DecoderVariant, parallel: ParallelContext = SINGLE
+    ) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if parallel.enabled:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel)
+        else:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, variant) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, i, variant, parallel) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, variant.norm_offset)
         self.embedding_scale = config.hidden_size**0.5 if variant.embedding_scale else None
@@ -137,12 +160,17 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     weight_mapping = LLAMA_WEIGHT_MAPPING
+    # Built sharded when given a ParallelContext of several ranks (build_causal_lm checks this).
+    supports_tensor_parallel = True
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, parallel: ParallelContext = SINGLE) -> None:
         super().__init__()
         self.variant = self.variant_for(config)
-        self.model = LlamaModel(config, self.variant)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = LlamaModel(config, self.variant, parallel)
+        if parallel.enabled:
+            self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, parallel)
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights(config)
 
     @classmethod
@@ -162,6 +190,21 @@ class LlamaForCausalLM(nn.Module):
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+
+def make_mlp(config: ModelConfig, parallel: ParallelContext = SINGLE) -> GatedMLP:
+    """The gated MLP; under tensor parallelism this rank's intermediate rows (gate/up column-parallel,
+    down row-parallel), split as evenly as possible."""
+    mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+    if not parallel.enabled:
+        return mlp
+    full = config.intermediate_size
+    start, end = even_range(full, parallel.world_size, parallel.rank)
+    rows = (start, end - start)
+    mlp.gate_up_proj = column_parallel_fused(config.hidden_size, (full, full), (rows, rows), config.mlp_bias)
+    mlp.down_proj = RowParallelLinear(full, start, end - start, config.hidden_size, config.mlp_bias, parallel)
+    mlp.intermediate = end - start
+    return mlp
 
 
 def build(

@@ -16,6 +16,7 @@ from .backends import BackendRegistry, BackendRequirements
 from .cache_plan import plan_cache
 from .config import ModelConfig
 from .model import CacheSpec, LoadOptions
+from .parallel import SINGLE, ParallelContext
 from .safetensors_loader import estimate_weight_bytes
 
 CONFIG_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -52,6 +53,8 @@ class LoadPlan:
     # The backend the model gets (`auto` resolved); "" when no backend is registered (toy models).
     attention_backend: str
     backends: BackendRegistry = field(compare=False, repr=False, default_factory=BackendRegistry)
+    # This rank's place in a tensor-parallel group (world size 1: the whole model on one device).
+    parallel: ParallelContext = field(compare=False, repr=False, default=SINGLE)
 
     @property
     def total_bytes(self) -> int:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import CorruptCheckpoint, InvalidArgument, UnsafeCheckpoint, WeightsMismatch
+from .parallel import TensorSlice
 from .weights import WeightMapping, WeightTarget
 
 SINGLE_FILE = "model.safetensors"
@@ -230,21 +231,26 @@ def _parameter_slots(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
 @dataclass(frozen=True)
 class _Layout:
     """How a parameter is filled: stacked over experts (dim 0) or not, and its row shards (along
-    dim 0 of the per-expert slice; None: one tensor fills it)."""
+    dim 0 of the per-expert slice; None: one tensor fills it). `slices`: under tensor parallelism,
+    the part of the checkpoint tensor each shard reads (one per shard, or one when unsharded); None:
+    the whole tensor."""
 
     stacked: bool
     shard_sizes: tuple[int, ...] | None
+    slices: tuple[TensorSlice, ...] | None = None
 
 
 def _layout(module: nn.Module, param_name: str) -> _Layout:
     owner_name, _, leaf = param_name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     stacked = getattr(owner, "expert_shard_sizes", None) or {}
+    # A sharded layer (architectures.parallel_layers) names the slice of the checkpoint each rank reads.
+    slices = (getattr(owner, "checkpoint_slices", None) or {}).get(leaf)
     if leaf in stacked:
         sizes = stacked[leaf]
-        return _Layout(True, None if sizes is None else tuple(sizes))
+        return _Layout(True, None if sizes is None else tuple(sizes), slices)
     sizes = getattr(owner, "shard_sizes", None)
-    return _Layout(False, None if sizes is None else tuple(sizes))
+    return _Layout(False, None if sizes is None else tuple(sizes), slices)
 
 
 def _covered_slots(target: WeightTarget, param: torch.Tensor, layout: _Layout) -> list[WeightTarget]:
@@ -268,6 +274,42 @@ def _slot_shape(param: torch.Tensor, layout: _Layout, target: WeightTarget) -> t
     if target.shard is not None and layout.shard_sizes is not None:
         shape = (layout.shard_sizes[target.shard],) + shape[1:]
     return shape
+
+
+def _checkpoint_shape(param: torch.Tensor, layout: _Layout, target: WeightTarget) -> tuple[int, ...]:
+    """The checkpoint tensor's shape for `target`: the slot's shape, with each sliced dim at its
+    full (unsharded) size."""
+    shape = list(_slot_shape(param, layout, target))
+    if layout.slices is None:
+        return tuple(shape)
+    lead = 1 if layout.stacked and target.expert is None else 0  # a stacked checkpoint tensor
+    if layout.shard_sizes is not None and target.shard is None:  # one tensor fills every shard
+        shape[lead] = sum(s.full for s in layout.slices)
+        return tuple(shape)
+    cut = layout.slices[target.shard or 0]
+    shape[lead + cut.dim] = cut.full
+    return tuple(shape)
+
+
+def _slice_copies(
+    param: torch.Tensor, layout: _Layout, target: WeightTarget
+) -> list[tuple[torch.Tensor, tuple[tuple[int, int, int], ...]]]:
+    """(destination view, narrows (dim, start, length) of the checkpoint tensor) for `target`."""
+    view = _slot_view(param, layout, target)
+    if layout.slices is None:
+        return [(view, ())]
+    lead = 1 if layout.stacked and target.expert is None else 0
+    if layout.shard_sizes is not None and target.shard is None:
+        copies = []
+        offset = start = 0
+        for size, cut in zip(layout.shard_sizes, layout.slices, strict=True):
+            dest = view.narrow(lead, start, size)
+            copies.append((dest, ((lead, offset + cut.start, cut.length),)))
+            offset += cut.full
+            start += size
+        return copies
+    cut = layout.slices[target.shard or 0]
+    return [(view, ((lead + cut.dim, cut.start, cut.length),))]
 
 
 def _required_slots(name: str, param: torch.Tensor, layout: _Layout) -> list[WeightTarget]:
@@ -332,7 +374,7 @@ def plan_load(
             continue
         present.update(slots)
         param = params[target.param]
-        expected = _slot_shape(param, layouts[key.param], key)
+        expected = _checkpoint_shape(param, layouts[key.param], key)
         if entry.shape != expected:
             mismatched.append(f"{entry.name} is {list(entry.shape)}, expected {list(expected)}")
             continue
@@ -371,29 +413,52 @@ def _slot_order(t: WeightTarget) -> tuple[str, int, int]:
     return (t.param, -1 if t.expert is None else t.expert, -1 if t.shard is None else t.shard)
 
 
-def _read_into(target: torch.Tensor, entry: TensorEntry, mm: mmap.mmap) -> None:
+Narrows = tuple[tuple[int, int, int], ...]
+
+
+def _read_into(target: torch.Tensor, entry: TensorEntry, mm: mmap.mmap, narrows: Narrows = ()) -> None:
     if entry.numel == 0:
         return
     source = torch.frombuffer(mm, dtype=entry.dtype, count=entry.numel, offset=entry.offset).view(entry.shape)
+    for dim, start, length in narrows:  # this rank's slice: only its pages are touched
+        source = source.narrow(dim, start, length)
     target.copy_(source)  # converts dtype and moves to the target device in one step
     del source
 
 
-def _reads_directly(target: torch.Tensor, entry: TensorEntry) -> bool:
+def _byte_run(entry: TensorEntry, narrows: Narrows) -> tuple[int, int] | None:
+    """(file offset, bytes) when the (narrowed) tensor is one contiguous run of the file: no narrow,
+    or rows [start, start + length) along dim 0; None otherwise (strided: a column slice)."""
+    if not narrows:
+        return entry.offset, entry.nbytes
+    if len(narrows) == 1 and narrows[0][0] == 0 and entry.shape:
+        _, start, length = narrows[0]
+        row = entry.nbytes // entry.shape[0] if entry.shape[0] else 0
+        return entry.offset + start * row, length * row
+    return None
+
+
+def _reads_directly(target: torch.Tensor, entry: TensorEntry, narrows: Narrows = ()) -> bool:
     """True when the file's bytes are the target's bytes: CPU, same dtype, one contiguous run."""
-    return target.device.type == "cpu" and target.dtype == entry.dtype and target.is_contiguous()
+    return (
+        target.device.type == "cpu"
+        and target.dtype == entry.dtype
+        and target.is_contiguous()
+        and _byte_run(entry, narrows) is not None
+    )
 
 
-def _read_direct(target: torch.Tensor, entry: TensorEntry, f: BinaryIO) -> None:
+def _read_direct(target: torch.Tensor, entry: TensorEntry, f: BinaryIO, narrows: Narrows = ()) -> None:
     """read(2) straight into the parameter's memory: one copy (page cache → parameter), and unlike a
     memory map no file page is mapped into the process, so resident memory never holds the checkpoint
     twice."""
-    if entry.numel == 0:
+    offset, nbytes = _byte_run(entry, narrows) or (entry.offset, entry.nbytes)
+    if nbytes == 0:
         return
     view = memoryview(target.detach().reshape(-1).view(torch.uint8).numpy())
-    f.seek(entry.offset)
+    f.seek(offset)
     done = 0
-    while done < entry.nbytes:
+    while done < nbytes:
         n = f.readinto(view[done:])
         if not n:
             raise CorruptCheckpoint(
@@ -413,16 +478,17 @@ def load_weights(module: nn.Module, model_dir: Path, mapping: WeightMapping) -> 
         by_file.setdefault(item[0].file, []).append(item)
     total = 0
     for path, items in by_file.items():
-        targets: list[tuple[TensorEntry, torch.Tensor]] = []
+        targets: list[tuple[TensorEntry, torch.Tensor, Narrows]] = []
         for entry, target in sorted(items, key=lambda it: it[0].offset):
             param = params[target.param]
-            targets.append((entry, _slot_view(param, _layout(module, target.param), target)))
-        mapped = [(e, t) for e, t in targets if not _reads_directly(t, e)]
+            for view, narrows in _slice_copies(param, _layout(module, target.param), target):
+                targets.append((entry, view, narrows))
+        mapped = [(e, t, n) for e, t, n in targets if not _reads_directly(t, e, n)]
         with path.open("rb", buffering=0) as f:
-            for entry, target in targets:
-                if _reads_directly(target, entry):
-                    _read_direct(target, entry, f)
-                    total += entry.nbytes
+            for entry, target, narrows in targets:
+                if _reads_directly(target, entry, narrows):
+                    _read_direct(target, entry, f, narrows)
+                    total += target.numel() * entry.dtype.itemsize
             if not mapped:
                 continue
             # Conversions (dtype, device, strided targets) copy from a map of the file.
@@ -430,9 +496,9 @@ def load_weights(module: nn.Module, model_dir: Path, mapping: WeightMapping) -> 
             # is ever written, so no page is copied.
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         try:
-            for entry, target in mapped:
-                _read_into(target, entry, mm)
-                total += entry.nbytes
+            for entry, target, narrows in mapped:
+                _read_into(target, entry, mm, narrows)
+                total += target.numel() * entry.dtype.itemsize
         finally:
             try:
                 mm.close()
