@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-tokens-per-request", help="cap on tokens in one Forward (default 16384)")
     serve.add_argument("--max-batch-size", help="cap on sequences in one Forward (default 256)")
     serve.add_argument("--memory-budget-bytes", help="cap on weights + KV cache of all models (default: off)")
+    serve.add_argument("--tensor-parallel-size", help="ranks one model is sharded over (default 1)")
+    serve.add_argument("--nnodes", help="hosts of the tensor-parallel group (default 1)")
+    serve.add_argument("--node-rank", help="this host's index; hosts > 0 serve no gRPC (default 0)")
+    serve.add_argument("--master-addr", help="rank 0's address for the group (default 127.0.0.1)")
+    serve.add_argument("--master-port", help="rendezvous port (default: a free one on one host)")
     for name, func in GGUF_COMMANDS.items():
         sub.add_parser(
             name, help=f"see `modelworker {name} --help` (registry.gguf_import.{func})", add_help=False
@@ -74,11 +79,21 @@ def settings_from_args(
 
 
 async def _serve(settings: Settings) -> int:
-    from .server import WorkerServer
+    from .server import WorkerServer, build_registry
 
-    server = WorkerServer(settings)
+    group = None
+    if settings.tensor_parallel_size > 1:  # followers first: rank 0's registry builds shards
+        from .tensor_parallel import TensorParallelGroup
+
+        group = TensorParallelGroup(settings)
+    registry = build_registry(settings)
+    if group is not None:
+        group.wrap_registry(registry)
+    server = WorkerServer(settings, registry)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    if group is not None:
+        group.on_failure(lambda: asyncio.run_coroutine_threadsafe(server.refuse_calls(), loop))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start(serving=not settings.preload)
@@ -100,6 +115,8 @@ async def _serve(settings: Settings) -> int:
     if preload is not None and not preload.done():
         preload.cancel()  # the load itself finishes in its thread; stop() then unloads it
     await server.stop()
+    if group is not None:
+        group.shutdown()
     return exit_code
 
 
@@ -112,6 +129,10 @@ def serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     # The effective settings, once, at start (operations asks "what is it running with?"; token masked).
     log.info("starting modelworker %s", __version__, extra=fields(**settings.redacted()))
+    if settings.node_rank > 0:  # another host of a tensor-parallel group: its ranks, no gRPC
+        from .tensor_parallel import serve_followers
+
+        return serve_followers(settings)
     try:
         return asyncio.run(_serve(settings))
     except OSError as exc:

@@ -260,6 +260,12 @@ class WorkerServer:
         if not self.gate.draining:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
+    async def refuse_calls(self) -> None:
+        """The worker cannot serve any more (a tensor-parallel rank was lost): NOT_SERVING, and new
+        calls get UNAVAILABLE."""
+        self.gate.draining = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def preload(self) -> bool:
         """Load the settings' preload list; False (and a logged error) if any fails."""
         ok = True

@@ -562,6 +562,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             ),
             model_roots=[os.path.realpath(r) for r in self.registry.model_roots],
             architectures=self.registry.list_architectures(),
+            world_size=s.tensor_parallel_size,
         )
 
     # -- encoding ------------------------------------------------------------------------------
@@ -602,6 +603,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         info.attention_backend = model.attention_backend
         info.cuda_graph_batch_sizes.extend(model.cuda_graph_batch_sizes)
         info.cuda_graph_bytes = model.cuda_graph_bytes
+        info.tensor_parallel_size = getattr(model, "tensor_parallel_size", 1)
         info.load_seconds = entry.load_seconds
         info.loaded_at.FromNanoseconds(int(entry.loaded_at * 1e9))
         return info

@@ -55,6 +55,13 @@ class Settings:
     max_batch_size: int = 256
     # Bytes of weights + KV cache this worker may hold across all models; 0: only device memory limits.
     memory_budget_bytes: int = 0
+    # Tensor parallelism: ranks over all hosts; hosts (torchrun's names) and this host's index;
+    # rank 0's address and rendezvous port (0: a free one, single host only).
+    tensor_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -179,6 +186,11 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_tokens_per_request": _parse_int,
     "max_batch_size": _parse_int,
     "memory_budget_bytes": parse_bytes,
+    "tensor_parallel_size": _parse_int,
+    "nnodes": _parse_int,
+    "node_rank": _parse_int,
+    "master_addr": lambda v: _parse_str(v).strip(),
+    "master_port": _parse_int,
 }
 
 # Environment names that are not simply MODELWORKER_<FIELD>.
@@ -218,6 +230,16 @@ def _validate(s: Settings) -> None:
         fail("max_batch_size", f"must be >= 1, got {s.max_batch_size}")
     if s.memory_budget_bytes < 0:
         fail("memory_budget_bytes", f"must be >= 0, got {s.memory_budget_bytes}")
+    if s.tensor_parallel_size < 1:
+        fail("tensor_parallel_size", f"must be >= 1, got {s.tensor_parallel_size}")
+    if s.nnodes < 1 or s.tensor_parallel_size % s.nnodes:
+        fail(
+            "nnodes", f"must be >= 1 and divide tensor_parallel_size {s.tensor_parallel_size}, got {s.nnodes}"
+        )
+    if not 0 <= s.node_rank < s.nnodes:
+        fail("node_rank", f"must be in [0, nnodes = {s.nnodes}), got {s.node_rank}")
+    if not 0 <= s.master_port <= 65535 or (s.nnodes > 1 and s.master_port == 0):
+        fail("master_port", f"must be in [1, 65535] with several hosts (0: a free port), got {s.master_port}")
     if (s.tls_cert is None) != (s.tls_key is None):
         fail("tls_cert/tls_key", "both are needed for TLS")
     if s.tls_client_ca is not None and s.tls_cert is None:

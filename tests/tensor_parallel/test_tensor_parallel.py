@@ -1,0 +1,289 @@
+"""Tensor parallelism over 2 gloo ranks on the CPU: one `serve --tensor-parallel-size 2` process
+shared by the tests, against the same checkpoints built in this process on one rank (TP=1).
+
+Models: Llama with 2 KV heads (split 1 + 1) and 1 KV head (replicated, query heads split), Qwen2
+(q/k/v biases), and a tied-embedding Llama whose 3 KV groups, vocabulary (127) and intermediate
+rows (99) split unevenly (2 + 1 groups); SmolLM2 (9 heads, 3 KV heads: 2 + 1 groups) says " Paris".
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from architectures.base import CausalLM
+from registry import LoadOptions, ModelConfig
+from tests.serve_process import ServeLog
+from tests.tiny_models import make_tiny_model_dir
+from worker.pb.modelworker.v1 import worker_pb2 as pb
+from worker.pb.modelworker.v1 import worker_pb2_grpc as pb_grpc
+from worker.tensors import decode_tensor
+
+VARIANTS = {
+    "llama_kv2": ("llama", {}),
+    "llama_kv1_replicated": ("llama", dict(num_key_value_heads=1)),
+    "qwen2_bias": ("qwen2", {}),
+    "tied_uneven": (
+        "llama",
+        dict(
+            tie_word_embeddings=True,
+            num_attention_heads=6,
+            num_key_value_heads=3,
+            hidden_size=48,
+            vocab_size=127,
+            intermediate_size=99,
+        ),
+    ),
+}
+TOL = 1e-4
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELWORKER_")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _pids(log: ServeLog) -> list[int]:
+    return log.wait_for(lambda r: r["msg"].startswith("tensor parallel: started"))["pids"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat")
+    return not (status.is_file() and status.read_text().split(") ")[-1].startswith("Z"))
+
+
+def _gone(pid: int) -> bool:
+    for _ in range(100):  # the exit is asynchronous to our view of it
+        if not _alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+class Server:
+    def __init__(self, root: Path, *extra: str) -> None:
+        self.log = ServeLog(
+            [
+                "--tensor-parallel-size",
+                "2",
+                "--port",
+                "0",
+                "--metrics-port",
+                "0",
+                "--device",
+                "cpu",
+                "--model-root",
+                str(root),
+                *extra,
+            ],
+            env=_env(),
+        )
+        port = self.log.listening_port(timeout=120)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = pb_grpc.ModelWorkerStub(self.channel)
+        self.follower_pids = _pids(self.log)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tp_models")
+    return {
+        name: make_tiny_model_dir(root / name, arch, seed=i, **over)
+        for i, (name, (arch, over)) in enumerate(VARIANTS.items())
+    }
+
+
+@pytest.fixture(scope="module")
+def server(models) -> Server:
+    root = next(iter(models.values())).parent
+    from tests.real_model import CACHE_ROOT
+
+    srv = Server(root, "--model-root", str(CACHE_ROOT))  # SmolLM2's cached directory, when there is one
+    yield srv
+    srv.channel.close()
+    srv.log.kill()
+
+
+def _reference(model_dir: Path) -> CausalLM:
+    """The same checkpoint on one rank, built in this process."""
+    from architectures import llama, qwen2
+
+    config = ModelConfig.from_file(model_dir / "config.json")
+    cls = {"LlamaForCausalLM": llama, "Qwen2ForCausalLM": qwen2}[config.architecture]
+    opts = LoadOptions(dtype=torch.float32)
+    return cls.build(model_dir, torch.device("cpu"), opts)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_equal_single_rank(server, models, variant) -> None:
+    model_dir = models[variant]
+    ref = _reference(model_dir)
+    loaded = server.stub.Load(pb.LoadRequest(model_id=variant, model_dir=str(model_dir), dtype="float32"))
+    assert loaded.model.tensor_parallel_size == 2
+    assert server.stub.Info(pb.InfoRequest()).world_size == 2
+    vocab = ref.config.vocab_size
+    gen = torch.Generator().manual_seed(sum(map(ord, variant)))
+    ids = torch.randint(0, vocab, (9,), generator=gen)
+
+    # Stateless forward, every position.
+    out = server.stub.Forward(
+        pb.ForwardRequest(model_id=variant, token_ids=ids.tolist(), logits_mode=pb.LOGITS_ALL)
+    )
+    expected = ref.forward(ids.view(1, -1))[0]
+    assert (decode_tensor(out.logits) - expected).abs().max() <= TOL
+
+    # Incremental: prefill 6 tokens into the contiguous cache, then one token at a time.
+    for start, n in ((0, 6), (6, 1), (7, 1)):
+        out = server.stub.Forward(
+            pb.ForwardRequest(
+                model_id=variant,
+                token_ids=ids[start : start + n].tolist(),
+                use_cache=True,
+                start_pos=start,
+                logits_mode=pb.LOGITS_LAST,
+            )
+        )
+        want = ref.forward_with_cache(ids[start : start + n].view(1, -1), start, n, all_logits=False)
+        assert (decode_tensor(out.logits) - want).abs().max() <= TOL
+    # The KV slice gathers every rank's heads (a replicated head once).
+    kv = server.stub.SliceKvCache(
+        pb.SliceKvCacheRequest(model_id=variant, layer_idx=1, start_pos=0, length=8)
+    )
+    k, v = ref.slice_kv_cache(1, 0, 8)
+    assert decode_tensor(kv.key).shape == k.shape
+    assert (decode_tensor(kv.key) - k).abs().max() <= TOL and (decode_tensor(kv.value) - v).abs().max() <= TOL
+
+    # Paged: a prefill of 5 tokens in block 1 (block size from the model), then a decode step.
+    bs = loaded.model.kv_block_size
+    slots = [bs + i for i in range(6)]
+    out = server.stub.ForwardPaged(
+        pb.ForwardPagedRequest(
+            model_id=variant,
+            input_tokens=ids[:5].tolist(),
+            positions=list(range(5)),
+            block_tables=[pb.BlockTable(block_ids=[1])],
+            slot_mapping=slots[:5],
+            context_lens=[5],
+            is_prefill=True,
+            logits_mode=pb.LOGITS_LAST,
+        )
+    )
+    want = ref.forward_paged(ids[:5], torch.arange(5), [[1]], torch.tensor(slots[:5]), [5], True)
+    assert (decode_tensor(out.logits) - want).abs().max() <= TOL
+    out = server.stub.ForwardPaged(
+        pb.ForwardPagedRequest(
+            model_id=variant,
+            input_tokens=[int(ids[5])],
+            positions=[5],
+            block_tables=[pb.BlockTable(block_ids=[1])],
+            slot_mapping=[slots[5]],
+            context_lens=[6],
+            is_prefill=False,
+            logits_mode=pb.LOGITS_LAST,
+        )
+    )
+    want = ref.forward_paged(ids[5:6], torch.tensor([5]), [[1]], torch.tensor(slots[5:6]), [6], False)
+    assert (decode_tensor(out.logits) - want).abs().max() <= TOL
+    assert list(out.next_token_ids) == want.argmax(-1).tolist()
+
+    # Rank 0 holds about half of the weights (+ the replicated norms and biases).
+    assert loaded.model.weight_bytes < 0.6 * ref.weight_bytes
+    server.stub.ResetCache(pb.ResetCacheRequest(model_id=variant))
+    server.stub.Unload(pb.UnloadRequest(model_id=variant))
+
+
+def test_bad_request_is_refused_on_every_rank_and_the_group_keeps_serving(server, models) -> None:
+    model_dir = models["llama_kv2"]
+    server.stub.Load(pb.LoadRequest(model_id="bad", model_dir=str(model_dir), dtype="float32"))
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.Forward(pb.ForwardRequest(model_id="bad", token_ids=[1, 500]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "outside the vocabulary" in err.value.details()
+    out = server.stub.Forward(pb.ForwardRequest(model_id="bad", token_ids=[1, 2], logits_mode=pb.LOGITS_LAST))
+    want = _reference(model_dir).forward(torch.tensor([[1, 2]]), all_logits=False)
+    assert (decode_tensor(out.logits) - want).abs().max() <= TOL
+    server.stub.Unload(pb.UnloadRequest(model_id="bad"))
+
+
+def test_fewer_query_heads_than_ranks_is_invalid_argument(server, models) -> None:
+    root = next(iter(models.values())).parent
+    one_head = make_tiny_model_dir(root / "one_head", "llama", num_attention_heads=1, num_key_value_heads=1)
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.Load(pb.LoadRequest(model_id="one", model_dir=str(one_head)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "2 ranks needs at least 2 query heads; the model has 1" in err.value.details()
+    assert not server.stub.ListModels(pb.ListModelsRequest()).models
+    # The group still serves.
+    server.stub.Load(pb.LoadRequest(model_id="after", model_dir=str(models["llama_kv2"])))
+    server.stub.Unload(pb.UnloadRequest(model_id="after"))
+
+
+def test_smollm2_says_paris_over_two_ranks(server) -> None:
+    """9 query heads in 3 KV groups over 2 ranks: rank 0 holds groups 0-1 (6 heads), rank 1 group 2."""
+    from tests.real_model import PROMPT, smollm2_gguf, smollm2_hf_dir
+
+    gguf = smollm2_gguf()
+    model_dir = smollm2_hf_dir()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    ids = tokenizer(PROMPT)["input_ids"]
+    server.stub.Load(pb.LoadRequest(model_id="smol", model_dir=str(model_dir), dtype="float32"))
+    tokens = []
+    for _ in range(3):
+        out = server.stub.Forward(
+            pb.ForwardRequest(model_id="smol", token_ids=ids + tokens, logits_mode=pb.LOGITS_NONE)
+        )
+        tokens.append(out.next_token_ids[0])
+    assert " Paris" in tokenizer.decode(tokens)
+    server.stub.Unload(pb.UnloadRequest(model_id="smol"))
+
+
+def test_sigterm_stops_every_rank(server) -> None:
+    """Last on the shared server: SIGTERM → exit 0, the follower gone."""
+    code = server.log.stop(timeout=60)
+    assert code == 0, "".join(server.log.raw[-20:])
+    assert all(_gone(pid) for pid in server.follower_pids)
+
+
+def test_killed_follower_mid_forward_is_unavailable_and_the_worker_exits(models) -> None:
+    root = next(iter(models.values())).parent
+    srv = Server(root)
+    try:
+        srv.stub.Load(pb.LoadRequest(model_id="m", model_dir=str(models["llama_kv2"])))
+        (follower,) = srv.follower_pids
+        # Freeze rank 1 so rank 0 is inside the forward's collectives when rank 1 dies.
+        os.kill(follower, signal.SIGSTOP)
+        result: dict[str, object] = {}
+
+        def call() -> None:
+            try:
+                srv.stub.Forward(pb.ForwardRequest(model_id="m", token_ids=[1, 2, 3]), timeout=10)
+                result["code"] = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                result["code"] = exc.code()
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        time.sleep(0.5)  # not a timing assertion: only lets the call reach the collective
+        os.kill(follower, signal.SIGKILL)
+        thread.join(15)
+        assert result["code"] == grpc.StatusCode.UNAVAILABLE
+        assert srv.log.proc.wait(15) == 1
+        assert _gone(follower)
+        srv.log.wait_for_msg("rank lost")
+    finally:
+        srv.channel.close()
+        srv.log.kill()
