@@ -1,0 +1,119 @@
+"""How a model is split over ranks, and that each rank's load reads exactly its slices (in process:
+loading runs no collective, so a rank's shard is built without a process group)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from architectures.llama import LlamaForCausalLM
+from registry import InvalidConfig, ModelConfig
+from registry.parallel import AttentionShard, ParallelContext, attention_shard, even_range
+from registry.safetensors_loader import load_weights
+from tests.tiny_models import make_tiny_model_dir
+
+UNEVEN = dict(
+    tie_word_embeddings=False,
+    num_attention_heads=6,
+    num_key_value_heads=3,
+    hidden_size=48,
+    vocab_size=127,
+    intermediate_size=99,
+)
+
+
+def test_attention_split_by_kv_groups() -> None:
+    # SmolLM2: 9 heads in 3 KV groups over 2 ranks → groups 0-1 (6 heads) and group 2 (3 heads).
+    assert [attention_shard(9, 3, 2, r) for r in range(2)] == [
+        AttentionShard(0, 6, 0, 2),
+        AttentionShard(6, 3, 2, 1),
+    ]
+    # Fewer KV heads than ranks: each rank holds one KV head (replicated), its query heads split.
+    assert [attention_shard(8, 2, 4, r) for r in range(4)] == [
+        AttentionShard(0, 2, 0, 1),
+        AttentionShard(2, 2, 0, 1),
+        AttentionShard(4, 2, 1, 1),
+        AttentionShard(6, 2, 1, 1),
+    ]
+    # 3 KV heads over 4 ranks: head 0 gets two ranks, and its 2 query heads are split between them.
+    shards = [attention_shard(6, 3, 4, r) for r in range(4)]
+    assert sorted(h for s in shards for h in range(s.q_start, s.q_start + s.num_heads)) == list(range(6))
+    with pytest.raises(InvalidConfig, match="over 4 ranks needs at least 4 query heads; the model has 3"):
+        attention_shard(3, 1, 4, 0)
+
+
+def test_even_range_covers_everything_once() -> None:
+    for total, parts in ((127, 2), (99, 4), (5, 5)):
+        ranges = [even_range(total, parts, i) for i in range(parts)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == total
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+        assert max(e - s for s, e in ranges) - min(e - s for s, e in ranges) <= 1
+
+
+def _shard(model_dir: Path, rank: int, world: int) -> LlamaForCausalLM:
+    config = ModelConfig.from_file(model_dir / "config.json")
+    with torch.device("meta"):
+        net = LlamaForCausalLM(config, ParallelContext(rank, world, None))
+    net = net.to_empty(device="cpu")
+    net.tie_weights(config)
+    load_weights(net, model_dir, LlamaForCausalLM.weight_mapping)
+    return net
+
+
+@pytest.mark.parametrize("fused_checkpoint", [False, True])
+def test_each_rank_reads_its_slices(tmp_path: Path, fused_checkpoint: bool) -> None:
+    model_dir = make_tiny_model_dir(tmp_path / "m", "llama", seed=3, **UNEVEN)
+    full = load_file(model_dir / "model.safetensors")
+    if fused_checkpoint:  # Phi-3 style: q/k/v and gate/up stored fused; each rank cuts every part
+        fused = {}
+        for name, t in full.items():
+            if ".q_proj." in name:
+                parts = [full[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
+                fused[name.replace("q_proj", "qkv_proj")] = torch.cat(parts)
+            elif ".gate_proj." in name:
+                parts = [full[name.replace("gate_proj", p)] for p in ("gate_proj", "up_proj")]
+                fused[name.replace("gate_proj", "gate_up_proj")] = torch.cat(parts)
+            elif not any(p in name for p in (".k_proj.", ".v_proj.", ".up_proj.")):
+                fused[name] = t
+        (model_dir / "model.safetensors").unlink()
+        save_file(fused, model_dir / "model.safetensors")
+    d = 8  # head_dim = 48 / 6
+    for rank, (heads, kv, rows, vocab) in enumerate(
+        (((0, 4), (0, 2), (0, 50), (0, 64)), ((4, 6), (2, 3), (50, 99), (64, 127)))
+    ):
+        net = _shard(model_dir, rank, 2)
+        attn, mlp = net.model.layers[1].self_attn, net.model.layers[1].mlp
+        q = full["model.layers.1.self_attn.q_proj.weight"][heads[0] * d : heads[1] * d]
+        k = full["model.layers.1.self_attn.k_proj.weight"][kv[0] * d : kv[1] * d]
+        v = full["model.layers.1.self_attn.v_proj.weight"][kv[0] * d : kv[1] * d]
+        assert torch.equal(attn.qkv_proj.weight, torch.cat([q, k, v]))
+        o = full["model.layers.1.self_attn.o_proj.weight"][:, heads[0] * d : heads[1] * d]
+        assert torch.equal(attn.o_proj.weight, o)
+        gate = full["model.layers.1.mlp.gate_proj.weight"][rows[0] : rows[1]]
+        up = full["model.layers.1.mlp.up_proj.weight"][rows[0] : rows[1]]
+        assert torch.equal(mlp.gate_up_proj.weight, torch.cat([gate, up]))
+        assert torch.equal(
+            mlp.down_proj.weight, full["model.layers.1.mlp.down_proj.weight"][:, rows[0] : rows[1]]
+        )
+        assert torch.equal(
+            net.model.embed_tokens.weight, full["model.embed_tokens.weight"][vocab[0] : vocab[1]]
+        )
+        assert torch.equal(net.lm_head.weight, full["lm_head.weight"][vocab[0] : vocab[1]])
+        assert torch.equal(net.model.norm.weight, full["model.norm.weight"])  # replicated
+
+
+def test_resident_weight_bytes_per_rank(tmp_path: Path) -> None:
+    """Each rank's parameters: about 1/N of the model plus the replicated norms."""
+    model_dir = make_tiny_model_dir(tmp_path / "m", "llama", seed=1, num_key_value_heads=2)
+    config = json.loads((model_dir / "config.json").read_text())
+    whole = sum(t.numel() * t.element_size() for t in load_file(model_dir / "model.safetensors").values())
+    norms = 4 * config["hidden_size"] * (2 * config["num_hidden_layers"] + 1)
+    per_rank = [
+        sum(p.numel() * p.element_size() for p in _shard(model_dir, r, 2).parameters()) for r in range(2)
+    ]
+    assert sum(per_rank) == whole + norms  # every sharded byte exactly once, the norms on each rank
+    assert all(b == (whole - norms) // 2 + norms for b in per_rank)
