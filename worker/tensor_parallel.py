@@ -373,8 +373,12 @@ class TensorParallelModel(Model):
         return self.group.world_size
 
     def __getattr__(self, name: str) -> Any:
-        # Read-only extras of the local model (metadata); calls that run collectives are above.
-        return getattr(self.__dict__["local"], name)
+        """Metadata of the local shard (cuda_graph_bytes, ...). A method not routed above would run on
+        rank 0 alone and wait forever in its collectives: it is absent instead."""
+        value = getattr(self.__dict__["local"], name)
+        if callable(value):
+            raise AttributeError(f"{name} is not available under tensor parallelism")
+        return value
 
 
 # -- followers ---------------------------------------------------------------------------------

@@ -117,3 +117,64 @@ def test_resident_weight_bytes_per_rank(tmp_path: Path) -> None:
     ]
     assert sum(per_rank) == whole + norms  # every sharded byte exactly once, the norms on each rank
     assert all(b == (whole - norms) // 2 + norms for b in per_rank)
+
+
+def test_kubernetes_tensor_parallel_examples_parse_as_settings() -> None:
+    """Every pod's args are valid `serve` flags; GPUs per pod × pods = the tensor-parallel size."""
+    import yaml
+
+    from worker.__main__ import build_parser, settings_from_args
+
+    root = Path(__file__).resolve().parents[2]
+    docs = list(yaml.safe_load_all((root / "deploy" / "kubernetes-tensor-parallel.yaml").read_text()))
+    pod = docs[0]["spec"]["template"]["spec"]["containers"][0]
+    env = {"LWS_LEADER_ADDRESS": "10.0.0.1", "LWS_WORKER_INDEX": "1"}
+
+    def settings(container: dict) -> object:
+        args = [
+            a.replace("$(LWS_LEADER_ADDRESS)", "10.0.0.1").replace("$(LWS_WORKER_INDEX)", "1")
+            for a in container["args"]
+        ]
+        return settings_from_args(build_parser().parse_args(["serve", *args]), env)
+
+    single = settings(pod)
+    assert single.tensor_parallel_size == pod["resources"]["limits"]["nvidia.com/gpu"] == 2
+    lws = docs[1]["spec"]["leaderWorkerTemplate"]
+    leader = settings(lws["leaderTemplate"]["spec"]["containers"][0])
+    worker_container = lws["workerTemplate"]["spec"]["containers"][0]
+    worker = settings(worker_container)
+    gpus = worker_container["resources"]["limits"]["nvidia.com/gpu"]
+    assert leader.nnodes == worker.nnodes == lws["size"]
+    assert leader.tensor_parallel_size == worker.tensor_parallel_size == lws["size"] * gpus
+    assert (leader.node_rank, worker.node_rank) == (0, 1)
+    assert leader.master_port == worker.master_port != 0
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MODELWORKER_TENSOR_PARALLEL_SIZE": "0"}, "MODELWORKER_TENSOR_PARALLEL_SIZE: must be >= 1, got 0"),
+        (
+            {"MODELWORKER_TENSOR_PARALLEL_SIZE": "4", "MODELWORKER_NNODES": "3"},
+            "divide tensor_parallel_size 4",
+        ),
+        (
+            {
+                "MODELWORKER_TENSOR_PARALLEL_SIZE": "4",
+                "MODELWORKER_NNODES": "2",
+                "MODELWORKER_NODE_RANK": "2",
+            },
+            "MODELWORKER_NODE_RANK: must be in [0, nnodes = 2), got 2",
+        ),
+        (
+            {"MODELWORKER_TENSOR_PARALLEL_SIZE": "4", "MODELWORKER_NNODES": "2"},
+            "master_port: must be in [1, 65535]",
+        ),
+    ],
+)
+def test_tensor_parallel_settings_are_checked(env: dict[str, str], message: str) -> None:
+    from worker.settings import SettingsError, build_settings
+
+    with pytest.raises(SettingsError) as err:
+        build_settings({}, env)
+    assert message in str(err.value)
