@@ -4,6 +4,8 @@ from .config import ModelConfig, RopeScaling
 from .discovery import ENTRY_POINT_GROUP, load_entry_point_architectures
 from .errors import (
     CorruptCheckpoint,
+    FailedPrecondition,
+    IncompatibleLayout,
     InvalidArgument,
     InvalidConfig,
     InvalidRequest,
@@ -19,7 +21,7 @@ from .errors import (
     UnsafeCheckpoint,
     WeightsMismatch,
 )
-from .model import CacheSpec, KvCacheOptions, LoadOptions, Model, ModelBuilder
+from .model import CacheSpec, KvCacheOptions, KvLayout, LoadOptions, Model, ModelBuilder
 from .registry import LoadOutcome, ModelEntry, ModelRegistry, ModelState, validate_model_id
 from .weights import LLAMA_STYLE_MAPPING, FusedPart, WeightMapping
 
@@ -28,11 +30,14 @@ __all__ = [
     "LLAMA_STYLE_MAPPING",
     "CacheSpec",
     "CorruptCheckpoint",
+    "FailedPrecondition",
+    "IncompatibleLayout",
     "FusedPart",
     "InvalidArgument",
     "InvalidConfig",
     "InvalidRequest",
     "KvCacheOptions",
+    "KvLayout",
     "LoadOptions",
     "LoadOutcome",
     "Model",
