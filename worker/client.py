@@ -479,6 +479,12 @@ class _KvCollector:
         return KvBlocks(self.layout, self.block_ids, self.key, self.value)
 
 
+def _kv_chunk_size(chunk_bytes: int, client_cap: int, worker_cap: int, blocks: KvBlocks) -> int:
+    """Payload bytes per chunk: what was asked, under both message caps less the ids and framing."""
+    framing = 4096 + 12 * len(blocks.block_ids)
+    return min(chunk_bytes, client_cap - framing, (worker_cap or client_cap) - framing)
+
+
 def _kv_chunks(
     model_id: str, dst_block_ids: Sequence[int], blocks: KvBlocks, max_bytes: int
 ) -> Iterator[pb.KvBlocksChunk]:
@@ -750,6 +756,7 @@ class _ClientBase:
         self.address = address
         self.default_timeout = timeout
         self.max_message_bytes = max_message_bytes
+        self._worker_message_bytes: int | None = None  # read from Info by the first KV import
         md = list(metadata)
         if auth_token:
             md.append(("authorization", f"Bearer {auth_token}"))
@@ -940,7 +947,9 @@ class ModelWorkerClient(_ClientBase):
     ) -> KvImportResult:
         """Write exported blocks into `dst_block_ids` (one per block, distinct), streamed in chunks of
         at most `chunk_bytes` payload. The worker writes nothing unless the whole stream is valid."""
-        size = min(chunk_bytes, self.max_message_bytes - 64 * 1024)
+        if self._worker_message_bytes is None:  # the worker's cap bounds every chunk too
+            self._worker_message_bytes = self.info(timeout=timeout).limits.max_message_bytes
+        size = _kv_chunk_size(chunk_bytes, self.max_message_bytes, self._worker_message_bytes, blocks)
         chunks = _kv_chunks(model_id, dst_block_ids, blocks, size)
         response = self._call("ImportKvBlocks", self._stub, chunks, timeout)
         return KvImportResult(response.blocks, response.bytes)
@@ -1128,7 +1137,9 @@ class AsyncModelWorkerClient(_ClientBase):
         chunk_bytes: int = KV_CHUNK_BYTES,
         timeout: float | None = None,
     ) -> KvImportResult:
-        size = min(chunk_bytes, self.max_message_bytes - 64 * 1024)
+        if self._worker_message_bytes is None:
+            self._worker_message_bytes = (await self.info(timeout=timeout)).limits.max_message_bytes
+        size = _kv_chunk_size(chunk_bytes, self.max_message_bytes, self._worker_message_bytes, blocks)
         chunks = _kv_chunks(model_id, dst_block_ids, blocks, size)
         response = await self._call("ImportKvBlocks", self._stub, chunks, timeout)
         return KvImportResult(response.blocks, response.bytes)
