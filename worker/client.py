@@ -99,7 +99,7 @@ _KV_DTYPES: dict[int, tuple[str, str]] = {
     pb.FLOAT16: ("float16", "<f2"),
     pb.BFLOAT16: ("bfloat16", "<u2"),
 }
-KV_CHUNK_BYTES = 8 * 1024 * 1024  # payload of one ImportKvBlocks chunk (under the message cap)
+KV_CHUNK_BYTES = 4 * 1024 * 1024  # payload of one ImportKvBlocks chunk (under the message cap)
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -467,7 +467,10 @@ class _KvCollector:
             self.key = np.empty(shape, dtype=self._wire.newbyteorder("="))
             self.value = np.empty_like(self.key)
             self.covered = np.zeros(shape[:2], dtype=bool)
-        positions = [self.position[b] for b in chunk.block_ids]
+        positions: list[int] | slice = [self.position[b] for b in chunk.block_ids]
+        first = positions[0] if positions else 0
+        if positions == list(range(first, first + len(positions))):
+            positions = slice(first, first + len(positions))  # a run (as exported): no fancy-index copy
         layers = slice(chunk.layer_start, chunk.layer_end)
         for out, msg in ((self.key, chunk.key), (self.value, chunk.value)):
             out[layers, positions] = np.frombuffer(msg.data, dtype=self._wire).reshape(tuple(msg.shape))

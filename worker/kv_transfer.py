@@ -18,12 +18,14 @@ Chunk `block_ids` are the exporter's block ids; the i-th distinct one in the str
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
+import numpy as np
 import torch
 
 from registry import KvLayout, Model
@@ -32,13 +34,13 @@ from registry.registry import validate_model_id
 
 from .pb.modelworker.v1 import worker_pb2 as pb
 from .status import note
-from .tensors import TORCH_TO_ENUM, decode_tensor, encode_tensor
+from .tensors import TORCH_TO_ENUM, encode_tensor
 
 if TYPE_CHECKING:
     from .servicer import ModelWorkerServicer
 
 # A chunk's payload aims at this size (pipelining, bounded copies) and stays under the message cap.
-CHUNK_TARGET_BYTES = 8 * 1024 * 1024
+CHUNK_TARGET_BYTES = 4 * 1024 * 1024
 # Room in a message for its fields besides the two tensors' data (block ids, shapes, layout).
 _FRAMING_BYTES = 4096
 
@@ -96,6 +98,10 @@ def layout_differences(theirs: pb.KvLayout, ours: KvLayout) -> list[str]:
         sent = pb.DType.Name(theirs.dtype) if theirs.dtype in pb.DType.values() else str(theirs.dtype)
         out.append(f"dtype {sent} vs {pb.DType.Name(mine.dtype)}")
     return out
+
+
+def _numpy_view(t: torch.Tensor) -> np.ndarray:
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def _paged_layout(model: Model, *, model_id: str) -> tuple[KvLayout, int]:
@@ -164,6 +170,9 @@ class KvAssembly:
         shape = (layout.num_layers, n, layout.block_size, layout.num_kv_heads, layout.head_dim)
         self.key = torch.empty(shape, dtype=layout.dtype)
         self.value = torch.empty(shape, dtype=layout.dtype)
+        # numpy views of both (bfloat16 as int16): chunks are copied in straight from their bytes.
+        self._arrays = [_numpy_view(self.key), _numpy_view(self.value)]
+        self._wire = np.dtype(self._arrays[0].dtype).newbyteorder("<")
         self.covered = torch.zeros((layout.num_layers, n), dtype=torch.bool)
         self.position: dict[int, int] = {}  # exporter's block id → index into dst_block_ids
         self.source: list[int] = []
@@ -195,7 +204,8 @@ class KvAssembly:
             positions.append(self.position[b])
         want = [l1 - l0, len(positions), lay.block_size, lay.num_kv_heads, lay.head_dim]
         dtype = TORCH_TO_ENUM[lay.dtype]
-        tensors = []
+        need = math.prod(want) * lay.dtype.itemsize
+        raws = []
         for name in ("key", "value"):
             msg = getattr(chunk, name)
             if msg.dtype != dtype:
@@ -203,17 +213,27 @@ class KvAssembly:
                 raise InvalidArgument(f"{where}: {name} is {got}; the layout says {pb.DType.Name(dtype)}")
             if list(msg.shape) != want:
                 raise InvalidArgument(f"{where}: {name} has shape {list(msg.shape)}, expected {want}")
-            tensors.append(decode_tensor(msg))  # checks the byte count
+            raw = msg.data
+            if len(raw) != need:
+                raise InvalidArgument(f"{where}: {name} of shape {want} needs {need} bytes, got {len(raw)}")
+            raws.append(raw)
         index = torch.tensor(positions, dtype=torch.long)
         seen = self.covered[l0:l1].index_select(1, index)
         if bool(seen.any()):
             layer, j = (int(x) for x in seen.nonzero()[0])
             raise InvalidArgument(f"{where}: layer {l0 + layer} of block {chunk.block_ids[j]} arrived twice")
-        self.key[l0:l1].index_copy_(1, index, tensors[0])
-        self.value[l0:l1].index_copy_(1, index, tensors[1])
+        # A run of positions (as exported) is a slice: one copy from the message's bytes, no gather.
+        first = positions[0]
+        where_to = (
+            slice(first, first + len(positions))
+            if positions == list(range(first, first + len(positions)))
+            else positions
+        )
+        for array, raw in zip(self._arrays, raws, strict=True):
+            array[l0:l1, where_to] = np.frombuffer(raw, dtype=self._wire).reshape(want)
         self.covered[l0:l1, index] = True
         self.chunks += 1
-        self.bytes += len(chunk.key.data) + len(chunk.value.data)
+        self.bytes += 2 * need
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(self.dst_block_ids)
