@@ -100,3 +100,17 @@ def test_chunk_plan_covers_every_layer_of_every_block_once_under_the_cap(
 def test_a_block_layer_over_the_cap_is_resource_exhausted() -> None:
     with pytest.raises(OutOfResources, match="raise --max-message-bytes"):
         plan_chunks(KvLayout(2, 256, 8, 128, torch.float32), 4, 65536)
+
+
+def test_a_model_without_a_paged_cache_refuses_transfers(tmp_path) -> None:  # noqa: ANN001
+    from registry import LoadOptions, ModelConfig
+    from registry.errors import FailedPrecondition
+    from tests.registry.toy import ToyModel, Tracker, write_toy_dir
+
+    config = ModelConfig.from_file(write_toy_dir(tmp_path / "toy") / "config.json")
+    model = ToyModel(config, torch.device("cpu"), LoadOptions(), Tracker())
+    assert model.kv_layout is None
+    with pytest.raises(FailedPrecondition, match="has no paged KV cache to export"):
+        model.export_kv_blocks([0])
+    with pytest.raises(FailedPrecondition, match="has no paged KV cache to import into"):
+        model.import_kv_blocks([0], torch.zeros(1), torch.zeros(1))
