@@ -126,8 +126,8 @@ async def export_blocks(
         return layout, plan, key, value
 
     layout, plan, key, value = await servicer._on_model(model_id, snapshot)
-    sent = 0
-    for i, part in enumerate(plan):
+
+    def encode(i: int, part: ChunkPlan) -> pb.KvBlocksChunk:
         layers = slice(part.layer_start, part.layer_end)
         blocks = slice(part.block_start, part.block_end)
         chunk = pb.KvBlocksChunk(
@@ -135,9 +135,19 @@ async def export_blocks(
         )
         if i == 0:
             chunk.layout.CopyFrom(layout_to_pb(layout))
-        encode_tensor(key[layers, blocks], chunk.key)
+        encode_tensor(key[layers, blocks], chunk.key)  # a contiguous view: one copy into bytes
         encode_tensor(value[layers, blocks], chunk.value)
-        sent += len(chunk.key.data) + len(chunk.value.data)
+        return chunk
+
+    sent = 0
+    for i, part in enumerate(plan):
+        # Megabytes of copying per chunk: in a thread, so the event loop keeps answering other calls.
+        chunk = await servicer._in_thread(functools.partial(encode, i, part))
+        sent += (
+            (part.layer_end - part.layer_start)
+            * (part.block_end - part.block_start)
+            * layout.layer_block_bytes
+        )
         await context.write(chunk)
     note(blocks=len(ids), bytes=sent, chunks=len(plan))
     servicer.observer.kv_transferred(model_id, "export", sent, time.perf_counter() - started)
@@ -252,6 +262,25 @@ class KvAssembly:
         return self.key, self.value
 
 
+async def _start_import(servicer: ModelWorkerServicer, first: pb.KvBlocksChunk) -> tuple[str, KvAssembly]:
+    """The model and the host buffers of an import, from its first chunk (layout and ids checked)."""
+    model_id = validate_model_id(first.model_id)
+    note(import_model=model_id)
+    layout, num_blocks = await servicer._on_model(
+        model_id, functools.partial(_paged_layout, model_id=model_id)
+    )
+    if not first.HasField("layout"):
+        raise InvalidArgument("the first chunk must carry the exporter's layout")
+    differences = layout_differences(first.layout, layout)
+    if differences:
+        raise IncompatibleLayout(
+            f"the blocks' layout does not match model {model_id!r} (sent vs loaded: {'; '.join(differences)})"
+        )
+    dst = list(first.dst_block_ids)
+    check_ids(dst, num_blocks, "dst_block_ids")
+    return model_id, KvAssembly(layout, dst)
+
+
 async def import_blocks(
     servicer: ModelWorkerServicer, chunks: AsyncIterator[pb.KvBlocksChunk], context: grpc.aio.ServicerContext
 ) -> pb.ImportKvBlocksResponse:
@@ -260,29 +289,14 @@ async def import_blocks(
     model_id = ""
     async for chunk in chunks:
         if assembly is None:
-            model_id = validate_model_id(chunk.model_id)
-            note(import_model=model_id)
-            layout, num_blocks = await servicer._on_model(
-                model_id, functools.partial(_paged_layout, model_id=model_id)
-            )
-            if not chunk.HasField("layout"):
-                raise InvalidArgument("the first chunk must carry the exporter's layout")
-            differences = layout_differences(chunk.layout, layout)
-            if differences:
-                raise IncompatibleLayout(
-                    f"the blocks' layout does not match model {model_id!r} (sent vs loaded: "
-                    f"{'; '.join(differences)})"
-                )
-            dst = list(chunk.dst_block_ids)
-            check_ids(dst, num_blocks, "dst_block_ids")
-            assembly = KvAssembly(layout, dst)
+            model_id, assembly = await _start_import(servicer, chunk)
         elif chunk.model_id or chunk.dst_block_ids:
             raise InvalidArgument(
                 f"chunk {assembly.chunks}: only the first chunk names model_id and dst_block_ids"
             )
         elif chunk.HasField("layout") and layout_differences(chunk.layout, assembly.layout):
             raise InvalidArgument(f"chunk {assembly.chunks}: its layout differs from the first chunk's")
-        assembly.add(chunk)
+        await servicer._in_thread(functools.partial(assembly.add, chunk))  # copies: off the event loop
     if assembly is None:
         raise InvalidArgument("the stream carried no chunk")
     key, value = assembly.finish()
