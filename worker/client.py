@@ -99,7 +99,7 @@ _KV_DTYPES: dict[int, tuple[str, str]] = {
     pb.FLOAT16: ("float16", "<f2"),
     pb.BFLOAT16: ("bfloat16", "<u2"),
 }
-KV_CHUNK_BYTES = 4 * 1024 * 1024  # payload of one ImportKvBlocks chunk (under the message cap)
+KV_CHUNK_BYTES = 1024 * 1024  # payload of one ImportKvBlocks chunk (under the message cap)
 
 
 # -- errors ----------------------------------------------------------------------------------------
