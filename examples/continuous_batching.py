@@ -245,8 +245,11 @@ class RemotePrefill:
         self.client = client
         self.model = model
 
-    def run(self, tokens: list[int]) -> tuple[int, KvBlocks]:
-        """The token after `tokens`, and the blocks holding their K/V (the last one partly filled)."""
+    def run(
+        self, tokens: list[int], dst: ModelWorkerClient, dst_model_id: str, dst_blocks: list[int]
+    ) -> tuple[int, int]:
+        """Prefill `tokens`, copy their blocks (the last one partly filled) into `dst_blocks` of the
+        decode worker, chunk by chunk through this process; the token after `tokens` and the bytes moved."""
         bs, n = self.model.kv_block_size, len(tokens)
         table = list(range(-(-n // bs)))
         if len(table) > self.model.kv_num_blocks:
@@ -263,7 +266,8 @@ class RemotePrefill:
             is_prefill=True,
             logits_mode="none",
         )
-        return out.next_token_ids[0], self.client.export_kv_blocks(self.model.id, table)
+        moved = self.client.copy_kv_blocks(self.model.id, table, dst, dst_model_id, dst_blocks)
+        return out.next_token_ids[0], moved.bytes
 
 
 # -- the scheduler ---------------------------------------------------------------------------------
@@ -433,10 +437,9 @@ class Scheduler:
             self.stats.swaps_in += 1
             return q
         assert self.prefill is not None
-        next_token, blocks = self.prefill.run(seq.tokens)
-        self.client.import_kv_blocks(self.model_id, seq.blocks, blocks)
+        next_token, moved = self.prefill.run(seq.tokens, self.client, self.model_id, seq.blocks)
         self.stats.remote_prefills += 1
-        self.stats.transferred_bytes += blocks.nbytes
+        self.stats.transferred_bytes += moved
         seq.num_computed = len(seq.tokens)
         self._append(seq, next_token)
         return 0

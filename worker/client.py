@@ -18,7 +18,7 @@ The client needs grpcio and numpy only; torch is imported only when `as_torch=Tr
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -545,6 +545,24 @@ def _kv_chunk_stream(
         yield chunk
 
 
+class _KvRelay:
+    """Export chunks handed on as import chunks (the first names the destination); an export error
+    ends the import stream early and is kept, to be raised instead of the import's complaint."""
+
+    def __init__(self, model_id: str, dst_block_ids: Sequence[int]) -> None:
+        self.model_id = model_id
+        self.dst = _int32_list(_int_array(dst_block_ids, "dst_block_ids"), "dst_block_ids")
+        self.error: ModelWorkerClientError | None = None
+
+    def first(self, chunk: pb.KvBlocksChunk) -> pb.KvBlocksChunk:
+        chunk.model_id = self.model_id
+        chunk.dst_block_ids.extend(self.dst)
+        return chunk
+
+    def failed(self, exc: grpc.RpcError) -> None:
+        self.error = _error_from_rpc(exc, "ExportKvBlocks")
+
+
 # -- request encoders ------------------------------------------------------------------------------
 def _int_array(values: Any, field: str, ndim: tuple[int, ...] = (1,)) -> np.ndarray:
     """An int64 array of `values`, checked to be integers of an allowed rank."""
@@ -957,6 +975,41 @@ class ModelWorkerClient(_ClientBase):
         response = self._call("ImportKvBlocks", self._stub, chunks, timeout)
         return KvImportResult(response.blocks, response.bytes)
 
+    def copy_kv_blocks(
+        self,
+        model_id: str,
+        block_ids: Sequence[int],
+        dst: ModelWorkerClient,
+        dst_model_id: str,
+        dst_block_ids: Sequence[int],
+        *,
+        timeout: float | None = None,
+    ) -> KvImportResult:
+        """Export blocks from this worker straight into another one: each chunk is passed on as it
+        arrives, nothing is assembled here (the export's chunks must fit the destination's cap)."""
+        request = pb.ExportKvBlocksRequest(
+            model_id=model_id, block_ids=_int32_list(_int_array(block_ids, "block_ids"), "block_ids")
+        )
+        relay = _KvRelay(dst_model_id, dst_block_ids)
+        stream = self._stub.ExportKvBlocks(request, timeout=self._timeout(timeout), metadata=self._metadata)
+
+        def chunks() -> Iterator[pb.KvBlocksChunk]:
+            try:
+                for i, chunk in enumerate(stream):
+                    yield relay.first(chunk) if i == 0 else chunk
+            except grpc.RpcError as exc:
+                relay.failed(exc)
+
+        try:
+            response = dst._call("ImportKvBlocks", dst._stub, chunks(), timeout)
+        except ModelWorkerClientError:
+            if relay.error is not None:
+                raise relay.error from None
+            raise
+        finally:
+            stream.cancel()  # the import may have been refused before the export ended
+        return KvImportResult(response.blocks, response.bytes)
+
     def info(self, *, timeout: float | None = None) -> WorkerInfo:
         return _worker_info(self._call("Info", self._stub, pb.InfoRequest(), timeout))
 
@@ -1145,6 +1198,41 @@ class AsyncModelWorkerClient(_ClientBase):
         size = _kv_chunk_size(chunk_bytes, self.max_message_bytes, self._worker_message_bytes, blocks)
         chunks = _kv_chunks(model_id, dst_block_ids, blocks, size)
         response = await self._call("ImportKvBlocks", self._stub, chunks, timeout)
+        return KvImportResult(response.blocks, response.bytes)
+
+    async def copy_kv_blocks(
+        self,
+        model_id: str,
+        block_ids: Sequence[int],
+        dst: AsyncModelWorkerClient,
+        dst_model_id: str,
+        dst_block_ids: Sequence[int],
+        *,
+        timeout: float | None = None,
+    ) -> KvImportResult:
+        request = pb.ExportKvBlocksRequest(
+            model_id=model_id, block_ids=_int32_list(_int_array(block_ids, "block_ids"), "block_ids")
+        )
+        relay = _KvRelay(dst_model_id, dst_block_ids)
+        stream = self._stub.ExportKvBlocks(request, timeout=self._timeout(timeout), metadata=self._metadata)
+
+        async def chunks() -> AsyncIterator[pb.KvBlocksChunk]:
+            try:
+                i = 0
+                async for chunk in stream:
+                    yield relay.first(chunk) if i == 0 else chunk
+                    i += 1
+            except grpc.RpcError as exc:
+                relay.failed(exc)
+
+        try:
+            response = await dst._call("ImportKvBlocks", dst._stub, chunks(), timeout)
+        except ModelWorkerClientError:
+            if relay.error is not None:
+                raise relay.error from None
+            raise
+        finally:
+            stream.cancel()
         return KvImportResult(response.blocks, response.bytes)
 
     async def info(self, *, timeout: float | None = None) -> WorkerInfo:

@@ -183,6 +183,37 @@ def test_async_client_round_trip(workers: tuple[Worker, Worker], rng: random.Ran
     sent, got = asyncio.run(go())
     assert same_blocks(sent, got)
 
+    async def relay() -> KvBlocks:
+        async with (
+            AsyncModelWorkerClient(a.target, timeout=30) as ca,
+            AsyncModelWorkerClient(b.target, timeout=30) as cb,
+        ):
+            result = await ca.copy_kv_blocks("f32", [5, 2], cb, "f32", [22, 23])
+            assert (result.blocks, result.bytes) == (2, sent.nbytes)
+            return await cb.export_kv_blocks("f32", [22, 23])
+
+    assert same_blocks(asyncio.run(relay()), sent)
+
+
+def test_copy_relays_chunks_worker_to_worker_and_reports_the_failing_side(
+    workers: tuple[Worker, Worker], rng: random.Random
+) -> None:
+    a, b = workers[0].client, workers[1].client
+    prefill(a, "f32", random_prompt(rng), [14, 15, 16, 17])
+    result = a.copy_kv_blocks("f32", [14, 15, 16, 17], b, "f32", [19, 18, 17, 16])
+    sent = a.export_kv_blocks("f32", [14, 15, 16, 17])
+    assert (result.blocks, result.bytes) == (4, sent.nbytes)
+    assert same_blocks(b.export_kv_blocks("f32", [19, 18, 17, 16]), sent)
+
+    before = b.export_kv_blocks("f32", [19, 18, 17, 16])
+    with pytest.raises(InvalidArgumentError) as info:  # the export's error, not the import's
+        a.copy_kv_blocks("f32", [14, 99], b, "f32", [19, 18])
+    assert info.value.method == "ExportKvBlocks" and "block_ids[1] = 99 is outside" in info.value.details
+    with pytest.raises(FailedPreconditionError) as refused:  # the import's error
+        a.copy_kv_blocks("f32", [14, 15], b, "b16", [0, 1])
+    assert refused.value.method == "ImportKvBlocks" and "dtype FLOAT32 vs BFLOAT16" in refused.value.details
+    assert same_blocks(b.export_kv_blocks("f32", [19, 18, 17, 16]), before)
+
 
 # -- refused imports ------------------------------------------------------------------------------
 DST = [0, 1, 2, 3]
