@@ -1,5 +1,6 @@
 """Item 9: KV block transfer between two worker processes over loopback (ExportKvBlocks from one,
-ImportKvBlocks into the other, through the typed client in this process, as a scheduler would relay).
+ImportKvBlocks into the other, relayed chunk by chunk by the typed client in this process
+(`copy_kv_blocks`), as a scheduler would move them).
 
 - Throughput: 256 blocks of SmolLM2 (30 layers × 16 tokens × 3 KV heads × 64 × float32, K and V:
   0.74 MB a block, 189 MB in all), export alone, import alone and the whole move.
@@ -52,8 +53,8 @@ def kv_transfer(b: Bench, src: WorkerProcess, dst: WorkerProcess) -> None:
         held["many"] = a.export_kv_blocks(MODEL_ID, many)
         return None
 
-    def move_many() -> object:
-        return c.import_kv_blocks(MODEL_ID, into, a.export_kv_blocks(MODEL_ID, many))
+    def move_many() -> object:  # chunks handed on as they arrive (copy_kv_blocks), as a scheduler relays
+        return a.copy_kv_blocks(MODEL_ID, many, c, MODEL_ID, into)
 
     stats = alternate(
         [
@@ -80,9 +81,7 @@ def kv_transfer(b: Bench, src: WorkerProcess, dst: WorkerProcess) -> None:
     )
 
     dst_blocks = [TRANSFER_BLOCKS + i for i in prompt_blocks]
-    move = Case(
-        "move", lambda: c.import_kv_blocks(MODEL_ID, dst_blocks, a.export_kv_blocks(MODEL_ID, prompt_blocks))
-    )
+    move = Case("move", lambda: a.copy_kv_blocks(MODEL_ID, prompt_blocks, c, MODEL_ID, dst_blocks))
     recompute = Case("prefill", lambda: prefill(c))
     s = alternate([move, recompute], b.budget(10.0), min_reps=3, max_reps=30)
     b.report.add(
