@@ -123,9 +123,8 @@ async def export_blocks(
 
     def snapshot(model: Model) -> tuple[KvLayout, list[ChunkPlan], torch.Tensor, torch.Tensor]:
         layout, _ = _paged_layout(model, model_id=model_id)
-        plan = plan_chunks(layout, max(len(ids), 1), servicer.settings.max_message_bytes)
-        key, value = model.export_kv_blocks(ids)  # checks the ids; host copies
-        return layout, plan, key, value
+        key, value = model.export_kv_blocks(ids)  # checks the ids first; host copies
+        return layout, plan_chunks(layout, len(ids), servicer.settings.max_message_bytes), key, value
 
     layout, plan, key, value = await servicer._on_model(model_id, snapshot)
 
