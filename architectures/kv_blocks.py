@@ -20,7 +20,7 @@ import torch
 from registry.errors import IncompatibleLayout, InvalidRequest
 from registry.model import KvLayout
 
-from .paged import PagedKvCache
+from .paged_batch import PagedKvCache
 
 
 def layout_of(cache: PagedKvCache) -> KvLayout:
