@@ -7,6 +7,7 @@ tensor work, and turns hidden states into float32 logits.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -27,6 +28,7 @@ from registry import (
     OutOfResources,
     WeightMapping,
 )
+from registry.errors import IncompatibleLayout
 from registry.load_plan import make_load_plan
 from registry.parallel import attention_shard
 from registry.safetensors_loader import load_weights
@@ -366,29 +368,43 @@ class CausalLM(Model):
         k = self.contiguous.k[layer_idx][:, :, start_pos:end].clone()
         v = self.contiguous.v[layer_idx][:, :, start_pos:end].clone()
         if self.parallel.enabled:
-            k, v = self._gather_kv_heads(k, v)
+            k, v = self._gather_kv_heads(k, v, 1)
+            k, v = k.to(self._device), v.to(self._device)
         return k, v
 
-    def _gather_kv_heads(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every rank's KV heads [batch, local_kv, length, head_dim] → [batch, kv_heads, length,
-        head_dim] in head order; a replicated head is taken from the first rank holding it."""
+    def _gather_kv_heads(
+        self, k: torch.Tensor, v: torch.Tensor, dim: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's KV heads (local ones along `dim`) → all KV heads along `dim`, in head order, on
+        the host; a replicated head is taken from the first rank holding it."""
         c, world = self.config, self.parallel.world_size
         parts = self.parallel.all_gather_object((k.cpu(), v.cpu()))
-        keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        heads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for rank, (rk, rv) in enumerate(parts):
             shard = attention_shard(c.num_attention_heads, c.num_key_value_heads, world, rank)
             for i in range(shard.num_kv_heads):
-                keys.setdefault(shard.kv_start + i, (rk[:, i], rv[:, i]))
-        heads = [keys[h] for h in range(c.num_key_value_heads)]
-        k = torch.stack([h[0] for h in heads], dim=1).to(self._device)
-        v = torch.stack([h[1] for h in heads], dim=1).to(self._device)
-        return k, v
+                heads.setdefault(shard.kv_start + i, (rk.select(dim, i), rv.select(dim, i)))
+        ordered = [heads[h] for h in range(c.num_key_value_heads)]
+        return torch.stack([h[0] for h in ordered], dim=dim), torch.stack([h[1] for h in ordered], dim=dim)
+
+    def _local_kv_heads(self) -> tuple[int, int]:
+        """(first, count) of the KV heads this rank caches."""
+        c = self.config
+        shard = attention_shard(
+            c.num_attention_heads, c.num_key_value_heads, self.parallel.world_size, self.parallel.rank
+        )
+        return shard.kv_start, shard.num_kv_heads
 
     @property
     def kv_layout(self) -> KvLayout | None:
         from .kv_blocks import layout_of
 
-        return layout_of(self.paged) if self.paged is not None else None
+        if self.paged is None:
+            return None
+        layout = layout_of(self.paged)
+        if self.parallel.enabled:  # transfers carry every rank's heads
+            layout = dataclasses.replace(layout, num_kv_heads=self.config.num_key_value_heads)
+        return layout
 
     def export_kv_blocks(
         self, block_ids: Sequence[int], layer_start: int = 0, layer_end: int | None = None
@@ -396,12 +412,27 @@ class CausalLM(Model):
         from .kv_blocks import read_blocks
 
         self._require_loaded()
-        return read_blocks(self.paged, block_ids, layer_start, layer_end)
+        k, v = read_blocks(self.paged, block_ids, layer_start, layer_end)
+        if self.parallel.enabled:  # [layers, blocks, block_size, kv_heads, head_dim]
+            k, v = self._gather_kv_heads(k, v, 3)
+        return k, v
 
     def import_kv_blocks(self, dst_block_ids: Sequence[int], key: torch.Tensor, value: torch.Tensor) -> None:
         from .kv_blocks import write_blocks
 
         self._require_loaded()
+        if self.parallel.enabled:  # this rank's heads of the whole-head blocks
+            full = self.config.num_key_value_heads
+            for name, t in (("key", key), ("value", value)):
+                if isinstance(t, torch.Tensor) and t.dim() == 5 and t.shape[3] != full:
+                    raise IncompatibleLayout(f"{name} has {t.shape[3]} KV heads; this model has {full}")
+            first, count = self._local_kv_heads()
+            if (
+                isinstance(key, torch.Tensor)
+                and isinstance(value, torch.Tensor)
+                and key.dim() == value.dim() == 5
+            ):
+                key, value = key[:, :, :, first : first + count], value[:, :, :, first : first + count]
         write_blocks(self.paged, dst_block_ids, key, value)
 
     def release(self) -> int:

@@ -51,7 +51,15 @@ MONITOR_SECONDS = 0.2  # how often rank 0 checks its local followers
 FAILURE_GRACE_SECONDS = 1.5  # in-flight calls get their UNAVAILABLE before the process exits
 CONTROL_TIMEOUT = timedelta(seconds=30)  # a follower waiting this long for a command: rank 0 is gone
 MODEL_TIMEOUT = timedelta(seconds=600)  # one collective (a Load on a slow disk included)
-MODEL_METHODS = ("forward", "forward_with_cache", "forward_paged", "reset_kv_cache", "slice_kv_cache")
+MODEL_METHODS = (
+    "forward",
+    "forward_with_cache",
+    "forward_paged",
+    "reset_kv_cache",
+    "slice_kv_cache",
+    "export_kv_blocks",
+    "import_kv_blocks",
+)
 
 
 class RankLost(ModelNotReady):
@@ -337,6 +345,16 @@ class TensorParallelModel(Model):
 
     def slice_kv_cache(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return self._call("slice_kv_cache", *args, **kwargs)
+
+    @property
+    def kv_layout(self):  # noqa: ANN201 - KvLayout (every rank's heads)
+        return self.local.kv_layout
+
+    def export_kv_blocks(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._call("export_kv_blocks", *args, **kwargs)
+
+    def import_kv_blocks(self, *args: Any, **kwargs: Any) -> None:
+        return self._call("import_kv_blocks", *args, **kwargs)
 
     def release(self) -> int:
         if self.group.failed or self.group._stopping:

@@ -198,6 +198,21 @@ def test_logits_equal_single_rank(server, models, variant) -> None:
     assert (decode_tensor(out.logits) - want).abs().max() <= TOL
     assert list(out.next_token_ids) == want.argmax(-1).tolist()
 
+    # KV block export gathers every rank's heads; an import writes each rank's heads back.
+    chunks = list(server.stub.ExportKvBlocks(pb.ExportKvBlocksRequest(model_id=variant, block_ids=[1])))
+    assert chunks[0].layout.num_kv_heads == ref.config.num_key_value_heads
+    key = torch.cat([decode_tensor(c.key) for c in chunks])
+    want_k, want_v = ref.export_kv_blocks([1])
+    assert (key - want_k).abs().max() <= TOL
+    first = chunks[0]
+    first.model_id, first.dst_block_ids[:] = variant, [3]
+    server.stub.ImportKvBlocks(iter([first, *chunks[1:]]))
+    again = list(server.stub.ExportKvBlocks(pb.ExportKvBlocksRequest(model_id=variant, block_ids=[3])))
+    assert torch.equal(
+        torch.cat([decode_tensor(c.value) for c in again]),
+        torch.cat([decode_tensor(c.value) for c in chunks]),
+    )
+
     # Rank 0 holds about half of the weights (+ the replicated norms and biases).
     assert loaded.model.weight_bytes < 0.6 * ref.weight_bytes
     server.stub.ResetCache(pb.ResetCacheRequest(model_id=variant))
