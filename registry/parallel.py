@@ -15,6 +15,7 @@ Splits (Megatron-style):
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,7 @@ class ParallelContext:
         self.rank = rank
         self.world_size = world_size
         self.group = group
+        self.collective_seconds = 0.0  # time spent in all_reduce / gather_last_dim (benchmarks read it)
 
     @property
     def enabled(self) -> bool:
@@ -95,7 +97,9 @@ class ParallelContext:
         if self.enabled:
             import torch.distributed as dist
 
+            started = time.perf_counter()
             dist.all_reduce(t, group=self.group)
+            self.collective_seconds += time.perf_counter() - started
         return t
 
     def gather_last_dim(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -109,7 +113,9 @@ class ParallelContext:
         widest = max(sizes)
         padded = F.pad(t, (0, widest - t.shape[-1])).contiguous()
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        started = time.perf_counter()
         dist.all_gather(parts, padded, group=self.group)
+        self.collective_seconds += time.perf_counter() - started
         return torch.cat([p[..., :n] for p, n in zip(parts, sizes, strict=True)], dim=-1)
 
     def all_gather_object(self, obj: Any) -> list[Any]:

@@ -178,3 +178,15 @@ def test_tensor_parallel_settings_are_checked(env: dict[str, str], message: str)
     with pytest.raises(SettingsError) as err:
         build_settings({}, env)
     assert message in str(err.value)
+
+
+def test_bench_measures_both_sizes(tmp_path: Path) -> None:
+    """bench.tensor_parallel on a tiny model: rank 0 reports times, and collectives only at TP=2."""
+    from bench.tensor_parallel import measure
+
+    model_dir = make_tiny_model_dir(tmp_path / "m", "llama", seed=5)
+    args = {"rounds": 1, "prompt": 8}
+    single = measure(1, 1, model_dir, args)
+    double = measure(2, 1, model_dir, args)
+    assert single[2] == 0.0 and double[2] > 0.0
+    assert all(t > 0 for t in single[:2] + double[:2])

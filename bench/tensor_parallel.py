@@ -1,0 +1,106 @@
+"""Tensor parallelism on the CPU (gloo): SmolLM2 prefill and decode step at TP=1 and TP=N, with the
+time rank 0 spends in collectives per step.
+
+    python -m bench.tensor_parallel [--world 2] [--threads-total 2] [--rounds 20] [--prompt 128]
+
+TP=1 runs with `threads-total` torch threads; each of the N ranks with threads-total / N (as
+`serve --tensor-parallel-size N` gives them). Prints one markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def _rank(rank: int, world: int, port: int, threads: int, model_dir: str, args: dict, out) -> None:  # noqa: ANN001
+    import torch.distributed as dist
+
+    from architectures.backends import BACKENDS
+    from architectures.base import build_causal_lm
+    from architectures.llama import LlamaForCausalLM
+    from registry import LoadOptions, ModelConfig
+    from registry.load_plan import make_load_plan
+    from registry.parallel import ParallelContext
+
+    torch.set_num_threads(threads)
+    parallel = ParallelContext()
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        parallel = ParallelContext(rank, world, None)
+    path = Path(model_dir)
+    config = ModelConfig.from_file(path / "config.json")
+    options = LoadOptions(dtype=torch.float32)
+    plan = make_load_plan(path, config.architecture, config, options, torch.device("cpu"), BACKENDS)
+    model = build_causal_lm(
+        path, torch.device("cpu"), options, LlamaForCausalLM, dataclasses.replace(plan, parallel=parallel)
+    )
+    ids = torch.randint(0, config.vocab_size, (1, args["prompt"]), generator=torch.Generator().manual_seed(0))
+    prefill, decode, collectives = [], [], []
+    with torch.inference_mode():
+        for _ in range(args["rounds"]):
+            started = time.perf_counter()
+            model.forward_with_cache(ids, 0, ids.shape[1], all_logits=False)
+            prefill.append(time.perf_counter() - started)
+            before = parallel.collective_seconds
+            started = time.perf_counter()
+            model.forward_with_cache(ids[:, :1], ids.shape[1], 1, all_logits=False)
+            decode.append(time.perf_counter() - started)
+            collectives.append(parallel.collective_seconds - before)
+    if rank == 0:
+        out.put((statistics.median(prefill), statistics.median(decode), statistics.median(collectives)))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def measure(world: int, threads: int, model_dir: Path, args: dict) -> tuple[float, float, float]:
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=_rank, args=(r, world, port, threads, str(model_dir), args, out))
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    result = out.get()
+    for p in procs:
+        p.join()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.tensor_parallel")
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--threads-total", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--prompt", type=int, default=128)
+    a = parser.parse_args(argv)
+    from tests.real_model import smollm2_hf_dir
+
+    model_dir = smollm2_hf_dir()
+    args = {"rounds": a.rounds, "prompt": a.prompt}
+    rows = []
+    for world in (1, a.world):
+        threads = max(1, a.threads_total // world)
+        prefill, decode, coll = measure(world, threads, model_dir, args)
+        rows.append((world, threads, prefill, decode, coll))
+    print(f"SmolLM2-135M float32 on the CPU, prompt {a.prompt}, median of {a.rounds} rounds")
+    print("| TP | threads/rank | prefill ms | decode step ms | collectives ms/decode step |")
+    print("|---|---|---|---|---|")
+    for world, threads, prefill, decode, coll in rows:
+        print(f"| {world} | {threads} | {prefill * 1e3:.1f} | {decode * 1e3:.2f} | {coll * 1e3:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
