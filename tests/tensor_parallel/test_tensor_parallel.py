@@ -302,3 +302,44 @@ def test_killed_follower_mid_forward_is_unavailable_and_the_worker_exits(models)
     finally:
         srv.channel.close()
         srv.log.kill()
+
+
+def test_two_hosts_form_one_group(models) -> None:
+    """`--nnodes 2`: host 0 serves gRPC with rank 0, host 1 (`--node-rank 1`) runs rank 1 and no
+    gRPC; SIGTERM on host 0 stops both (exit 0)."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.serve_process import REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    group = ["--tensor-parallel-size", "2", "--nnodes", "2", "--master-port", port, "--device", "cpu"]
+    root = next(iter(models.values())).parent
+    other = subprocess.Popen(
+        [sys.executable, "-m", "worker", "serve", *group, "--node-rank", "1"],
+        cwd=REPO,
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    log = ServeLog([*group, "--port", "0", "--metrics-port", "0", "--model-root", str(root)], env=_env())
+    try:
+        stub = pb_grpc.ModelWorkerStub(grpc.insecure_channel(f"127.0.0.1:{log.listening_port(timeout=120)}"))
+        model_dir = models["qwen2_bias"]
+        stub.Load(pb.LoadRequest(model_id="m", model_dir=str(model_dir), dtype="float32"))
+        out = stub.Forward(
+            pb.ForwardRequest(model_id="m", token_ids=[3, 1, 4, 1, 5], logits_mode=pb.LOGITS_ALL)
+        )
+        want = _reference(model_dir).forward(torch.tensor([[3, 1, 4, 1, 5]]))[0]
+        assert (decode_tensor(out.logits) - want).abs().max() <= TOL
+        assert log.stop(timeout=60) == 0
+        assert other.wait(30) == 0
+    finally:
+        log.kill()
+        if other.poll() is None:
+            other.kill()
+            other.wait(10)
