@@ -36,7 +36,7 @@ import torch
 
 from registry import Model, ModelNotReady, ModelRegistry
 from registry.config import ModelConfig, read_config_json
-from registry.errors import InvalidConfig, ModelWorkerError
+from registry.errors import FailedPrecondition, InvalidArgument, InvalidConfig
 from registry.load_plan import LoadPlan, make_load_plan
 from registry.parallel import ParallelContext
 from registry.registry import _takes_plan
@@ -64,6 +64,12 @@ MODEL_METHODS = (
 
 class RankLost(ModelNotReady):
     """A tensor-parallel rank died: the group cannot serve (UNAVAILABLE); the worker exits."""
+
+
+# Errors every rank raises alike from its own checks, before any collective: the ranks stay in step.
+# Any other failure of a model call (out of memory mid-forward, a bug) may leave ranks inside
+# different collectives, so it ends the group (UNAVAILABLE, exit 1) rather than risk a hang.
+SAME_ON_EVERY_RANK = (InvalidArgument, FailedPrecondition)
 
 
 def ranks_per_node(settings: Settings) -> int:
@@ -173,20 +179,22 @@ class TensorParallelGroup:
 
         dist.broadcast_object_list([command], src=0, group=self.control)
 
-    def run(self, command: tuple, local: Callable[[], Any]) -> Any:
-        """Broadcast `command`, run `local` (this rank's part of it); a lost rank is UNAVAILABLE."""
+    def run(self, command: tuple, local: Callable[[], Any], *, agreed: bool = False) -> Any:
+        """Broadcast `command`, run `local` (this rank's part of it); a lost rank is UNAVAILABLE.
+        `agreed`: `local` ends with every rank agreeing on the outcome (a build), so any error it
+        raises leaves the ranks in step."""
         with self.lock:
             self._check_alive()
             try:
                 self._broadcast(command)
                 return local()
-            except ModelWorkerError:
+            except SAME_ON_EVERY_RANK:
                 raise
             except Exception as exc:
-                if self.failed or _is_distributed_error(exc):
-                    self._fail(f"a collective failed: {exc}")
-                    raise RankLost(self._failure_message()) from None
-                raise
+                if agreed and not self.failed and not _is_distributed_error(exc):
+                    raise
+                self._fail(f"{command[0]} {command[2] if len(command) > 2 else ''} failed on rank 0: {exc}")
+                raise RankLost(self._failure_message()) from None
 
     def _check_alive(self) -> None:
         if self.failed:
@@ -216,7 +224,7 @@ class TensorParallelGroup:
                 here = dataclasses.replace(plan, parallel=self.parallel)
                 return _build_and_agree(builder, here, self.parallel)
 
-            model = self.run(command, local)
+            model = self.run(command, local, agreed=True)
             return TensorParallelModel(model, key, self)
 
         return build
@@ -458,13 +466,13 @@ def _follow(registry: ModelRegistry, settings: Settings, parallel: ParallelConte
                     model = models.pop(command[1], None)
                     if model is not None:
                         model.release()
-        except ModelWorkerError:
+        except SAME_ON_EVERY_RANK:
             pass  # rank 0 raised the same error from the same checks and answers the call
         except Exception as exc:
-            if _is_distributed_error(exc):
-                log.error("rank %d: collective failed: %s", parallel.rank, exc)
-                return 1
-            log.exception("rank %d: %s failed", parallel.rank, kind)
+            if kind == "build" and not _is_distributed_error(exc):
+                continue  # every rank agreed on the failed build
+            log.error("rank %d: %s failed, leaving the group: %s", parallel.rank, kind, exc)
+            return 1
 
 
 def _follower_build(
