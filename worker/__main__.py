@@ -93,6 +93,9 @@ async def _serve(settings: Settings) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     if group is not None:
+        from .tensor_parallel import RankMemoryCollector
+
+        server.metrics.registry.register(RankMemoryCollector(group.local_ranks))
         group.on_failure(lambda: asyncio.run_coroutine_threadsafe(server.refuse_calls(), loop))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -229,6 +229,10 @@ class TensorParallelGroup:
 
         return build
 
+    def local_ranks(self) -> list[tuple[int, int]]:
+        """(rank, pid) of every rank on this host, rank 0 (this process) first."""
+        return [(0, os.getpid())] + [(r, p.pid) for r, p in enumerate(self.followers, start=1) if p.pid]
+
     # -- faults --------------------------------------------------------------------------------
     def on_failure(self, callback: Callable[[], None]) -> None:
         self._on_failure.append(callback)
@@ -407,13 +411,52 @@ class TensorParallelModel(Model):
         return value
 
 
+class RankMemoryCollector:
+    """`modelworker_rank_resident_bytes{rank}`: each local rank's resident memory (VmRSS), read when
+    scraped (on CUDA, each rank's GPU is `modelworker_device_memory_bytes{device="cuda:<rank>"}`)."""
+
+    NAME = "modelworker_rank_resident_bytes"
+    HELP = "Resident memory of each tensor-parallel rank on this host (its process's VmRSS)."
+
+    def __init__(self, ranks: Callable[[], list[tuple[int, int]]]) -> None:
+        self._ranks = ranks  # () → [(rank, pid)]
+
+    def describe(self) -> list[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        return [GaugeMetricFamily(self.NAME, self.HELP, labels=["rank"])]
+
+    def collect(self) -> list[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["rank"])
+        for rank, pid in self._ranks():
+            rss = _resident_bytes(pid)
+            if rss is not None:
+                family.add_metric([str(rank)], rss)
+        return [family]
+
+
+def _resident_bytes(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 # -- followers ---------------------------------------------------------------------------------
 
 
 def follower_main(settings: Settings, rank: int, port: int, parent_pid: int) -> None:
     """A follower rank: join the group, then run rank 0's commands until told to exit."""
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; rank 0 stops us
+    # A signal sent to the whole process group (Ctrl-C, `timeout`, systemd) is for rank 0, which
+    # unloads and then stops the followers; a follower never outlives it (PR_SET_PDEATHSIG).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if os.getppid() != parent_pid:
         os._exit(1)
     from .logs import configure_logging

@@ -185,8 +185,20 @@ def test_bench_measures_both_sizes(tmp_path: Path) -> None:
     from bench.tensor_parallel import measure
 
     model_dir = make_tiny_model_dir(tmp_path / "m", "llama", seed=5)
-    args = {"rounds": 1, "prompt": 8}
-    single = measure(1, 1, model_dir, args)
-    double = measure(2, 1, model_dir, args)
-    assert single[2] == 0.0 and double[2] > 0.0
-    assert all(t > 0 for t in single[:2] + double[:2])
+    prefill, decode, collectives = measure(2, 1, model_dir, {"rounds": 1, "prompt": 8})
+    assert collectives > 0 and prefill > 0 and decode > 0
+
+
+def test_rank_memory_metric_reads_each_rank_process() -> None:
+    import os
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from worker.tensor_parallel import RankMemoryCollector
+
+    registry = CollectorRegistry()
+    registry.register(RankMemoryCollector(lambda: [(0, os.getpid()), (1, 2**22 + 12345)]))
+    text = generate_latest(registry).decode()
+    lines = [line for line in text.splitlines() if line.startswith("modelworker_rank_resident_bytes{")]
+    assert len(lines) == 1 and lines[0].startswith('modelworker_rank_resident_bytes{rank="0"}')
+    assert float(lines[0].split()[-1]) > 10 * 2**20  # this process holds torch: tens of MiB at least
