@@ -75,12 +75,14 @@ def make_load_plan(
     backends: BackendRegistry,
     *,
     weight_bytes: int | None = None,
+    parallel: ParallelContext = SINGLE,
 ) -> LoadPlan:
     """The plan of one Load. `weight_bytes` None: estimated from the checkpoint's headers (a network
-    built in memory, e.g. by a benchmark, passes its own)."""
+    built in memory, e.g. by a benchmark, passes its own); under tensor parallelism, this rank's
+    share (1/N: the replicated norms are a rounding error of it)."""
     dtype = resolve_dtype(config, device, options.dtype)
     if weight_bytes is None:
-        weight_bytes = estimate_weight_bytes(model_dir, dtype)
+        weight_bytes = -(-estimate_weight_bytes(model_dir, dtype) // parallel.world_size)
     free = free_device_bytes(device)
     cache = plan_cache(
         config, options.kv_cache, dtype, device, None if free is None else max(free - weight_bytes, 0)
@@ -100,4 +102,5 @@ def make_load_plan(
         cache=cache,
         attention_backend=backend,
         backends=backends,
+        parallel=parallel,
     )

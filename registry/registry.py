@@ -34,6 +34,7 @@ from .errors import (
 )
 from .load_plan import LoadPlan, make_load_plan, resolve_dtype
 from .model import LoadOptions, Model, ModelBuilder
+from .parallel import SINGLE
 from .paths import resolve_model_dir
 
 # Called with the Load's plan before anything is built; raising refuses the Load (the worker checks
@@ -102,6 +103,8 @@ class ModelRegistry:
         self._takes_plan: dict[str, bool] = {}
         # Attention backends by name; filled by `architectures.register_builtin` (and plugins).
         self.attention_backends: BackendRegistry[Any] = BackendRegistry()
+        # This process's rank of a tensor-parallel group; every Load's plan carries it.
+        self.parallel = SINGLE
         self._arch_lock = threading.RLock()
         self._models: dict[str, ModelEntry] = {}
         self._models_lock = threading.RLock()
@@ -214,7 +217,13 @@ class ModelRegistry:
         started = time.perf_counter()
         try:
             plan = make_load_plan(
-                spec.model_dir, spec.architecture, config, spec.options, device, self.attention_backends
+                spec.model_dir,
+                spec.architecture,
+                config,
+                spec.options,
+                device,
+                self.attention_backends,
+                parallel=self.parallel,
             )
             if admission is not None:
                 admission(plan)

@@ -206,6 +206,7 @@ class TensorParallelGroup:
     # -- building ------------------------------------------------------------------------------
     def wrap_registry(self, registry: ModelRegistry) -> None:
         """Make every architecture's builder build this rank's shard and the followers' shards."""
+        registry.parallel = self.parallel  # admission sees this rank's share of the weights
         for name in registry.list_architectures():
             builder = registry.get_builder(name)
             if builder is not None:
@@ -537,8 +538,10 @@ def _follower_build(
         config = ModelConfig.from_hf(read_config_json(path / "config.json"), arch)
         device = torch.device(options.device) if options.device else registry.device
         device = _rank_device(device, parallel.rank, per_node)
-        plan = make_load_plan(path, arch, config, options, device, registry.attention_backends)
-        plan = dataclasses.replace(plan, dtype=dtype, cache=cache, parallel=parallel)
+        plan = make_load_plan(
+            path, arch, config, options, device, registry.attention_backends, parallel=parallel
+        )
+        plan = dataclasses.replace(plan, dtype=dtype, cache=cache)
     except Exception as exc:
         parallel.all_gather_object(_portable_error(exc))  # the agreement rank 0 waits for
         raise

@@ -202,3 +202,28 @@ def test_rank_memory_metric_reads_each_rank_process() -> None:
     lines = [line for line in text.splitlines() if line.startswith("modelworker_rank_resident_bytes{")]
     assert len(lines) == 1 and lines[0].startswith('modelworker_rank_resident_bytes{rank="0"}')
     assert float(lines[0].split()[-1]) > 10 * 2**20  # this process holds torch: tens of MiB at least
+
+
+def test_load_plan_admits_this_ranks_share_of_the_weights(tmp_path: Path) -> None:
+    """Admission (the worker's memory check) reads plan.weight_bytes: under tensor parallelism a rank
+    needs 1/N of the checkpoint, so a model bigger than one device can be admitted."""
+    from architectures.backends import BACKENDS
+    from registry import LoadOptions
+    from registry.load_plan import make_load_plan
+
+    model_dir = make_tiny_model_dir(tmp_path / "m", "llama", seed=2)
+    config = ModelConfig.from_file(model_dir / "config.json")
+    plan = lambda parallel: make_load_plan(  # noqa: E731
+        model_dir,
+        config.architecture,
+        config,
+        LoadOptions(),
+        torch.device("cpu"),
+        BACKENDS,
+        parallel=parallel,
+    )
+    whole = plan(ParallelContext()).weight_bytes
+    assert whole == (model_dir / "model.safetensors").stat().st_size - 8 - int.from_bytes(
+        (model_dir / "model.safetensors").read_bytes()[:8], "little"
+    )
+    assert plan(ParallelContext(1, 2, None)).weight_bytes == -(-whole // 2)
