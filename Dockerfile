@@ -4,6 +4,13 @@
 #   docker run --gpus all -p 50051:50051 -p 9400:9400 -v /srv/models:/models:ro modelworker:latest \
 #       --preload smollm2=smollm2-135m
 #
+# One model over 2 GPUs (tensor parallelism; NCCL wants a larger /dev/shm than docker's 64 MB):
+#
+#   docker run --gpus '"device=0,1"' --shm-size 8g -p 50051:50051 -v /srv/models:/models:ro \
+#       modelworker:latest --tensor-parallel-size 2 --preload llama=Llama-3.1-70B-Instruct
+#
+# Several hosts: deploy/kubernetes-tensor-parallel.yaml (LeaderWorkerSet).
+#
 # The builder compiles flash-attn once, against the exact torch of the image, for Ampere (sm80, also
 # runs on sm86) and Hopper (sm90); the runtime stage installs that wheel and nothing is compiled there.
 # torch 2.13.0's Linux wheel on PyPI is built with CUDA 13 (it pulls the nvidia-*-cu13 libraries), so
