@@ -288,7 +288,7 @@ def test_killed_follower_mid_forward_is_unavailable_and_the_worker_exits(models)
                 srv.stub.Forward(pb.ForwardRequest(model_id="m", token_ids=[1, 2, 3]), timeout=10)
                 result["code"] = grpc.StatusCode.OK
             except grpc.RpcError as exc:
-                result["code"] = exc.code()
+                result["code"], result["details"] = exc.code(), exc.details()
 
         thread = threading.Thread(target=call)
         thread.start()
@@ -296,6 +296,7 @@ def test_killed_follower_mid_forward_is_unavailable_and_the_worker_exits(models)
         os.kill(follower, signal.SIGKILL)
         thread.join(15)
         assert result["code"] == grpc.StatusCode.UNAVAILABLE
+        assert "tensor-parallel rank was lost" in str(result["details"])
         assert srv.log.proc.wait(15) == 1
         assert _gone(follower)
         srv.log.wait_for_msg("rank lost")
