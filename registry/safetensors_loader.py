@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import mmap
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -238,6 +238,9 @@ class _Layout:
     stacked: bool
     shard_sizes: tuple[int, ...] | None
     slices: tuple[TensorSlice, ...] | None = None
+    # Experts split over ranks: this rank's stacked parameter holds experts [start, start + count) of
+    # `total` (the owner's `expert_range`); checkpoint experts outside belong to other ranks.
+    experts: tuple[int, int, int] | None = None
 
 
 def _layout(module: nn.Module, param_name: str) -> _Layout:
@@ -248,7 +251,8 @@ def _layout(module: nn.Module, param_name: str) -> _Layout:
     slices = (getattr(owner, "checkpoint_slices", None) or {}).get(leaf)
     if leaf in stacked:
         sizes = stacked[leaf]
-        return _Layout(True, None if sizes is None else tuple(sizes), slices)
+        experts = getattr(owner, "expert_range", None)
+        return _Layout(True, None if sizes is None else tuple(sizes), slices, experts)
     sizes = getattr(owner, "shard_sizes", None)
     return _Layout(False, None if sizes is None else tuple(sizes), slices)
 
@@ -280,6 +284,8 @@ def _checkpoint_shape(param: torch.Tensor, layout: _Layout, target: WeightTarget
     """The checkpoint tensor's shape for `target`: the slot's shape, with each sliced dim at its
     full (unsharded) size."""
     shape = list(_slot_shape(param, layout, target))
+    if layout.experts is not None and target.expert is None:  # a stacked tensor holds every expert
+        shape[0] = layout.experts[2]
     if layout.slices is None:
         return tuple(shape)
     lead = 1 if layout.stacked and target.expert is None else 0  # a stacked checkpoint tensor
@@ -296,6 +302,12 @@ def _slice_copies(
 ) -> list[tuple[torch.Tensor, tuple[tuple[int, int, int], ...]]]:
     """(destination view, narrows (dim, start, length) of the checkpoint tensor) for `target`."""
     view = _slot_view(param, layout, target)
+    if layout.experts is not None and target.expert is None:  # this rank's experts of a stacked tensor
+        start, count, _ = layout.experts
+        return [
+            (v, ((0, start, count), *n))
+            for v, n in _slice_copies(param, replace(layout, experts=None), target)
+        ]
     if layout.slices is None:
         return [(view, ())]
     lead = 1 if layout.stacked and target.expert is None else 0
@@ -365,6 +377,11 @@ def plan_load(
         target = mapping.map(entry.name)
         if target is None:
             continue
+        experts = layouts[canonical[target.param]].experts if target.param in canonical else None
+        if experts is not None and target.expert is not None:
+            if not experts[0] <= target.expert < experts[0] + experts[1]:
+                continue  # another rank's expert
+            target = target._replace(expert=target.expert - experts[0])
         key = target._replace(param=canonical.get(target.param, ""))
         slots = (
             _covered_slots(key, params[target.param], layouts[key.param]) if target.param in params else []
@@ -401,6 +418,9 @@ def plan_load(
         plan[entry.name] = (entry, fills)
     missing = []
     for target in sorted(required - present, key=_slot_order):
+        experts = layouts[target.param].experts
+        if experts is not None and target.expert is not None:  # named by its checkpoint index
+            target = target._replace(expert=target.expert + experts[0])
         text = mapping.checkpoint_name(target)
         others = tied[target.param][1:]
         missing.append(f"{text} (or tied {', '.join(others)})" if others else text)
