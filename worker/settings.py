@@ -95,7 +95,12 @@ def parse_bytes(text: str | int) -> int:
 def _parse_int(text: str | int) -> int:
     if isinstance(text, bool):
         raise ValueError(f"expected an integer, got {text!r}")
-    return text if isinstance(text, int) else int(str(text).strip())
+    if isinstance(text, int):
+        return text
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None
 
 
 def _parse_float(text: str | float) -> float:

@@ -96,9 +96,8 @@ def log_call(
     **extra: Any,
 ) -> None:
     ok = code is grpc.StatusCode.OK
-    level = logging.INFO if ok or code is not grpc.StatusCode.INTERNAL else logging.ERROR
     log.log(
-        level,
+        log_level_of(code),
         "%s %s",
         method,
         "ok" if ok else "failed",
@@ -113,6 +112,18 @@ def log_call(
             **extra,
         ),
     )
+
+
+# A failed call is the client's problem (WARNING) unless the worker failed (ERROR); OK and a call the
+# client cancelled are routine (INFO).
+_ERROR_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS})
+_INFO_CODES = frozenset({grpc.StatusCode.OK, grpc.StatusCode.CANCELLED})
+
+
+def log_level_of(code: grpc.StatusCode) -> int:
+    if code in _INFO_CODES:
+        return logging.INFO
+    return logging.ERROR if code in _ERROR_CODES else logging.WARNING
 
 
 Req = TypeVar("Req")
