@@ -7,6 +7,7 @@ tensor work, and turns hidden states into float32 logits.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -75,9 +76,9 @@ def build_causal_lm(
         network.eval().requires_grad_(False)
         return CausalLM(network, config, device, dtype, options)
     except Exception as exc:
+        # The cached blocks are released by the registry once the half-built model is dropped
+        # (empty_cache here would run while this frame still holds the weights).
         if is_out_of_memory(exc):
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
             raise OutOfResources(f"out of memory on {device} while loading {model_dir}: {exc}") from None
         raise
 
@@ -91,7 +92,7 @@ class CausalLM(Model):
         dtype: torch.dtype,
         options: LoadOptions,
     ) -> None:
-        from .backends import select_backend
+        from .backends import default_block_size, select_backend
         from .paged import PagedKvCache
 
         self.config = config
@@ -100,7 +101,13 @@ class CausalLM(Model):
         self._dtype = dtype
         self.rotary = RotaryEmbedding(config, device, dtype)
         self._weight_bytes, self._num_parameters = _parameter_totals(network)
-        spec = plan_cache(config, options.kv_cache, dtype, device, free_device_bytes(device))
+        kv = options.kv_cache
+        if not kv.block_size:
+            bs = default_block_size(
+                options.attention_backend, device=device, dtype=dtype, head_dim=config.head_dim
+            )
+            kv = dataclasses.replace(kv, block_size=bs)
+        spec = plan_cache(config, kv, dtype, device, free_device_bytes(device))
         self.backend = select_backend(
             options.attention_backend,
             device=device,

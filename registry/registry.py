@@ -195,6 +195,7 @@ class ModelRegistry:
                 if self._models.get(entry.model_id) is entry:
                     del self._models[entry.model_id]
             entry.done.set()
+            release_cached_device_memory(device)
             raise
         entry.model = model
         entry.load_seconds = time.perf_counter() - started
@@ -280,6 +281,14 @@ class ModelRegistry:
                     if self._models.get(model_id) is entry:
                         del self._models[model_id]
         return freed
+
+
+def release_cached_device_memory(device: torch.device) -> None:
+    """After a failed build, once the half-built model is dropped: the blocks it held sit free in
+    torch's caching allocator, which the driver (and so admission, through mem_get_info) still
+    counts as used; hand them back so that a retry fits."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _clear_frames(exc: BaseException) -> None:
