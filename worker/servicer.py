@@ -9,6 +9,7 @@ Errors are raised as `registry.errors` types and mapped to status codes in `stat
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -293,8 +294,9 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         dtype = options.dtype or torch.float32
         weights = estimate_weight_bytes(model_dir, dtype)
         free = dev.free_bytes(device)
+        kv = _with_block_size(options, device, dtype, config)  # the block size the build will pick
         cache = plan_cache(
-            config, options.kv_cache, dtype, device, max(free - weights, 0) if device.type == "cuda" else None
+            config, kv, dtype, device, max(free - weights, 0) if device.type == "cuda" else None
         )
         need = weights + cache.total_bytes
         what = f"{need} bytes (weights {weights} + KV cache {cache.total_bytes})"
@@ -695,6 +697,19 @@ def _read_json(path: Path) -> dict:
     from registry.config import read_config_json
 
     return read_config_json(path)
+
+
+def _with_block_size(
+    options: LoadOptions, device: torch.device, dtype: torch.dtype, config: ModelConfig
+) -> KvCacheOptions:
+    """The Load's KV options with the block size the model will pick when none is given (so that
+    admission predicts the bytes the build allocates)."""
+    if options.kv_cache.block_size:
+        return options.kv_cache
+    from architectures.backends import default_block_size
+
+    size = default_block_size(options.attention_backend, device=device, dtype=dtype, head_dim=config.head_dim)
+    return dataclasses.replace(options.kv_cache, block_size=size)
 
 
 def _available_backends() -> list[str]:

@@ -17,7 +17,7 @@ import torch
 
 from registry.errors import InvalidArgument
 
-from .flash_backend import FlashAttnBackend, flash_attn_unavailable_reason
+from .flash_backend import FLASH_BLOCK_MULTIPLE, FlashAttnBackend, flash_attn_unavailable_reason
 from .torch_backend import TorchBackend
 
 BACKEND_NAMES = ("auto", "torch", "flash_attn")
@@ -67,6 +67,23 @@ def select_backend(
     return TorchBackend()
 
 
+SMALL_BLOCK_SIZE = 16  # the default where flash-attn does not run: little waste per sequence
+
+
+def default_block_size(
+    backend: str, *, device: torch.device | str, dtype: torch.dtype, head_dim: int | None
+) -> int:
+    """The KV block size of a Load that names none: FLASH_BLOCK_MULTIPLE (256) where the backend
+    asked for (`auto` or `flash_attn`) would then run flash-attn, whose paged cache needs a multiple
+    of 256; SMALL_BLOCK_SIZE elsewhere. The one place this choice is made (the Load's admission
+    check and the model's cache use it alike)."""
+    requested = (backend or "auto").strip().lower()
+    if requested not in ("auto", "flash_attn"):
+        return SMALL_BLOCK_SIZE
+    reason = flash_attn_unavailable_reason(torch.device(device), dtype, FLASH_BLOCK_MULTIPLE, head_dim)
+    return FLASH_BLOCK_MULTIPLE if reason is None else SMALL_BLOCK_SIZE
+
+
 def available_backends(device: torch.device | str | None = None) -> list[str]:
     """Backends that can run on this machine (for Info): torch always, flash_attn with CUDA and the
     package. Dtype and block size are per model and decided at Load."""
@@ -83,6 +100,7 @@ __all__ = [
     "FlashAttnBackend",
     "TorchBackend",
     "available_backends",
+    "default_block_size",
     "flash_attn_unavailable_reason",
     "select_backend",
 ]
