@@ -29,6 +29,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from registry.registry import ModelEntry
 
 from . import devices
+from .gpu_memory import has_context
 from .logs import LOGGER_NAME
 from .observer import WorkerObserver
 
@@ -184,7 +185,7 @@ class DeviceMemoryCollector:
     cpu: total, available (MemAvailable) and process_resident (this process's RSS); cuda:N: total,
     free (driver view, all processes), allocated and reserved (this process's torch allocator). CUDA
     is only asked once this process has initialized it: a scrape of a CPU worker never creates a CUDA
-    context.
+    context, and devices the worker does not use are read through NVML (worker/gpu_memory.py).
     """
 
     NAME = "modelworker_device_memory_bytes"
@@ -208,8 +209,9 @@ class DeviceMemoryCollector:
                     mem = devices.cuda_memory(index)
                     family.add_metric([mem.name, "total"], mem.total_bytes)
                     family.add_metric([mem.name, "free"], mem.free_bytes)
-                    family.add_metric([mem.name, "allocated"], torch.cuda.memory_allocated(index))
-                    family.add_metric([mem.name, "reserved"], torch.cuda.memory_reserved(index))
+                    if has_context(index):  # this process's allocator; none where it has no context
+                        family.add_metric([mem.name, "allocated"], torch.cuda.memory_allocated(index))
+                        family.add_metric([mem.name, "reserved"], torch.cuda.memory_reserved(index))
         except Exception:  # a scrape must still return the other metrics
             log.exception("reading device memory for metrics failed")
         return [family]

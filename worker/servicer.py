@@ -568,6 +568,8 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         default_dtype = s.dtype
         if default_dtype == "auto" and self.default_device.type != "cuda":
             default_dtype = "float32"
+        # Off the event loop: the device probes ask the driver (NVML) and may import flash_attn.
+        devices, backends = await asyncio.to_thread(lambda: (dev.all_devices(), _available_backends()))
         return pb.InfoResponse(
             version=__version__,
             devices=[
@@ -577,11 +579,11 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
                     total_memory_bytes=d.total_bytes,
                     free_memory_bytes=d.free_bytes,
                 )
-                for d in dev.all_devices()
+                for d in devices
             ],
             default_device=str(self.default_device),
             default_dtype=default_dtype,
-            attention_backends=_available_backends(),
+            attention_backends=backends,
             limits=pb.Limits(
                 max_message_bytes=s.max_message_bytes,
                 max_tokens_per_request=s.max_tokens_per_request,
