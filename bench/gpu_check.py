@@ -275,7 +275,6 @@ def main(argv: list[str] | None = None) -> int:
         problem = unusable_gpu_reason(nvidia_smi_gpus(), False, dict(os.environ))
         if problem is not None:
             print(f"FAILED: {problem}", file=sys.stderr)
-            print(f"FAILED: {problem}")
             return 1
         print("no CUDA: skipping the GPU checks (pytest -m gpu, flash_attn, decode timings)")
         return 0
@@ -285,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     header = [
         f"card: {card} (sm_{major}{minor}, {torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB)",
         f"torch {torch.__version__}, CUDA {torch.version.cuda}, flash-attn {_flash_version()}",
-        f"driver: {', '.join(nvidia_smi_gpus() or ['nvidia-smi not found'])}",
+        f"nvidia-smi: {'; '.join(nvidia_smi_gpus() or ['not found'])}",
     ]
     print("\n".join(header), flush=True)
 
