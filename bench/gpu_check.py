@@ -121,8 +121,12 @@ def build_network(shape: dict, device: torch.device, dtype: torch.dtype) -> torc
 def wrap_model(
     network: torch.nn.Module, shape: dict, device, dtype, backend: str, num_blocks: int, block_size: int
 ):
+    from pathlib import Path
+
+    from architectures.backends import BACKENDS
     from architectures.base import CausalLM
     from registry import KvCacheOptions, LoadOptions, ModelConfig
+    from registry.load_plan import make_load_plan
 
     options = LoadOptions(
         dtype=dtype,
@@ -131,7 +135,11 @@ def wrap_model(
             block_size=block_size, num_blocks=num_blocks, max_seq_len=64, max_batch_size=1
         ),
     )
-    return CausalLM(network, ModelConfig.from_hf(shape), torch.device(device), dtype, options)
+    config = ModelConfig.from_hf(shape)
+    plan = make_load_plan(
+        Path("."), config.architecture, config, options, torch.device(device), BACKENDS, weight_bytes=0
+    )
+    return CausalLM(network, plan)
 
 
 def decode_ms(model, batch: int, context: int, iters: int, warmup: int = 3) -> float:
@@ -305,16 +313,25 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(card, rows)
     print()
     print(table)
+    from bench.gpu_hot_path import report as hot_path_report  # triton vs torch; decode eager vs graphs
+
+    hot_path, hot_path_failed = hot_path_report(
+        device, lambda dt: build_network(LLAMA_1B, device, dt), LLAMA_1B, BATCH_SIZES
+    )
+    print()
+    print(hot_path)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = args.out_dir / f"gpu-check-{stamp}.md"
     shape = f"Llama {LLAMA_1B['hidden_size']}h/{LLAMA_1B['num_hidden_layers']}L/{LLAMA_1B['num_attention_heads']}q"
     shape += f"/{LLAMA_1B['num_key_value_heads']}kv, context {CONTEXT}, block {BLOCK_SIZE}"
     out.write_text(
-        "\n".join([f"# gpu-check {stamp}", "", *header, f"gpu tests: {tests}", shape, "", table, ""])
+        "\n".join(
+            [f"# gpu-check {stamp}", "", *header, f"gpu tests: {tests}", shape, "", table, "", hot_path, ""]
+        )
     )
     print(f"\nwritten to {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
-    failed = test_rc != 0 or any(r.failure for r in rows)
+    failed = test_rc != 0 or any(r.failure for r in rows) or hot_path_failed
     flash = "tested" if flash_reason is None else f"NOT TESTED ({_flash_summary(flash_reason)})"
     print(f"\nresult: {'FAILED' if failed else 'passed'}; flash_attn backend {flash}")
     if flash_reason is not None and args.require_flash:

@@ -32,6 +32,7 @@ class LoadOptions:
     is_quant_model: bool = False
     attention_backend: str = "auto"
     kv_cache: KvCacheOptions = field(default_factory=KvCacheOptions)
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,16 @@ class Model(abc.ABC):
     @property
     @abc.abstractmethod
     def attention_backend(self) -> str: ...
+
+    @property
+    def cuda_graph_batch_sizes(self) -> list[int]:
+        """Decode batch sizes replayed from CUDA graphs (empty: every call runs eagerly)."""
+        return []
+
+    @property
+    def cuda_graph_bytes(self) -> int:
+        """Device memory held by the captured graphs."""
+        return 0
 
     @abc.abstractmethod
     def forward(

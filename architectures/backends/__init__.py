@@ -2,45 +2,60 @@
 
 - `torch`: gather + scaled_dot_product_attention; any device, dtype and block size; the reference.
 - `flash_attn`: the flash-attn package (FlashAttention-2) on CUDA in fp16/bf16 with a block size
-  that is a multiple of 256.
-- `auto`: flash_attn where it can run, torch elsewhere.
+  that is a multiple of 256; a Load that names no block size gets 256 where flash_attn runs (the
+  backend's preferred block size; elsewhere the default is 16).
+- `triton`: our Triton kernels (triton_kernels.py): CUDA in fp16/bf16/fp32, any block size; on the
+  CPU only when named, under TRITON_INTERPRET=1 (the tests' proof of the kernels).
+- `auto`: the available backend of highest priority: flash_attn where it can run, else triton on
+  CUDA, else torch.
 
-Nothing here imports flash_attn or touches CUDA at import time; the flash backend imports the
-package when it is selected.
+`register_builtin_backends` is the one list of backends: the worker's registry gets it through
+`architectures.register_builtin`, and `BACKENDS` (for direct use: tests, bench, builders called
+without a load plan) is filled by the same function. Adding a backend is one `register` line there
+(name, lazy factory, probe, priority, optionally a preferred block size). Nothing here imports
+flash_attn or triton or touches CUDA at import time; a factory imports its package when its backend
+is selected.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
-
 import torch
 
-from registry.errors import InvalidArgument
+from registry.backends import BackendRegistry, BackendRequirements
 
-from .flash_backend import FLASH_BLOCK_MULTIPLE, FlashAttnBackend, flash_attn_unavailable_reason
+from .flash_backend import (
+    FLASH_BLOCK_MULTIPLE,
+    FlashAttnBackend,
+    flash_attn_probe,
+    flash_attn_unavailable_reason,
+)
+from .protocol import AttentionBackend
 from .torch_backend import TorchBackend
+from .triton_backend import TritonBackend, triton_unavailable_reason
 
-BACKEND_NAMES = ("auto", "torch", "flash_attn")
+
+def triton_probe(requirements: BackendRequirements) -> str | None:
+    return triton_unavailable_reason(requirements.device, requirements.dtype)
 
 
-class AttentionBackend(Protocol):
-    """What `PagedContext` needs from a backend. `plan` runs once per call, `attend` once per layer,
-    after the layer's K/V are in the cache."""
+def triton_auto_probe(requirements: BackendRequirements) -> str | None:
+    """`auto` takes triton on CUDA only: on the CPU it is the interpreter, a test mode."""
+    if requirements.device.type != "cuda":
+        return "auto picks triton on CUDA only"
+    return triton_probe(requirements)
 
-    name: str
 
-    def plan(self, cache: Any, batch: Any) -> Any: ...
+def register_builtin_backends(backends: BackendRegistry[AttentionBackend]) -> None:
+    backends.register("torch", TorchBackend, priority=0)
+    # Block size 256 by default where flash_attn runs: its paged cache needs a multiple of 256.
+    backends.register(
+        "flash_attn", FlashAttnBackend, flash_attn_probe, priority=100, block_size=FLASH_BLOCK_MULTIPLE
+    )
+    backends.register("triton", TritonBackend, triton_probe, priority=50, auto_probe=triton_auto_probe)
 
-    def attend(
-        self,
-        cache: Any,
-        layer_idx: int,
-        q: torch.Tensor,
-        batch: Any,
-        plan: Any,
-        window: int | None,
-        scale: float,
-    ) -> torch.Tensor: ...
+
+BACKENDS: BackendRegistry[AttentionBackend] = BackendRegistry()
+register_builtin_backends(BACKENDS)
 
 
 def select_backend(
@@ -53,54 +68,24 @@ def select_backend(
 ) -> AttentionBackend:
     """The backend for a model at Load. `auto` (or an empty name) never fails; naming a backend that
     cannot run here raises InvalidArgument saying why."""
-    requested = (name or "auto").strip().lower()
-    if requested not in BACKEND_NAMES:
-        raise InvalidArgument(f"attention_backend {name!r} is not known (valid: {', '.join(BACKEND_NAMES)})")
-    device = torch.device(device)
-    if requested == "torch":
-        return TorchBackend()
-    reason = flash_attn_unavailable_reason(device, dtype, block_size, head_dim)
-    if reason is None:
-        return FlashAttnBackend()
-    if requested == "flash_attn":
-        raise InvalidArgument(f"attention_backend flash_attn cannot run: {reason}")
-    return TorchBackend()
-
-
-SMALL_BLOCK_SIZE = 16  # the default where flash-attn does not run: little waste per sequence
-
-
-def default_block_size(
-    backend: str, *, device: torch.device | str, dtype: torch.dtype, head_dim: int | None
-) -> int:
-    """The KV block size of a Load that names none: FLASH_BLOCK_MULTIPLE (256) where the backend
-    asked for (`auto` or `flash_attn`) would then run flash-attn, whose paged cache needs a multiple
-    of 256; SMALL_BLOCK_SIZE elsewhere. The one place this choice is made (the Load's admission
-    check and the model's cache use it alike)."""
-    requested = (backend or "auto").strip().lower()
-    if requested not in ("auto", "flash_attn"):
-        return SMALL_BLOCK_SIZE
-    reason = flash_attn_unavailable_reason(torch.device(device), dtype, FLASH_BLOCK_MULTIPLE, head_dim)
-    return FLASH_BLOCK_MULTIPLE if reason is None else SMALL_BLOCK_SIZE
+    return BACKENDS.select(name, BackendRequirements(torch.device(device), dtype, block_size, head_dim))
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
-    """Backends that can run on this machine (for Info): torch always, flash_attn with CUDA and the
-    package. Dtype and block size are per model and decided at Load."""
-    names = ["torch"]
-    cuda = torch.device(device) if device is not None else torch.device("cuda")
-    if cuda.type == "cuda" and flash_attn_unavailable_reason(cuda, torch.bfloat16, 256, None) is None:
-        names.append("flash_attn")
-    return names
+    """Backends that can run on this machine (for Info): torch always, flash_attn and triton with CUDA
+    and their packages. Dtype and block size are per model and decided at Load."""
+    return BACKENDS.available(torch.device(device) if device is not None else torch.device("cuda"))
 
 
 __all__ = [
-    "BACKEND_NAMES",
+    "BACKENDS",
     "AttentionBackend",
     "FlashAttnBackend",
     "TorchBackend",
+    "TritonBackend",
     "available_backends",
-    "default_block_size",
     "flash_attn_unavailable_reason",
+    "register_builtin_backends",
     "select_backend",
+    "triton_unavailable_reason",
 ]

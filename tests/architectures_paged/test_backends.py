@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from architectures.backends import (
+    BACKENDS,
     FlashAttnBackend,
     TorchBackend,
     available_backends,
-    default_block_size,
     flash_attn_unavailable_reason,
     select_backend,
 )
 from architectures.paged import PagedKvCache
+from registry import BackendRequirements, KvCacheOptions, LoadOptions, LoadPlan, ModelConfig
 from registry.errors import InvalidArgument
+from registry.load_plan import default_block_size, make_load_plan
 
 from . import fake_flash_attn
 from .reference import PagedSim
@@ -34,7 +37,8 @@ def test_cpu_selects_torch(name: str) -> None:
 
 def test_unknown_backend_lists_the_valid_ones() -> None:
     with pytest.raises(
-        InvalidArgument, match=r"attention_backend 'xformers' is not known \(valid: auto, torch, flash_attn\)"
+        InvalidArgument,
+        match=r"attention_backend 'xformers' is not known \(valid: auto, torch, flash_attn, triton\)",
     ):
         select_backend("xformers", device="cpu", dtype=torch.float32, block_size=16)
 
@@ -174,9 +178,10 @@ def test_available_backends_on_cuda() -> None:
     try:
         import flash_attn  # noqa: F401
     except ImportError:
-        assert names == ["torch"]
+        assert "flash_attn" not in names
     else:
         assert "flash_attn" in names
+    assert "triton" in names
 
 
 # -- decisions that depend on the GPU, checked on CPU with stand-ins for torch.cuda's queries -------
@@ -196,7 +201,8 @@ def test_flash_refuses_gpus_its_kernels_were_not_built_for(pretend_gpu, stand_in
     major, minor = capability
     with pytest.raises(InvalidArgument, match=rf"built for sm_80 and sm_90 .* this GPU is sm_{major}{minor}"):
         select_backend("flash_attn", device="cuda", dtype=torch.bfloat16, block_size=256, head_dim=64)
-    assert select_backend("auto", device="cuda", dtype=torch.bfloat16, block_size=256).name == "torch"
+    auto = BACKENDS.resolve("auto", BackendRequirements(torch.device("cuda"), torch.bfloat16, 256, 64))
+    assert auto != "flash_attn"
     assert stand_in_flash.calls == []
 
 
@@ -235,6 +241,7 @@ def test_flash_versions_before_2_6_2_are_refused(
         ("", "cuda", torch.float16, 128, 256),
         ("flash_attn", "cuda", torch.bfloat16, 64, 256),
         ("torch", "cuda", torch.bfloat16, 64, 16),  # the torch backend gains nothing from big blocks
+        ("triton", "cuda", torch.bfloat16, 64, 16),  # nor triton (any block size)
         ("auto", "cuda", torch.float32, 64, 16),  # flash-attn cannot run float32
         ("auto", "cuda", torch.bfloat16, 12, 16),  # nor this head_dim
         ("auto", "cpu", torch.bfloat16, 64, 16),
@@ -243,28 +250,50 @@ def test_flash_versions_before_2_6_2_are_refused(
 def test_default_block_size_is_256_where_flash_attn_runs(
     pretend_gpu, stand_in_flash, backend, device, dtype, head_dim, expect
 ) -> None:
-    assert default_block_size(backend, device=device, dtype=dtype, head_dim=head_dim) == expect
+    assert default_block_size(BACKENDS, backend, torch.device(device), dtype, head_dim) == expect
 
 
 def test_default_block_size_without_flash_attn(pretend_gpu, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
-    assert default_block_size("auto", device="cuda", dtype=torch.bfloat16, head_dim=64) == 16
+    cuda = torch.device("cuda")
+    assert default_block_size(BACKENDS, "auto", cuda, torch.bfloat16, 64) == 16
     pretend_gpu["value"] = (10, 0)
-    assert default_block_size("auto", device="cuda", dtype=torch.bfloat16, head_dim=64) == 16
+    assert default_block_size(BACKENDS, "auto", cuda, torch.bfloat16, 64) == 16
 
 
-def test_admission_plans_the_block_size_the_build_picks(pretend_gpu, stand_in_flash) -> None:
-    """The worker's admission check sizes the cache with the same default as the model."""
-    from registry import KvCacheOptions, LoadOptions, ModelConfig
-    from worker.servicer import _with_block_size
+LLAMA_CONFIG = dict(
+    architectures=["LlamaForCausalLM"], vocab_size=32, hidden_size=256, intermediate_size=64,
+    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+)  # fmt: skip
 
-    config = ModelConfig.from_hf(
-        dict(architectures=["LlamaForCausalLM"], vocab_size=32, hidden_size=256, intermediate_size=64,
-             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    )  # fmt: skip
-    options = LoadOptions(attention_backend="auto", kv_cache=KvCacheOptions(num_blocks=8))
-    kv = _with_block_size(options, torch.device("cuda"), torch.bfloat16, config)
-    assert (kv.block_size, kv.num_blocks) == (256, 8)
-    explicit = LoadOptions(attention_backend="auto", kv_cache=KvCacheOptions(block_size=512, num_blocks=8))
-    assert _with_block_size(explicit, torch.device("cuda"), torch.bfloat16, config).block_size == 512
-    assert _with_block_size(options, torch.device("cpu"), torch.float32, config).block_size == 16
+
+def _plan(options: LoadOptions, device: str) -> LoadPlan:
+    config = ModelConfig.from_hf(dict(LLAMA_CONFIG))
+    return make_load_plan(
+        Path("unread"), config.architecture, config, options, torch.device(device), BACKENDS, weight_bytes=0
+    )
+
+
+def test_the_load_plan_carries_the_default_block_size(pretend_gpu, stand_in_flash, monkeypatch) -> None:
+    """Admission and the build both read the plan's cache: they size it with the same block size."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 30, 16 << 30))
+    plan = _plan(LoadOptions(dtype=torch.bfloat16, kv_cache=KvCacheOptions(num_blocks=8)), "cuda")
+    assert (plan.cache.block_size, plan.cache.num_blocks, plan.attention_backend) == (256, 8, "flash_attn")
+    explicit = LoadOptions(dtype=torch.bfloat16, kv_cache=KvCacheOptions(block_size=512, num_blocks=8))
+    assert _plan(explicit, "cuda").cache.block_size == 512
+    cpu = _plan(LoadOptions(kv_cache=KvCacheOptions(num_blocks=8)), "cpu")
+    assert (cpu.cache.block_size, cpu.attention_backend) == (16, "torch")
+
+
+def test_named_flash_attn_says_why_not_rather_than_blaming_the_default_block_size(
+    pretend_gpu, stand_in_flash, monkeypatch
+) -> None:
+    """A Load naming flash_attn and no block size gets 256 even where flash-attn cannot run, so the
+    error names the real cause (here the GPU), not a block size of 16 the client never asked for."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 30, 16 << 30))
+    pretend_gpu["value"] = (12, 0)
+    options = LoadOptions(dtype=torch.bfloat16, attention_backend="flash_attn")
+    with pytest.raises(
+        InvalidArgument, match="flash_attn cannot run: flash-attn's kernels are built for sm_80"
+    ):
+        _plan(options, "cuda")

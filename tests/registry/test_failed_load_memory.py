@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from registry import LoadOptions, ModelRegistry
+from registry import LoadOptions, LoadPlan, ModelRegistry
 from registry.errors import InvalidConfig, OutOfResources
 
 from .toy import TOY_ARCH, Tracker, toy_builder, write_toy_dir
@@ -61,6 +61,8 @@ class StandInAllocator:
 def allocator(monkeypatch: pytest.MonkeyPatch) -> StandInAllocator:
     stand_in = StandInAllocator()
     monkeypatch.setattr(torch.cuda, "empty_cache", stand_in.empty_cache)
+    # The load plan reads the free memory of a CUDA device (its KV budget) through mem_get_info.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (stand_in.free_bytes(), TOTAL))
     return stand_in
 
 
@@ -87,7 +89,7 @@ def test_a_failed_load_frees_its_memory_for_the_retry(
     registry.register_architecture("HalfBuilt", _failing_builder(allocator, FAILURES[failure]))
     admitted: list[int] = []
 
-    def admission(model_dir: Path, architecture: str, options: LoadOptions) -> None:
+    def admission(plan: LoadPlan) -> None:
         free = allocator.free_bytes()
         admitted.append(free)
         if free < WEIGHTS:
