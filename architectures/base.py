@@ -19,6 +19,7 @@ from registry import (
     CacheSpec,
     InvalidConfig,
     InvalidRequest,
+    KvLayout,
     LoadOptions,
     LoadPlan,
     Model,
@@ -338,6 +339,26 @@ class CausalLM(Model):
         k = self.contiguous.k[layer_idx][:, :, start_pos:end].clone()
         v = self.contiguous.v[layer_idx][:, :, start_pos:end].clone()
         return k, v
+
+    @property
+    def kv_layout(self) -> KvLayout | None:
+        from .kv_blocks import layout_of
+
+        return layout_of(self.paged) if self.paged is not None else None
+
+    def export_kv_blocks(
+        self, block_ids: Sequence[int], layer_start: int = 0, layer_end: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from .kv_blocks import read_blocks
+
+        self._require_loaded()
+        return read_blocks(self.paged, block_ids, layer_start, layer_end)
+
+    def import_kv_blocks(self, dst_block_ids: Sequence[int], key: torch.Tensor, value: torch.Tensor) -> None:
+        from .kv_blocks import write_blocks
+
+        self._require_loaded()
+        write_blocks(self.paged, dst_block_ids, key, value)
 
     def release(self) -> int:
         freed = self._weight_bytes + self._cache_spec.total_bytes if self.network is not None else 0

@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -27,7 +27,7 @@ from registry.errors import InvalidArgument, ModelNotReady, OutOfResources
 from registry.paged_checks import check_token_count, resolve_query_lens
 from registry.registry import LoadOutcome, ModelEntry, ModelState, validate_model_id
 
-from . import __version__
+from . import __version__, kv_transfer
 from . import devices as dev
 from .logs import LOGGER_NAME, fields
 from .observer import NULL_OBSERVER, WorkerObserver
@@ -521,6 +521,19 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             return response
 
         return await self._on_model(model_id, run)
+
+    # -- KV block transfer (worker/kv_transfer.py) ---------------------------------------------
+    @rpc_method("ExportKvBlocks")
+    async def ExportKvBlocks(
+        self, request: pb.ExportKvBlocksRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        await kv_transfer.export_blocks(self, request, context)  # chunks go out through context.write
+
+    @rpc_method("ImportKvBlocks")
+    async def ImportKvBlocks(
+        self, request_iterator: AsyncIterator[pb.KvBlocksChunk], context: grpc.aio.ServicerContext
+    ) -> pb.ImportKvBlocksResponse:
+        return await kv_transfer.import_blocks(self, request_iterator, context)
 
     # -- read-only -----------------------------------------------------------------------------
     @rpc_method("ListModels")
