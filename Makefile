@@ -49,7 +49,7 @@ lint: install
 	diff -r -x __pycache__ $(VENV)/pb-check $(PB_OUT) || (echo "worker/pb is stale: run make proto" && exit 1)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: install
 	$(BIN)/python -m bench

@@ -28,7 +28,7 @@ from registry import (
     WeightMapping,
 )
 from registry.load_plan import make_load_plan
-from registry.safetensors_loader import load_weights
+from registry.safetensors_loader import load_checkpoint
 
 from .backends import BACKENDS, AttentionBackend
 from .kv_cache import ContiguousContext, ContiguousKvCache, DenseContext
@@ -78,9 +78,9 @@ def build_causal_lm(
             network = network_class(config)
         network = network.to(dtype=dtype).to_empty(device=device)
         network.tie_weights(config)  # to_empty gives each module its own storage
-        load_weights(network, model_dir, network_class.weight_mapping)
+        loaded = load_checkpoint(network, model_dir, network_class.weight_mapping, options.load_mode)
         network.eval().requires_grad_(False)
-        return CausalLM(network, plan)
+        return CausalLM(network, plan, mapped_bytes=loaded.mapped_bytes)
     except Exception as exc:
         # The cached blocks are released by the registry once the half-built model is dropped
         # (empty_cache here would run while this frame still holds the weights).
@@ -90,7 +90,8 @@ def build_causal_lm(
 
 
 class CausalLM(Model):
-    def __init__(self, network: nn.Module, plan: LoadPlan) -> None:
+    def __init__(self, network: nn.Module, plan: LoadPlan, *, mapped_bytes: int = 0) -> None:
+        """`mapped_bytes`: the part of the weights that are views of the memory-mapped checkpoint."""
         config, device, dtype, spec = plan.config, plan.device, plan.dtype, plan.cache
         self.config = config
         self.network = network
@@ -98,6 +99,8 @@ class CausalLM(Model):
         self._dtype = dtype
         self.rotary = RotaryEmbedding(config, device, dtype)
         self._weight_bytes, self._num_parameters = _parameter_totals(network)
+        self._mapped_bytes = mapped_bytes
+        self._load_mode = plan.options.load_mode if mapped_bytes else "copy"
         if plan.attention_backend:
             self.backend: AttentionBackend = plan.create_backend()  # type: ignore[assignment]
         else:  # a registry without backends (only architectures registered): the built-in ones
@@ -183,6 +186,14 @@ class CausalLM(Model):
     @property
     def weight_bytes(self) -> int:
         return self._weight_bytes
+
+    @property
+    def mapped_weight_bytes(self) -> int:
+        return self._mapped_bytes
+
+    @property
+    def load_mode(self) -> str:
+        return self._load_mode
 
     @property
     def cache_spec(self) -> CacheSpec:

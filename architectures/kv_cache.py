@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .lazy_zeros import zeros as lazy_zeros
+
 
 def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
     """Bool [len(q_pos), len(k_pos)]: causal, and within the window when there is one."""
@@ -66,8 +68,8 @@ class ContiguousKvCache:
         device: torch.device,
     ) -> None:
         shape = (max_batch_size, num_kv_heads, max_seq_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [lazy_zeros(shape, dtype, device) for _ in range(num_layers)]
+        self.v = [lazy_zeros(shape, dtype, device) for _ in range(num_layers)]
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.filled = [0] * max_batch_size

@@ -33,6 +33,9 @@ class LoadOptions:
     attention_backend: str = "auto"
     kv_cache: KvCacheOptions = field(default_factory=KvCacheOptions)
     enforce_eager: bool = False  # no CUDA graphs for decode steps
+    # "mmap": CPU parameters whose bytes are the checkpoint's are views of the mapped file (see
+    # registry.safetensors_loader.load_checkpoint); "copy": every parameter owns its memory.
+    load_mode: str = "mmap"
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,17 @@ class Model(abc.ABC):
     @property
     @abc.abstractmethod
     def attention_backend(self) -> str: ...
+
+    @property
+    def load_mode(self) -> str:
+        """ "mmap" when some weights are views of the memory-mapped checkpoint, else "copy"."""
+        return "copy"
+
+    @property
+    def mapped_weight_bytes(self) -> int:
+        """The part of weight_bytes held as file-backed pages (page cache, shared); the rest is the
+        process's own memory."""
+        return 0
 
     @property
     def cuda_graph_batch_sizes(self) -> list[int]:

@@ -35,6 +35,7 @@ from .errors import (
 from .load_plan import LoadPlan, make_load_plan, resolve_dtype
 from .model import LoadOptions, Model, ModelBuilder
 from .paths import resolve_model_dir
+from .safetensors_loader import LOAD_MODES
 
 # Called with the Load's plan before anything is built; raising refuses the Load (the worker checks
 # memory there).
@@ -178,8 +179,14 @@ class ModelRegistry:
         backend = options.attention_backend
         if self.attention_backends.names():
             backend = self.attention_backends.check_name(backend)
+        if options.load_mode not in LOAD_MODES:
+            raise InvalidArgument(f"load_mode {options.load_mode!r} is not one of {', '.join(LOAD_MODES)}")
         options = replace(
-            options, dtype=resolve_dtype(config, device, options.dtype), attention_backend=backend
+            options,
+            dtype=resolve_dtype(config, device, options.dtype),
+            attention_backend=backend,
+            # Only CPU parameters can be views of a mapped file.
+            load_mode=options.load_mode if device.type == "cpu" else "copy",
         )
         spec = LoadSpec(path, arch, options)
         with self._models_lock:

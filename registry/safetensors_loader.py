@@ -14,7 +14,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import torch
 from torch import nn
@@ -402,16 +402,105 @@ def _read_direct(target: torch.Tensor, entry: TensorEntry, f: BinaryIO) -> None:
         done += n
 
 
+LOAD_MODES = ("mmap", "copy")
+
+
+class WeightsLoaded(NamedTuple):
+    """What a load took from the checkpoint: every byte used, and how many of them stay file-backed
+    (parameters that are views of the memory-mapped file, shared with the page cache)."""
+
+    total_bytes: int
+    mapped_bytes: int
+
+
+def _mappable_runs(
+    module: nn.Module, plan: list[tuple[TensorEntry, WeightTarget]]
+) -> dict[str, list[TensorEntry]]:
+    """Parameters (canonical name → their tensors in file order) that can be the file's own bytes: on
+    the CPU, the checkpoint's dtype, contiguous, and filled by tensors of one file that lie back to back
+    in the parameter's row order (a plain weight; gate/up, which safetensors' sorted names store
+    adjacently; stacked experts written in order). Anything else is copied."""
+    params, _ = _parameter_slots(module)
+    by_param: dict[str, list[tuple[TensorEntry, torch.Tensor]]] = {}
+    for entry, target in plan:
+        view = _slot_view(params[target.param], _layout(module, target.param), target)
+        by_param.setdefault(target.param, []).append((entry, view))
+    runs: dict[str, list[TensorEntry]] = {}
+    for name, items in by_param.items():
+        param = params[name]
+        if param.device.type != "cpu" or not param.is_contiguous() or param.numel() == 0:
+            continue
+        items.sort(key=lambda it: it[1].storage_offset())
+        first = items[0][0]
+        itemsize = param.element_size()
+        if first.offset % itemsize or sum(e.nbytes for e, _ in items) != param.numel() * itemsize:
+            continue
+        base = param.storage_offset()
+        if all(
+            e.file == first.file
+            and e.dtype == param.dtype
+            and v.is_contiguous()
+            and e.offset - first.offset == (v.storage_offset() - base) * itemsize
+            for e, v in items
+        ):
+            runs[name] = [e for e, _ in items]
+    return runs
+
+
+def _map_file(path: Path) -> mmap.mmap:
+    # ACCESS_COPY (MAP_PRIVATE): writable, as torch.frombuffer wants, and a write (an in-place weight
+    # update) copies that page for this process only, never touching the file. Unwritten pages are
+    # the page cache's, shared with every process that maps the file.
+    with path.open("rb", buffering=0) as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+
 @torch.no_grad()
-def load_weights(module: nn.Module, model_dir: Path, mapping: WeightMapping) -> int:
-    """Load every weight of `model_dir` into `module` strictly; returns the bytes read."""
+def load_weights(module: nn.Module, model_dir: Path, mapping: WeightMapping, mode: str = "copy") -> int:
+    """Load every weight of `model_dir` into `module` strictly; returns the bytes taken."""
+    return load_checkpoint(module, model_dir, mapping, mode).total_bytes
+
+
+@torch.no_grad()
+def load_checkpoint(
+    module: nn.Module, model_dir: Path, mapping: WeightMapping, mode: str = "copy"
+) -> WeightsLoaded:
+    """Load every weight of `model_dir` into `module` strictly.
+
+    mode "mmap": a parameter whose bytes are the file's bytes (see `_mappable_runs`) becomes a view of
+    a private memory map of the file instead of a copy — no read at Load, pages come in on first use
+    and are shared with other processes mapping the same file. The file must then never change in
+    place: replace a checkpoint by writing a new file and renaming it over the old one (the mapping
+    keeps the old inode alive); truncating or rewriting a mapped file in place makes the worker fail
+    (SIGBUS) or serve the new bytes. Everything else (dtype conversion, q/k/v fused from separate
+    tensors, GPU targets) is copied as in mode "copy".
+    """
+    if mode not in LOAD_MODES:
+        raise InvalidArgument(f"load mode {mode!r} is not one of {', '.join(LOAD_MODES)}")
     entries = index_checkpoint(model_dir)
     plan = plan_load(module, entries, mapping, where=str(model_dir))
     params, _ = _parameter_slots(module)
+    mapped_bytes = 0
+    if mode == "mmap":
+        runs = _mappable_runs(module, plan)
+        maps: dict[Path, mmap.mmap] = {}
+        for name, run in runs.items():
+            param = params[name]
+            mm = maps.get(run[0].file)
+            if mm is None:
+                mm = maps[run[0].file] = _map_file(run[0].file)
+            # The parameter object stays (tied names keep sharing it); only its storage changes.
+            param.data = torch.frombuffer(
+                mm, dtype=param.dtype, count=param.numel(), offset=run[0].offset
+            ).view(param.shape)
+            mapped_bytes += param.numel() * param.element_size()
+        maps.clear()  # each map lives as long as the parameters viewing it
+        mapped_names = {e.name for run in runs.values() for e in run}
+        plan = [item for item in plan if item[0].name not in mapped_names]
     by_file: dict[Path, list[tuple[TensorEntry, WeightTarget]]] = {}
     for item in plan:
         by_file.setdefault(item[0].file, []).append(item)
-    total = 0
+    total = mapped_bytes
     for path, items in by_file.items():
         targets: list[tuple[TensorEntry, torch.Tensor]] = []
         for entry, target in sorted(items, key=lambda it: it[0].offset):
@@ -438,4 +527,4 @@ def load_weights(module: nn.Module, model_dir: Path, mapping: WeightMapping) -> 
                 mm.close()
             except BufferError:  # a view still alive somewhere; the map closes when it dies
                 pass
-    return total
+    return WeightsLoaded(total, mapped_bytes)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .logs import LOGGER_NAME, configure_logging, fields
-from .settings import LOG_FORMATS, LOG_LEVELS, Settings, SettingsError, build_settings
+from .settings import LOG_FORMATS, LOG_LEVELS, Settings, SettingsError, build_settings, effective_threads
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-tokens-per-request", help="cap on tokens in one Forward (default 16384)")
     serve.add_argument("--max-batch-size", help="cap on sequences in one Forward (default 256)")
     serve.add_argument("--memory-budget-bytes", help="cap on weights + KV cache of all models (default: off)")
+    serve.add_argument(
+        "--load-mode", help="mmap | copy: CPU weights mapped from the checkpoint or read in (default mmap)"
+    )
+    serve.add_argument(
+        "--threads", help="torch intra-op threads (default: $OMP_NUM_THREADS, else the usable cores)"
+    )
     for name, func in GGUF_COMMANDS.items():
         sub.add_parser(
             name, help=f"see `modelworker {name} --help` (registry.gguf_import.{func})", add_help=False
@@ -119,6 +125,9 @@ def serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     # The effective settings, once, at start (operations asks "what is it running with?"; token masked).
     log.info("starting modelworker %s", __version__, extra=fields(**settings.redacted()))
+    import torch
+
+    torch.set_num_threads(effective_threads(settings.threads))
     try:
         return asyncio.run(_serve(settings))
     except OSError as exc:

@@ -269,6 +269,8 @@ class ModelInfo:
     is_quant_model: bool
     load_seconds: float
     loaded_at: dt.datetime | None
+    load_mode: str = ""  # "mmap": part of the weights are views of the mapped checkpoint; "copy"
+    mapped_weight_bytes: int = 0  # that part of weight_bytes (file-backed, shared page cache)
 
 
 @dataclass(frozen=True)
@@ -721,6 +723,8 @@ def _model_info(msg: pb.ModelInfo) -> ModelInfo:
         is_quant_model=msg.is_quant_model,
         load_seconds=msg.load_seconds,
         loaded_at=loaded_at,
+        load_mode=msg.load_mode,
+        mapped_weight_bytes=msg.mapped_weight_bytes,
     )
 
 

@@ -33,7 +33,7 @@ from .logs import LOGGER_NAME, fields
 from .observer import NULL_OBSERVER, WorkerObserver
 from .pb.modelworker.v1 import worker_pb2 as pb
 from .pb.modelworker.v1 import worker_pb2_grpc as pb_grpc
-from .settings import Settings
+from .settings import LOAD_MODES, Settings
 from .status import is_out_of_memory, map_exception, note, rpc_method
 from .tensors import encode_tensor, fill_top_k, logits_dtype, logits_mode, logits_response_bytes, top_k
 
@@ -234,6 +234,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             is_quant_model=request.is_quant_model,
             attention_backend=backend,
             enforce_eager=request.enforce_eager,
+            load_mode=self._load_mode(request.load_mode),
             kv_cache=KvCacheOptions(
                 block_size=kv.block_size,
                 num_blocks=kv.num_blocks,
@@ -259,6 +260,13 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         finally:
             with self._reserve_lock:
                 self._reserved.pop(token, None)
+
+    def _load_mode(self, text: str) -> str:
+        """ "" → the worker's --load-mode; else mmap or copy."""
+        mode = (text or self.settings.load_mode).strip().lower()
+        if mode not in LOAD_MODES:
+            raise InvalidArgument(f"load_mode {text!r} is not one of {', '.join(LOAD_MODES)}")
+        return mode
 
     def _load_dtype(self, text: str) -> torch.dtype | None:
         """ "" → the worker's default; "auto" → None, which the registry's load plan resolves."""
@@ -579,6 +587,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             ),
             model_roots=[os.path.realpath(r) for r in self.registry.model_roots],
             architectures=self.registry.list_architectures(),
+            threads=torch.get_num_threads(),
         )
 
     # -- encoding ------------------------------------------------------------------------------
@@ -619,6 +628,8 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         info.attention_backend = model.attention_backend
         info.cuda_graph_batch_sizes.extend(model.cuda_graph_batch_sizes)
         info.cuda_graph_bytes = model.cuda_graph_bytes
+        info.load_mode = model.load_mode
+        info.mapped_weight_bytes = model.mapped_weight_bytes
         info.load_seconds = entry.load_seconds
         info.loaded_at.FromNanoseconds(int(entry.loaded_at * 1e9))
         return info

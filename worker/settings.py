@@ -25,6 +25,7 @@ ENV_PREFIX = "MODELWORKER_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+LOAD_MODES = ("mmap", "copy")
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _SIZE_RE = re.compile(r"(\d+)\s*(?:([kmgt])(i)?)?b?", re.IGNORECASE)
 
@@ -55,6 +56,11 @@ class Settings:
     max_batch_size: int = 256
     # Bytes of weights + KV cache this worker may hold across all models; 0: only device memory limits.
     memory_budget_bytes: int = 0
+    # mmap: CPU weights whose bytes are the checkpoint's stay views of the mapped file (checkpoints
+    # must then be replaced by rename, never rewritten in place); copy: every weight is read in.
+    load_mode: str = "mmap"
+    # torch intra-op threads; 0: $OMP_NUM_THREADS when set, else the cores this process may use.
+    threads: int = 0
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -184,6 +190,8 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_tokens_per_request": _parse_int,
     "max_batch_size": _parse_int,
     "memory_budget_bytes": parse_bytes,
+    "load_mode": _parse_lower,
+    "threads": _parse_int,
 }
 
 # Environment names that are not simply MODELWORKER_<FIELD>.
@@ -223,6 +231,10 @@ def _validate(s: Settings) -> None:
         fail("max_batch_size", f"must be >= 1, got {s.max_batch_size}")
     if s.memory_budget_bytes < 0:
         fail("memory_budget_bytes", f"must be >= 0, got {s.memory_budget_bytes}")
+    if s.load_mode not in LOAD_MODES:
+        fail("load_mode", f"must be one of {', '.join(LOAD_MODES)}, got {s.load_mode!r}")
+    if s.threads < 0:
+        fail("threads", f"must be >= 0 (0: the cores this process may use), got {s.threads}")
     if (s.tls_cert is None) != (s.tls_key is None):
         fail("tls_cert/tls_key", "both are needed for TLS")
     if s.tls_client_ca is not None and s.tls_cert is None:
@@ -231,6 +243,20 @@ def _validate(s: Settings) -> None:
         path = getattr(s, name)
         if path is not None and not path.is_file():
             fail(name, f"{path} is not a readable file")
+
+
+def effective_threads(threads: int, env: Mapping[str, str] | None = None) -> int:
+    """The torch intra-op thread count for `threads` (0: $OMP_NUM_THREADS when it is a positive
+    integer, else the cores this process may run on — its affinity, not the machine's count)."""
+    if threads:
+        return threads
+    omp = (os.environ if env is None else env).get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def read_toml(path: Path) -> dict[str, Any]:
