@@ -73,7 +73,9 @@ def build_causal_lm(
         network.tie_weights(config)  # to_empty gives each module its own storage
         load_weights(network, model_dir, mapping)
         network.eval().requires_grad_(False)
-        return CausalLM(network, config, device, dtype, options)
+        model = CausalLM(network, config, device, dtype, options)
+        model.weight_mapping = mapping  # weight updates map checkpoint names the way this load did
+        return model
     except Exception as exc:
         if is_out_of_memory(exc):
             if device.type == "cuda":
@@ -301,6 +303,11 @@ class CausalLM(Model):
         k = self.contiguous.k[layer_idx][:, :, start_pos:end].clone()
         v = self.contiguous.v[layer_idx][:, :, start_pos:end].clone()
         return k, v
+
+    def kv_cache_tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the KV caches (registry.memory releases and restores their storages)."""
+        self._require_loaded()
+        return [*self.contiguous.k, *self.contiguous.v, *self.paged.k, *self.paged.v]
 
     def release(self) -> int:
         freed = self._weight_bytes + self._cache_spec.total_bytes if self.network is not None else 0

@@ -95,6 +95,17 @@ class OutOfResources(ModelWorkerError):
     kind = "resource_exhausted"
 
 
+class FailedPrecondition(ModelWorkerError):
+    """The model is in a state that refuses the call until something else is done first
+    (FAILED_PRECONDITION); retrying the same call unchanged will not help."""
+
+    kind = "failed_precondition"
+
+
+class ModelSleeping(FailedPrecondition):
+    """The model's weights or KV cache are released (ReleaseMemory); ResumeMemory first."""
+
+
 class ModelNotReady(ModelWorkerError):
     """The model is LOADING or UNLOADING; retry later (UNAVAILABLE)."""
 

@@ -25,5 +25,12 @@ class WorkerObserver:
         """A Forward or ForwardPaged succeeded. seconds: time in the model (the reply's compute_seconds,
         without lock wait or encoding); phase: prefill | decode | mixed; tokens: input tokens."""
 
+    def weights_updated(self, model_id: str, source: str, seconds: float) -> None:
+        """A weight update was applied. source: disk | stream | distributed:<backend>; seconds:
+        from the call's start (reading or receiving the tensors included) to the last copy."""
+
+    def memory_resident(self, model_id: str, weight_bytes: int, kv_cache_bytes: int) -> None:
+        """ReleaseMemory or ResumeMemory changed what the model holds: the bytes resident now."""
+
 
 NULL_OBSERVER = WorkerObserver()
