@@ -7,11 +7,14 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.tiny_models import make_tiny_model_dir
 from tests.worker.harness import RunningServer, make_settings, start_server
 from worker.client import KvCacheConfig, ModelWorkerClient
+
+from .helpers import TOKENS, logits
 
 SMALL_KV = KvCacheConfig(block_size=16, num_blocks=16, max_seq_len=64, max_batch_size=2)
 
@@ -36,3 +39,26 @@ def worker(aio_loop: asyncio.AbstractEventLoop, update_root: Path) -> Iterator[R
 def client(worker: RunningServer) -> Iterator[ModelWorkerClient]:
     with ModelWorkerClient(worker.target, timeout=60) as c:
         yield c
+
+
+@pytest.fixture
+def loaded(client: ModelWorkerClient, request: pytest.FixtureRequest) -> Iterator[str]:
+    """llama-a loaded under a per-test id; unloaded afterwards."""
+    model_id = f"upd-{request.node.name}"[:100].replace("[", "-").replace("]", "")
+    client.load(model_id, "llama-a", kv_cache=SMALL_KV)
+    yield model_id
+    client.unload(model_id)
+
+
+@pytest.fixture(scope="module")
+def reference(worker, update_root: Path) -> dict[str, np.ndarray]:
+    """Logits of fresh Loads of A and of B (the independent reference for every update)."""
+    with ModelWorkerClient(worker.target, timeout=60) as c:
+        out = {}
+        for name in ("llama-a", "llama-b"):
+            c.load(f"ref-{name}", name, kv_cache=SMALL_KV)
+            out[name] = logits(c, f"ref-{name}")
+            c.unload(f"ref-{name}")
+    assert not np.array_equal(out["llama-a"], out["llama-b"])
+    out["tokens"] = TOKENS
+    return out

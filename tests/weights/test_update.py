@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from worker.client import (
     FailedPreconditionError,
@@ -24,38 +22,7 @@ from worker.client_weights import weight_chunks
 from worker.pb.modelworker.v1 import worker_pb2_grpc as pb_grpc
 
 from .conftest import SMALL_KV
-
-TOKENS = np.random.default_rng(7).integers(0, 128, size=(2, 9))
-
-
-def logits(client: ModelWorkerClient, model_id: str) -> np.ndarray:
-    return client.forward(model_id, TOKENS, logits_mode="all").logits
-
-
-def checkpoint(root: Path, name: str) -> dict[str, torch.Tensor]:
-    return load_file(str(root / name / "model.safetensors"))
-
-
-@pytest.fixture
-def loaded(client: ModelWorkerClient, request: pytest.FixtureRequest) -> Iterator[str]:
-    """llama-a loaded under a per-test id; unloaded afterwards."""
-    model_id = f"upd-{request.node.name}"[:100].replace("[", "-").replace("]", "")
-    client.load(model_id, "llama-a", kv_cache=SMALL_KV)
-    yield model_id
-    client.unload(model_id)
-
-
-@pytest.fixture(scope="module")
-def reference(worker, update_root: Path) -> dict[str, np.ndarray]:
-    """Logits of fresh Loads of A and of B (the independent reference for every update)."""
-    with ModelWorkerClient(worker.target, timeout=60) as c:
-        out = {}
-        for name in ("llama-a", "llama-b"):
-            c.load(f"ref-{name}", name, kv_cache=SMALL_KV)
-            out[name] = logits(c, f"ref-{name}")
-            c.unload(f"ref-{name}")
-    assert not np.array_equal(out["llama-a"], out["llama-b"])
-    return out
+from .helpers import TOKENS, assert_unchanged, checkpoint, logits
 
 
 def test_update_from_directory_equals_a_fresh_load(client, loaded, reference) -> None:
@@ -98,12 +65,6 @@ def test_stream_in_bfloat16_converts_like_a_load(client, loaded, update_root, tm
         client.unload("ref-bf16")
 
 
-def _assert_unchanged(client: ModelWorkerClient, model_id: str, reference: dict[str, np.ndarray]) -> None:
-    assert np.array_equal(logits(client, model_id), reference["llama-a"])
-    info = next(m for m in client.list_models() if m.id == model_id)
-    assert info.weights_version == 0
-
-
 def test_refused_directory_updates_keep_the_old_weights(client, loaded, reference, update_root) -> None:
     with pytest.raises(InvalidArgumentError) as exc:
         client.update_weights(loaded, "qwen")  # q/k/v biases the Llama has no parameter for
@@ -114,7 +75,7 @@ def test_refused_directory_updates_keep_the_old_weights(client, loaded, referenc
         client.update_weights(loaded, "../outside")
     with pytest.raises(NotFoundError):
         client.update_weights("no-such-model", "llama-b")
-    _assert_unchanged(client, loaded, reference)
+    assert_unchanged(client, loaded, reference)
 
 
 def _bad_streams(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[dict[str, torch.Tensor], str]]:
@@ -136,7 +97,7 @@ def test_refused_streams_keep_the_old_weights(client, loaded, reference, update_
         with pytest.raises(InvalidArgumentError) as exc:
             client.update_weights_from_stream(loaded, tensors, chunk_bytes=4096)
         assert message in exc.value.details, case
-    _assert_unchanged(client, loaded, reference)
+    assert_unchanged(client, loaded, reference)
 
 
 def test_stream_cut_in_the_middle_of_a_tensor(worker, client, loaded, reference, update_root) -> None:
@@ -148,7 +109,7 @@ def test_stream_cut_in_the_middle_of_a_tensor(worker, client, loaded, reference,
         stub.UpdateWeightsFromStream(iter(chunks[:cut]), timeout=30)
     assert exc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "incomplete tensor" in exc.value.details()
-    _assert_unchanged(client, loaded, reference)
+    assert_unchanged(client, loaded, reference)
 
 
 def test_cancelled_stream_keeps_the_old_weights(worker, client, loaded, reference, update_root) -> None:
@@ -168,7 +129,7 @@ def test_cancelled_stream_keeps_the_old_weights(worker, client, loaded, referenc
     never.set()
     with pytest.raises(grpc.FutureCancelledError):
         future.result()
-    _assert_unchanged(client, loaded, reference)
+    assert_unchanged(client, loaded, reference)
 
 
 def test_malformed_streams(worker, client, loaded, reference, update_root) -> None:
@@ -191,7 +152,7 @@ def test_malformed_streams(worker, client, loaded, reference, update_root) -> No
             stub.UpdateWeightsFromStream(iter(messages), timeout=30)
         assert exc.value.code() is grpc.StatusCode.INVALID_ARGUMENT, case
         assert text in exc.value.details(), (case, exc.value.details())
-    _assert_unchanged(client, loaded, reference)
+    assert_unchanged(client, loaded, reference)
 
 
 def test_update_refused_while_weights_are_released(client, loaded, reference) -> None:
@@ -199,7 +160,7 @@ def test_update_refused_while_weights_are_released(client, loaded, reference) ->
     with pytest.raises(FailedPreconditionError, match="ResumeMemory"):
         client.update_weights(loaded, "llama-b")
     client.resume_memory(loaded)
-    _assert_unchanged(client, loaded, reference)
+    assert_unchanged(client, loaded, reference)
 
 
 def test_forwards_racing_updates_see_all_old_or_all_new(worker, client, loaded, reference) -> None:
