@@ -196,3 +196,22 @@ def test_forwards_racing_updates_see_all_old_or_all_new(worker, client, loaded, 
     assert seen
     for version, is_a, is_b in seen:
         assert (is_a, is_b) == ((True, False) if version % 2 == 0 else (False, True)), version
+
+
+def test_async_client_twins(worker, loaded, reference, update_root) -> None:
+    import asyncio
+
+    from worker.client import AsyncModelWorkerClient
+
+    async def run() -> tuple[int, int, np.ndarray]:
+        async with AsyncModelWorkerClient(worker.target, timeout=60) as c:
+            disk = await c.update_weights(loaded, "llama-b")
+            stream = await c.update_weights_from_stream(loaded, checkpoint(update_root, "llama-a"))
+            await c.release_memory(loaded, offload=True)
+            await c.resume_memory(loaded)
+            out = await c.forward(loaded, TOKENS, logits_mode="all")
+            return disk.weights_version, stream.weights_version, out.logits
+
+    disk, stream, out = asyncio.run(run())
+    assert (disk, stream) == (1, 2)
+    assert np.array_equal(out, reference["llama-a"])
