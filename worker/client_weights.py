@@ -73,8 +73,9 @@ def wire_dtype(dtype: Any) -> int:
     raise ValueError(f"dtype {dtype!r} cannot travel as a checkpoint tensor")
 
 
-def tensor_payload(value: TensorLike) -> tuple[int, list[int], bytes]:
-    """(DType, shape, little-endian row-major bytes) of a numpy array or a torch tensor."""
+def tensor_payload(value: TensorLike) -> tuple[int, list[int], np.ndarray]:
+    """(DType, shape, little-endian row-major bytes as a flat uint8 array) of a numpy array or a
+    torch tensor (a view where the value is already contiguous, little-endian and on the CPU)."""
     if type(value).__module__.startswith("torch"):
         wire, as_numpy = _TORCH_TO_WIRE.get(str(value.dtype).removeprefix("torch."), (None, ""))
         if wire is None:
@@ -91,7 +92,7 @@ def tensor_payload(value: TensorLike) -> tuple[int, list[int], bytes]:
         wire, shape = _NUMPY_TO_WIRE[array.dtype.name], list(array.shape)
     if sys.byteorder != "little" or array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    return wire, shape, array.tobytes()
+    return wire, shape, array.reshape(-1).view(np.uint8)
 
 
 def weight_chunks(
@@ -107,10 +108,9 @@ def weight_chunks(
     first = True
     for name, value in items:
         wire, shape, data = tensor_payload(value)
-        view = memoryview(data)
         offset = 0
         while True:
-            piece = bytes(view[offset : offset + chunk_bytes])
+            piece = data[offset : offset + chunk_bytes].tobytes()  # the one copy, piece by piece
             yield pb.WeightsChunk(
                 model_id=model_id if first else "",
                 name=name,
