@@ -126,7 +126,7 @@ class WeightsServicerMixin:
 
         version, nbytes = await self._locked(model_id, apply)
         seconds = time.perf_counter() - started
-        note(weights_version=version, source=source, bytes=nbytes, duration_update_s=round(seconds, 6))
+        note(weights_version=version, source=source, bytes=nbytes)
         self.observer.weights_updated(model_id, source, seconds)
         return pb.UpdateWeightsResponse(
             weights_version=version, update_seconds=seconds, num_tensors=len(staged.plan), bytes=nbytes

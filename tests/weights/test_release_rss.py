@@ -56,3 +56,7 @@ def test_release_returns_memory_and_resume_restores_logits(served: ServeProcess,
             client.forward("wide", TOKENS)
         client.resume_memory("wide")
         assert np.array_equal(client.forward("wide", TOKENS, logits_mode="all").logits, before)
+    # Operators see every change of what the worker holds in its log, with the bytes.
+    line = served.wait_for(lambda r: r.get("method") == "ReleaseMemory" and r.get("code") == "OK")
+    assert line["released_bytes"] == held and line["tags"] == ["weights", "kv_cache"]
+    assert served.wait_for(lambda r: r.get("method") == "ResumeMemory")["resumed_bytes"] == held
