@@ -176,4 +176,9 @@ def resume(
                 if reset is not None:
                     reset()  # zeroed, and the contiguous cache's rows counted empty again
             restored += sum(s.nbytes for s in storages)
+            # Resumed tensors live at new addresses: a model that captured them (CUDA graphs)
+            # captures again here.
+            hook = getattr(model, "memory_resumed", None)
+            if hook is not None:
+                hook(tag)
     return (record if record.storages else None), restored

@@ -283,6 +283,8 @@ class WeightsServicerMixin:
             refusal = exc
 
         def receive() -> dict[str, torch.Tensor]:
+            if slot.device.type == "cuda":
+                torch.cuda.set_device(slot.device)  # NCCL works on the thread's current device
             tensors = {}
             for spec in specs:
                 tensor = torch.empty(spec.shape, dtype=spec.dtype, device=slot.device)
