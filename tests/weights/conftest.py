@@ -25,6 +25,9 @@ def update_root(tmp_path_factory: pytest.TempPathFactory, weights_seed: int) -> 
     make_tiny_model_dir(root / "llama-a", "llama", seed=weights_seed)
     make_tiny_model_dir(root / "llama-b", "llama", seed=weights_seed + 1)
     make_tiny_model_dir(root / "qwen", "qwen2", seed=weights_seed + 2)
+    # Tied embeddings: lm_head is embed_tokens, one Parameter that updates and release keep shared.
+    make_tiny_model_dir(root / "tied-a", "llama", seed=weights_seed + 3, tie_word_embeddings=True)
+    make_tiny_model_dir(root / "tied-b", "llama", seed=weights_seed + 4, tie_word_embeddings=True)
     return root
 
 

@@ -108,3 +108,23 @@ def test_unload_a_sleeping_model(client) -> None:
     client.release_memory("sleeper")
     client.unload("sleeper")
     assert "sleeper" not in [m.id for m in client.list_models()]
+
+
+def test_tied_embeddings_stay_tied_through_update_and_release(client, update_root) -> None:
+    """An update of embed_tokens reaches lm_head (they are one parameter), also after a release."""
+    client.load("tied-ref", "tied-b", kv_cache=SMALL_KV)
+    expected = logits(client, "tied-ref")
+    client.unload("tied-ref")
+    client.load("tied", "tied-a", kv_cache=SMALL_KV)
+    try:
+        client.release_memory("tied", offload=False)
+        client.resume_memory("tied")
+        tensors = checkpoint(update_root, "tied-b")
+        assert "lm_head.weight" not in tensors
+        client.update_weights_from_stream("tied", tensors)
+        assert np.array_equal(logits(client, "tied"), expected)
+        client.release_memory("tied", ["weights"])  # streamed: kept on the host
+        client.resume_memory("tied")
+        assert np.array_equal(logits(client, "tied"), expected)
+    finally:
+        client.unload("tied")
