@@ -95,18 +95,17 @@ class OutOfResources(ModelWorkerError):
     kind = "resource_exhausted"
 
 
+class ModelNotReady(ModelWorkerError):
+    """The model is LOADING or UNLOADING; retry later (UNAVAILABLE)."""
+
+    kind = "unavailable"
+
+
 class FailedPrecondition(ModelWorkerError):
-    """The model is in a state that refuses the call until something else is done first
-    (FAILED_PRECONDITION); retrying the same call unchanged will not help."""
+    """The call is well-formed but the worker's state refuses it (FAILED_PRECONDITION)."""
 
     kind = "failed_precondition"
 
 
 class ModelSleeping(FailedPrecondition):
     """The model's weights or KV cache are released (ReleaseMemory); ResumeMemory first."""
-
-
-class ModelNotReady(ModelWorkerError):
-    """The model is LOADING or UNLOADING; retry later (UNAVAILABLE)."""
-
-    kind = "unavailable"
