@@ -21,11 +21,20 @@ import torch
 from torch import nn
 
 from .errors import CorruptCheckpoint, FailedPrecondition, InvalidArgument, WeightsMismatch
-from .safetensors_loader import TensorEntry, _owner_shard_sizes, _parameter_slots, plan_load
-from .weights import LLAMA_STYLE_MAPPING, WeightMapping
+from .safetensors_loader import (
+    TensorEntry,
+    _covered_slots,
+    _layout,
+    _parameter_slots,
+    _required_slots,
+    _slot_shape,
+    _slot_view,
+    plan_load,
+)
+from .weights import WeightMapping, WeightTarget
 
-# (checkpoint tensor, canonical parameter name, shard of a fused parameter or None)
-UpdatePlan = list[tuple[TensorEntry, str, int | None]]
+# (checkpoint tensor, where it goes: canonical parameter, expert of a stacked one, fused shard)
+UpdatePlan = list[tuple[TensorEntry, WeightTarget]]
 _NO_FILE = Path("")
 
 
@@ -38,14 +47,16 @@ class UpdateTarget:
 
 
 def update_target(model: object) -> UpdateTarget:
-    """The network and weight mapping of a loaded model. The mapping is declared on the network's
-    class (`weight_mapping`); a model may also carry its own (`model.weight_mapping`)."""
+    """The network of a loaded model and the weight mapping its class declares (`weight_mapping`,
+    the one its Load used)."""
     network = getattr(model, "network", None)
     if not isinstance(network, nn.Module):
         raise FailedPrecondition(f"{type(model).__name__} has no network whose weights can be updated")
-    mapping = getattr(model, "weight_mapping", None) or getattr(network, "weight_mapping", None)
+    mapping = getattr(network, "weight_mapping", None)
     if not isinstance(mapping, WeightMapping):
-        mapping = LLAMA_STYLE_MAPPING  # architectures built before the mapping moved onto the class
+        raise FailedPrecondition(
+            f"{type(network).__name__} declares no weight_mapping, so its weights cannot be updated by name"
+        )
     return UpdateTarget(network, mapping)
 
 
@@ -78,17 +89,25 @@ class TensorChecker:
     def __init__(self, target: UpdateTarget) -> None:
         self.target = target
         self.params, self.canonical = _parameter_slots(target.network)
+        self.layouts = {
+            name: _layout(target.network, name) for name, first in self.canonical.items() if name == first
+        }
+        self.required: set[WeightTarget] = set()
+        for name, layout in self.layouts.items():
+            self.required.update(_required_slots(name, self.params[name], layout))
 
     def check(self, spec: TensorEntry, where: str) -> None:
-        mapped = self.target.mapping.map(spec.name)
-        if mapped is None:
+        target = self.target.mapping.map(spec.name)
+        if target is None:
             return  # a name the architecture ignores (rotary inv_freq): accepted, never applied
-        param_name, shard = mapped
-        param = self.params.get(param_name)
-        sizes = _owner_shard_sizes(self.target.network, param_name) if param is not None else None
-        if param is None or (shard is None) != (sizes is None) or (shard is not None and shard >= len(sizes)):
+        key = target._replace(param=self.canonical.get(target.param, ""))
+        param = self.params.get(target.param)
+        # A tensor without a shard (expert) fills every shard (expert): a checkpoint that fuses
+        # q/k/v or gate/up, or stores experts stacked.
+        slots = _covered_slots(key, param, self.layouts[key.param]) if param is not None else []
+        if not slots or any(slot not in self.required for slot in slots):
             raise WeightsMismatch(unexpected=[spec.name], where=where)
-        expected = tuple(param.shape) if shard is None else (sizes[shard], *param.shape[1:])
+        expected = _slot_shape(param, self.layouts[key.param], key)
         if spec.shape != expected:
             raise WeightsMismatch(
                 mismatched=[f"{spec.name} is {list(spec.shape)}, expected {list(expected)}"], where=where
@@ -99,15 +118,13 @@ class TensorChecker:
             )
 
 
-def parameter_slice(network: nn.Module, params: Mapping[str, torch.Tensor], name: str, shard: int | None):
-    """The part of parameter `name` that one checkpoint tensor fills: the whole parameter, or the
-    rows of shard `shard` of a fused one. The one place a tensor-parallel rank will cut its slice."""
-    target = params[name]
-    if shard is None:
-        return target
-    sizes = _owner_shard_sizes(network, name)
-    assert sizes is not None, f"{name} is not a fused parameter"
-    return target.narrow(0, sum(sizes[:shard]), sizes[shard])
+def parameter_slice(
+    network: nn.Module, params: Mapping[str, torch.Tensor], target: WeightTarget
+) -> torch.Tensor:
+    """The part of a parameter one checkpoint tensor fills: the whole parameter, one expert's slice
+    of a stacked one, and/or the rows of one shard of a fused one (a view). The one place a
+    tensor-parallel rank will cut its own slice."""
+    return _slot_view(params[target.param], _layout(network, target.param), target)
 
 
 @torch.no_grad()
@@ -115,12 +132,12 @@ def apply_update(target: UpdateTarget, plan: UpdatePlan, staged: Mapping[str, to
     """Copy every staged tensor into its parameter slice (the caller holds the model exclusively);
     returns the checkpoint bytes applied. Converts dtype and device exactly as a Load does."""
     params, _ = _parameter_slots(target.network)
-    missing = [entry.name for entry, _, _ in plan if entry.name not in staged]
+    missing = [entry.name for entry, _ in plan if entry.name not in staged]
     if missing:  # a programming error, not a client's: nothing is written
         raise AssertionError(f"staged tensors missing for {missing}")
     total = 0
-    for entry, name, shard in plan:
-        parameter_slice(target.network, params, name, shard).copy_(staged[entry.name])
+    for entry, where in plan:
+        parameter_slice(target.network, params, where).copy_(staged[entry.name])
         total += entry.nbytes
     return total
 
@@ -130,7 +147,7 @@ def read_staged(plan: UpdatePlan) -> dict[str, torch.Tensor]:
     (read(2) straight into each tensor: no memory map keeps file pages resident)."""
     staged: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[TensorEntry]] = {}
-    for entry, _, _ in plan:
+    for entry, _ in plan:
         by_file.setdefault(entry.file, []).append(entry)
     for path, entries in by_file.items():
         with path.open("rb", buffering=0) as f:

@@ -215,3 +215,25 @@ def test_async_client_twins(worker, loaded, reference, update_root) -> None:
     disk, stream, out = asyncio.run(run())
     assert (disk, stream) == (1, 2)
     assert np.array_equal(out, reference["llama-a"])
+
+
+def test_stream_of_a_checkpoint_that_fuses_qkv_and_gate_up(client, loaded, reference, update_root) -> None:
+    """A trainer whose model fuses q/k/v and gate/up sends the fused tensors: same weights."""
+    tensors = checkpoint(update_root, "llama-b")
+    fused: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if ".q_proj." in name:
+            parts = [tensors[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
+            fused[name.replace("q_proj", "qkv_proj")] = torch.cat(parts)
+        elif ".gate_proj." in name:
+            parts = [tensors[name.replace("gate_proj", p)] for p in ("gate_proj", "up_proj")]
+            fused[name.replace("gate_proj", "gate_up_proj")] = torch.cat(parts)
+        elif not any(p in name for p in (".k_proj.", ".v_proj.", ".up_proj.")):
+            fused[name] = t
+    client.update_weights_from_stream(loaded, fused)
+    assert np.array_equal(logits(client, loaded), reference["llama-b"])
+    both = dict(
+        fused, **{"model.layers.0.self_attn.k_proj.weight": tensors["model.layers.0.self_attn.k_proj.weight"]}
+    )
+    with pytest.raises(InvalidArgumentError, match="all fill"):
+        client.update_weights_from_stream(loaded, both)
