@@ -371,6 +371,11 @@ class CausalLM(Model):
         self._require_loaded()
         write_blocks(self.paged, dst_block_ids, key, value)
 
+    def kv_cache_tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the KV caches (registry.memory releases and restores their storages)."""
+        self._require_loaded()
+        return [*self.contiguous.k, *self.contiguous.v, *self.paged.k, *self.paged.v]
+
     def release(self) -> int:
         freed = self._weight_bytes + self._cache_spec.total_bytes if self.network is not None else 0
         self.network = None

@@ -30,6 +30,7 @@ from .errors import (
     ModelAlreadyExists,
     ModelNotFound,
     ModelNotReady,
+    ModelSleeping,
     UnknownArchitecture,
 )
 from .load_plan import LoadPlan, make_load_plan, resolve_dtype
@@ -48,6 +49,8 @@ class ModelState(enum.Enum):
     LOADING = "LOADING"
     READY = "READY"
     UNLOADING = "UNLOADING"
+    # Weights and/or KV cache released (registry.memory); forwards are refused until resumed.
+    SLEEPING = "SLEEPING"
 
 
 def validate_model_id(model_id: str) -> str:
@@ -80,6 +83,13 @@ class ModelEntry:
     # Set when the load finished, successfully or not; concurrent loads of the same spec wait on it.
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    # +1 per applied weight update (registry.weight_update); 0 is the checkpoint Load read.
+    weights_version: int = 0
+    # Where the current weights can be read again (the Load's or the last UpdateWeights' directory);
+    # None after an update from a stream or a broadcast, whose tensors exist nowhere on disk.
+    weights_source: Path | None = None
+    # What ReleaseMemory freed (a registry.memory.ReleasedMemory) while the entry is SLEEPING.
+    released: object | None = None
 
     @property
     def architecture(self) -> str:
@@ -242,6 +252,7 @@ class ModelRegistry:
             release_cached_device_memory(device)
             raise
         entry.model = model
+        entry.weights_source = spec.model_dir
         entry.load_seconds = time.perf_counter() - started
         entry.loaded_at = time.time()
         entry.state = ModelState.READY
@@ -285,14 +296,20 @@ class ModelRegistry:
         return entry.model
 
     @contextlib.contextmanager
-    def get_model_mut(self, model_id: str, timeout: float | None = None) -> Iterator[Model]:
-        """Exclusive access to a READY model for the duration of the block."""
+    def get_model_mut(
+        self, model_id: str, timeout: float | None = None, *, allow_sleeping: bool = False
+    ) -> Iterator[Model]:
+        """Exclusive access to a READY model (or a SLEEPING one with allow_sleeping) for the block."""
         entry = self.get_entry(model_id)
         if not entry.lock.acquire(timeout=-1 if timeout is None else timeout):
             raise ModelNotReady(f"model {model_id!r} is busy")
         try:
             # Re-check under the lock: an unload may have completed while we waited.
-            if entry.state is not ModelState.READY or entry.model is None:
+            if entry.state is ModelState.SLEEPING and entry.model is not None and not allow_sleeping:
+                raise ModelSleeping(
+                    f"model {model_id!r} is sleeping (memory released by ReleaseMemory); call ResumeMemory first"
+                )
+            if entry.state not in (ModelState.READY, ModelState.SLEEPING) or entry.model is None:
                 if entry.state is ModelState.LOADING:
                     raise ModelNotReady(f"model {model_id!r} is loading")
                 raise ModelNotFound(f"model {model_id!r} is not loaded")
@@ -311,7 +328,10 @@ class ModelRegistry:
         entry = self.get_entry(model_id)
         entry.done.wait()  # an Unload issued during a Load waits for it
         with self._models_lock:
-            if self._models.get(model_id) is not entry or entry.state is not ModelState.READY:
+            if self._models.get(model_id) is not entry or entry.state not in (
+                ModelState.READY,
+                ModelState.SLEEPING,
+            ):
                 raise ModelNotFound(f"model {model_id!r} is not loaded")
             entry.state = ModelState.UNLOADING
         with entry.lock:

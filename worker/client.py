@@ -29,6 +29,13 @@ import grpc.aio
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .client_weights import (
+    AsyncWeightsClientMethods,
+    ReleaseMemoryResult,
+    ResumeMemoryResult,
+    UpdateWeightsResult,
+    WeightsClientMethods,
+)
 from .pb.modelworker.v1 import worker_pb2 as pb
 from .pb.modelworker.v1 import worker_pb2_grpc as pb_grpc
 
@@ -60,7 +67,9 @@ __all__ = [
     "NotFoundError",
     "OutOfRangeError",
     "PermissionDeniedError",
+    "ReleaseMemoryResult",
     "ResourceExhaustedError",
+    "ResumeMemoryResult",
     "TlsConfig",
     "TopK",
     "UnauthenticatedError",
@@ -68,6 +77,7 @@ __all__ = [
     "UnimplementedError",
     "UnknownError",
     "UnloadResult",
+    "UpdateWeightsResult",
     "WorkerInfo",
     "decode_tensor",
     "error_class_for",
@@ -241,7 +251,7 @@ class KvCacheConfig:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A model as the worker reports it. `state` is "LOADING", "READY" or "UNLOADING"; the sizes
+    """A model as the worker reports it. `state` is "LOADING", "READY", "SLEEPING" or "UNLOADING"; the sizes
     are zero while a model is still loading."""
 
     id: str
@@ -271,6 +281,8 @@ class ModelInfo:
     loaded_at: dt.datetime | None
     load_mode: str = ""  # "mmap": part of the weights are views of the mapped checkpoint; "copy"
     mapped_weight_bytes: int = 0  # that part of weight_bytes (file-backed, shared page cache)
+    weights_version: int = 0  # +1 per applied weight update
+    released: tuple[str, ...] = ()  # memory tags ReleaseMemory freed (state "SLEEPING")
 
 
 @dataclass(frozen=True)
@@ -304,6 +316,7 @@ class ForwardResult:
     next_token_ids: list[int]
     top_k: list[TopK]
     compute_seconds: float
+    weights_version: int = 0  # the weights that computed this result
 
 
 @dataclass(frozen=True)
@@ -725,6 +738,8 @@ def _model_info(msg: pb.ModelInfo) -> ModelInfo:
         loaded_at=loaded_at,
         load_mode=msg.load_mode,
         mapped_weight_bytes=msg.mapped_weight_bytes,
+        weights_version=msg.weights_version,
+        released=tuple(msg.released),
     )
 
 
@@ -736,6 +751,7 @@ def _forward_result(msg: pb.ForwardResponse | pb.ForwardPagedResponse, as_torch:
         next_token_ids=list(msg.next_token_ids),
         top_k=[TopK(list(t.token_ids), list(t.logprobs)) for t in msg.top_k],
         compute_seconds=msg.compute_seconds,
+        weights_version=msg.weights_version,
     )
 
 
@@ -799,7 +815,7 @@ class _ClientBase:
 
 
 # -- the blocking client ---------------------------------------------------------------------------
-class ModelWorkerClient(_ClientBase):
+class ModelWorkerClient(WeightsClientMethods, _ClientBase):
     """A blocking client of one worker.
 
     `timeout`: the default deadline of every call in seconds (None: no deadline); each method's
@@ -1035,7 +1051,7 @@ class ModelWorkerClient(_ClientBase):
 
 
 # -- the asyncio client ----------------------------------------------------------------------------
-class AsyncModelWorkerClient(_ClientBase):
+class AsyncModelWorkerClient(AsyncWeightsClientMethods, _ClientBase):
     """The asyncio twin of `ModelWorkerClient`: the same methods and arguments, awaited. Create and
     use it inside one running event loop; `await client.close()` or `async with`."""
 

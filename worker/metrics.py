@@ -41,6 +41,9 @@ log = logging.getLogger(LOGGER_NAME + ".metrics")
 LOAD_BUCKETS = (
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 300.0, 450.0, 600.0,
 )  # fmt: skip
+UPDATE_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
 UNLOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 FORWARD_BUCKETS = (
     0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -156,8 +159,18 @@ class PrometheusObserver(WorkerObserver):
             registry=registry,
         )
         self._kv_directions: dict[str, set[str]] = {}  # model id -> directions it has series for
+        self.weight_update_seconds = Histogram(
+            "modelworker_weight_update_seconds",
+            "Time of an applied weight update (receive or read, check, copy), by model and source "
+            "(disk | stream | distributed:gloo | distributed:nccl).",
+            ["model", "source"],
+            buckets=UPDATE_BUCKETS,
+            registry=registry,
+        )
         # model id -> the (rpc, phase) pairs it has series for, so unload can remove exactly those.
         self._loaded: dict[str, set[tuple[str, str]]] = {}
+        # model id -> the weight-update sources it has series for.
+        self._updated: dict[str, set[str]] = {}
 
     @_never_raise
     def model_loaded(self, entry: ModelEntry) -> None:
@@ -190,6 +203,21 @@ class PrometheusObserver(WorkerObserver):
         for direction in self._kv_directions.pop(model_id, ()):
             _remove(self.kv_transfer_bytes, model_id, direction)
             _remove(self.kv_transfer_seconds, model_id, direction)
+        for source in self._updated.pop(model_id, ()):
+            _remove(self.weight_update_seconds, model_id, source)
+
+    @_never_raise
+    def weights_updated(self, model_id: str, source: str, seconds: float) -> None:
+        if model_id not in self._loaded:  # unloaded meanwhile: no series for it
+            return
+        self._updated.setdefault(model_id, set()).add(source)
+        self.weight_update_seconds.labels(model_id, source).observe(seconds)
+
+    @_never_raise
+    def memory_resident(self, model_id: str, weight_bytes: int, kv_cache_bytes: int) -> None:
+        if model_id in self._loaded:
+            self.weight_bytes.labels(model_id).set(weight_bytes)
+            self.kv_cache_bytes.labels(model_id).set(kv_cache_bytes)
 
     @_never_raise
     def lock_waited(self, model_id: str, seconds: float) -> None:

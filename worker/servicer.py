@@ -36,12 +36,14 @@ from .pb.modelworker.v1 import worker_pb2_grpc as pb_grpc
 from .settings import LOAD_MODES, Settings
 from .status import is_out_of_memory, map_exception, note, rpc_method
 from .tensors import encode_tensor, fill_top_k, logits_dtype, logits_mode, logits_response_bytes, top_k
+from .weights_service import WeightsServicerMixin, released_tags
 
 T = TypeVar("T")
 log = logging.getLogger(LOGGER_NAME)
 
 LOAD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 STATE_TO_PB = {ModelState.LOADING: pb.LOADING, ModelState.READY: pb.READY, ModelState.UNLOADING: pb.UNLOADING}
+STATE_TO_PB[ModelState.SLEEPING] = pb.SLEEPING
 # Threads for model work: forwards on different models overlap, and a slow Load leaves room for them.
 EXECUTOR_THREADS = 8
 
@@ -63,7 +65,7 @@ def _phase_paged(is_prefill: bool, query_lens: list[int], context_lens: list[int
     return "mixed" if any(decoding) else "prefill"
 
 
-class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
+class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
     def __init__(
         self,
         registry: ModelRegistry,
@@ -85,6 +87,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         self._reserve_lock = threading.Lock()
 
     def close(self) -> None:
+        self.destroy_weights_groups()
         self._executor.shutdown(wait=True, cancel_futures=False)
 
     # -- running model work ------------------------------------------------------------------
@@ -149,7 +152,11 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         def body() -> T:
             with self.registry.get_model_mut(model_id) as model:
                 try:
-                    return fn(model)
+                    result = fn(model)
+                    if isinstance(result, (pb.ForwardResponse, pb.ForwardPagedResponse)):
+                        # The weights that computed it: read under the lock an update also takes.
+                        result.weights_version = self.registry.get_entry(model_id).weights_version
+                    return result
                 except Exception as exc:
                     if not is_out_of_memory(exc):
                         raise
@@ -603,6 +610,8 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             state=STATE_TO_PB[entry.state],
             is_quant_model=spec.options.is_quant_model,
             attention_backend=spec.options.attention_backend,
+            weights_version=entry.weights_version,
+            released=released_tags(entry),
         )
         model = model if model is not None else entry.model
         if model is None:

@@ -42,7 +42,19 @@ KIND_TO_CODE: dict[str, grpc.StatusCode] = {
 REQUEST_ID_KEY = "x-request-id"
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # Methods whose successful calls are logged too (they change what the worker holds).
-ALWAYS_LOGGED = frozenset({"Load", "Unload"})
+ALWAYS_LOGGED = frozenset(
+    {
+        "Load",
+        "Unload",
+        "UpdateWeights",
+        "UpdateWeightsFromStream",
+        "UpdateWeightsFromDistributed",
+        "InitWeightsGroup",
+        "DestroyWeightsGroup",
+        "ReleaseMemory",
+        "ResumeMemory",
+    }
+)
 
 # Extra fields a servicer method adds to its call's log line (e.g. already_loaded, freed_bytes).
 _call_fields: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
