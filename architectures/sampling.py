@@ -92,6 +92,16 @@ def seeded_generator_seed(seed: int, context_len: int) -> int:
     return (x ^ (x >> 31)) & ((1 << 63) - 1)
 
 
+def verification_rows(query_lens: Sequence[int], num_drafts: Sequence[int]) -> list[int]:
+    """Indices into all-token logits [num_tokens, vocab] of the rows `Sampler.sample` takes: for
+    each sequence its last d + 1 query positions (the last one only without drafts)."""
+    rows, end = [], 0
+    for q, d in zip(query_lens, num_drafts, strict=True):
+        end += q
+        rows.extend(range(end - d - 1, end))
+    return rows
+
+
 # -- the transforms, each over [rows, vocab] with per-row parameters [rows] -------------------------
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
     """HF's rule on tokens seen in prompt or output: positive logits divided, negative multiplied.
@@ -397,4 +407,5 @@ __all__ = [
     "apply_top_k_top_p",
     "process_logits",
     "seeded_generator_seed",
+    "verification_rows",
 ]
