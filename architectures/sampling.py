@@ -8,9 +8,11 @@ a plain step has one row per sequence). Every transform is one vectorized op ove
     raw logprobs → repetition penalty → frequency / presence → temperature → min_p → top_k → top_p
     → draw (greedy rows: argmax)
 
-Draws use the exponential race (argmax of p / q with q ~ Exp(1)), which samples p exactly without
-normalizing it; a seeded sequence takes its q (and its draft uniforms) from a generator derived
-from (seed, context_len), so it draws the same token alone or batched with any others.
+A draw is the inverse CDF in vocabulary order: one uniform u per sequence, the first token whose
+cumulative mass exceeds u times the row's total (no normalization needed, filtered tokens have no
+mass). One uniform per row, not an exponential per vocabulary entry, keeps it cheap on CPU. A
+seeded sequence takes its uniforms (its drafts' first) from a generator derived from (seed,
+context_len), so it draws the same token alone or batched with any others.
 """
 
 from __future__ import annotations
@@ -92,6 +94,19 @@ def seeded_generator_seed(seed: int, context_len: int) -> int:
     return (x ^ (x >> 31)) & ((1 << 63) - 1)
 
 
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor, fallback: torch.Tensor | None) -> torch.Tensor:
+    """Per row, the first token whose cumulative mass exceeds u * the row's mass. probs [rows, vocab]
+    (unnormalized is fine), u [rows]; fallback [rows] (the argmax; None: computed when needed) where
+    rounding lands past the last token with mass."""
+    cdf = probs.cumsum(dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    picked = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+    empty = probs.gather(1, picked.unsqueeze(1)).squeeze(1) <= 0
+    if bool(empty.any()):
+        picked = torch.where(empty, probs.argmax(dim=-1) if fallback is None else fallback, picked)
+    return picked
+
+
 def verification_rows(query_lens: Sequence[int], num_drafts: Sequence[int]) -> list[int]:
     """Indices into all-token logits [num_tokens, vocab] of the rows `Sampler.sample` takes: for
     each sequence its last d + 1 query positions (the last one only without drafts)."""
@@ -145,6 +160,8 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
         kth = values.gather(1, (k.clamp(max=max_k) - 1).unsqueeze(1))
         kth = kth.masked_fill(~limited.unsqueeze(1), float("-inf"))
         return logits.masked_fill(logits < kth, float("-inf"))
+    if bool((k < vocab).all()) and int(k.max()) * 4 <= vocab:
+        return _top_p_among_top_k(logits, k, top_p)
     ordered, order = logits.sort(dim=-1)  # ascending
     kth = ordered.gather(1, (vocab - k).unsqueeze(1))
     ordered = ordered.masked_fill(ordered < kth, float("-inf"))
@@ -153,6 +170,19 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     drop[:, -1] = False  # the top token always stays
     ordered = ordered.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, ordered)
+
+
+def _top_p_among_top_k(logits: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """top_k then top_p when every row has a small top_k: only the max_k best of each row are sorted
+    (torch.topk), not the whole vocabulary. In descending order a token stays while the mass before
+    it is below top_p, which is the ascending rule (drop while the mass up to it is <= 1 - top_p)."""
+    max_k = int(k.max())
+    values, ids = logits.topk(max_k, dim=-1)  # [rows, max_k], best first
+    values = values.masked_fill(torch.arange(max_k, device=k.device) >= k.unsqueeze(1), float("-inf"))
+    probs = values.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs
+    values = values.masked_fill(before >= top_p.unsqueeze(1), float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(1, ids, values)
 
 
 # -- the sampler ------------------------------------------------------------------------------------
@@ -236,29 +266,29 @@ class _Step:
         return torch.tensor(values, dtype=dtype, device=self.device)[self.row_seq]
 
     def process(self) -> torch.Tensor:
-        """The processed logits [rows, vocab]: filtered tokens are -inf."""
-        params, logits = self.params, self.raw
+        """The processed logits [rows, vocab]: filtered tokens are -inf. One copy of the logits, then
+        in-place passes; penalties touch only the (row, token) pairs they name."""
+        params = self.params
+        logits = self.raw.clone()
         if any(p.penalized for p in params):
-            counts, seen = self._token_counts()
-            rep = self._per_row([p.repetition_penalty or 1.0 for p in params], logits.dtype)
-            logits = apply_repetition_penalty(logits, seen, rep)
-            freq = self._per_row([p.frequency_penalty for p in params], logits.dtype)
-            pres = self._per_row([p.presence_penalty for p in params], logits.dtype)
-            logits = apply_frequency_presence(logits, counts, freq, pres)
+            self._apply_penalties(logits)
         if not all(p.greedy for p in params):
-            logits = apply_temperature(logits, self._per_row([p.temperature for p in params], logits.dtype))
+            t = [1.0 if p.greedy else p.temperature for p in params]
+            logits.div_(self._per_row(t, logits.dtype).unsqueeze(1))
         if any(p.min_p > 0 for p in params):
-            logits = apply_min_p(logits, self._per_row([p.min_p for p in params], logits.dtype))
+            # p < min_p * p_max  <=>  logit < logit_max + log(min_p): no softmax needed.
+            log_min_p = self._per_row([p.min_p for p in params], logits.dtype).log().unsqueeze(1)
+            logits.masked_fill_(logits < logits.amax(dim=-1, keepdim=True) + log_min_p, float("-inf"))
         if any(p.top_k > 0 or 0 < p.top_p < 1 for p in params):
             top_k = self._per_row([p.top_k for p in params], torch.long)
             top_p = self._per_row([p.top_p if 0 < p.top_p < 1 else 1.0 for p in params], logits.dtype)
             logits = apply_top_k_top_p(logits, top_k, top_p)
         return logits
 
-    def _token_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Output-token counts [rows, vocab] (row j of a sequence also counts its first j drafts, which
-        are outputs once accepted) and the seen mask (counts > 0 or in the prompt)."""
-        rows, vocab = self.raw.shape
+    def _apply_penalties(self, logits: torch.Tensor) -> None:
+        """Repetition (prompt and output tokens), frequency and presence (output tokens; row j of a
+        sequence also counts its first j drafts, outputs once accepted), on the named pairs only."""
+        vocab, device = logits.shape[1], self.device
         out_rows: list[int] = []
         out_ids: list[int] = []
         prompt_rows: list[int] = []
@@ -268,21 +298,38 @@ class _Step:
                 continue
             for j in range(self.num_drafts[s] + 1):
                 row = self.offsets[s] + j
-                ids = list(p.output_token_ids) + list(self.drafts[s][:j])
-                out_rows += [row] * len(ids)
-                out_ids += ids
+                n = len(p.output_token_ids) + j
+                out_rows += [row] * n
+                out_ids += p.output_token_ids
+                out_ids += self.drafts[s][:j]
                 prompt_rows += [row] * len(p.prompt_token_ids)
                 prompt_ids += p.prompt_token_ids
-        counts = torch.zeros(rows, vocab, dtype=self.raw.dtype, device=self.device)
-        if out_ids:
-            index = (torch.tensor(out_rows, device=self.device), torch.tensor(out_ids, device=self.device))
-            counts.index_put_(index, torch.ones(len(out_ids), dtype=counts.dtype, device=self.device), True)
-        seen = counts > 0
-        if prompt_ids:
-            seen[
-                torch.tensor(prompt_rows, device=self.device), torch.tensor(prompt_ids, device=self.device)
-            ] = True
-        return counts, seen
+
+        def keys(rows: list[int], ids: list[int]) -> torch.Tensor:
+            return torch.tensor(rows, dtype=torch.long, device=device) * vocab + torch.tensor(
+                ids, dtype=torch.long, device=device
+            )
+
+        out_keys, counted = keys(out_rows, out_ids).unique(return_counts=True)
+        pairs = torch.cat([out_keys, keys(prompt_rows, prompt_ids)]).unique()  # sorted
+        if not pairs.numel():
+            return
+        at = torch.searchsorted(out_keys, pairs).clamp_(max=max(out_keys.numel() - 1, 0))
+        hit = out_keys[at] == pairs if out_keys.numel() else torch.zeros_like(pairs, dtype=torch.bool)
+        count = torch.where(hit, counted[at] if out_keys.numel() else 0, 0).to(logits.dtype)
+        rows, tokens = pairs // vocab, pairs % vocab
+        seq = self.row_seq[rows]
+
+        def per_pair(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=logits.dtype, device=device)[seq]
+
+        rep = per_pair([p.repetition_penalty or 1.0 for p in self.params])
+        freq = per_pair([p.frequency_penalty for p in self.params])
+        pres = per_pair([p.presence_penalty for p in self.params])
+        values = logits[rows, tokens]
+        values = torch.where(values > 0, values / rep, values * rep)
+        values = values - freq * count - pres * (count > 0).to(values.dtype)
+        logits[rows, tokens] = values
 
     def run(self) -> list[SequenceSample]:
         params, device = self.params, self.device
@@ -291,7 +338,9 @@ class _Step:
         greedy_seq = torch.tensor([p.greedy for p in params], device=device)
         any_random = not bool(greedy_seq.all())
         probs = processed.softmax(dim=-1) if any_random else None
-        argmax = processed.argmax(dim=-1)  # [rows]
+        # [rows]; sampled rows without drafts need it only where a draw lands on nothing (rare).
+        need_argmax = any(p.greedy for p in params) or any(self.num_drafts)
+        argmax = processed.argmax(dim=-1) if need_argmax else None
         gens = self._seeded_generators()
 
         # Drafts: accept in order (greedy: draft == argmax; sampling: u < p(draft)).
@@ -307,7 +356,7 @@ class _Step:
             seq_t = torch.tensor(seq_of, device=device)
             rows_t = torch.tensor(rows_of, device=device)
             tokens_t = torch.tensor(tokens, device=device)
-            ok = argmax[rows_t] == tokens_t
+            ok = argmax[rows_t] == tokens_t  # type: ignore[index]
             if probs is not None:
                 u = self._uniforms(len(tokens), gens)
                 ok = torch.where(greedy_seq[seq_t], ok, u < probs[rows_t, tokens_t])
@@ -320,7 +369,7 @@ class _Step:
         final_rows = torch.tensor(
             [o + a for o, a in zip(self.offsets, accepted_list, strict=True)], device=device
         )
-        final = argmax[final_rows]
+        final = argmax[final_rows] if argmax is not None else None
         if probs is not None:
             p = probs[final_rows]  # [seqs, vocab]
             # A rejected draft's mass is removed; argmax(p / q) needs no renormalization.
@@ -328,9 +377,8 @@ class _Step:
             if rejected:
                 tokens = [self.drafts[s][accepted_list[s]] for s in rejected]
                 p[torch.tensor(rejected, device=device), torch.tensor(tokens, device=device)] = 0.0
-            q = self._exponentials(p.shape, gens)
-            drawn = (p / q).argmax(dim=-1)
-            final = torch.where(greedy_seq, final, drawn)
+            drawn = _inverse_cdf(p, self._final_uniforms(num_seqs, gens), final)
+            final = drawn if final is None else torch.where(greedy_seq, final, drawn)
 
         final_list = final.tolist()
         out = [
@@ -361,12 +409,12 @@ class _Step:
             start += d
         return u
 
-    def _exponentials(self, shape: torch.Size, gens: dict[int, torch.Generator]) -> torch.Tensor:
-        """Exp(1) noise [seqs, vocab]; seeded rows from their own generator, after their uniforms."""
-        q = torch.empty(shape, device=self.device).exponential_(generator=self.sampler.generator(self.device))
+    def _final_uniforms(self, n: int, gens: dict[int, torch.Generator]) -> torch.Tensor:
+        """U[0, 1) per sequence for its last token; a seeded one continues its own generator."""
+        u = torch.rand(n, device=self.device, generator=self.sampler.generator(self.device))
         for s, gen in gens.items():
-            q[s].exponential_(generator=gen)
-        return q.clamp_min_(torch.finfo(q.dtype).tiny)  # q == 0 would make 0 / 0 for filtered tokens
+            u[s] = torch.rand(1, device=self.device, generator=gen)[0]
+        return u
 
     def _fill_logprobs(self, out: list[SequenceSample], processed: torch.Tensor) -> None:
         """The chosen token's logprob and rank and the top-n of each emitted token's row."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import inprocess, serving
+from . import inprocess, sampling, serving
 from .common import (
     FRESH_PAGES_ENV,
     CpuSnapshot,
@@ -43,7 +43,7 @@ from .models import (
 from .reasons import REASONS
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ITEMS = (1, 2, 3, 4, 5, 6, 7, 8)
+ITEMS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         b = Bench(args.quick, threads, report, new_registry([m.root for m in models]), models)
         roots = [m.root for m in models]
         worker = load_worker = None
-        if items & {5, 7, 8}:
+        if items & {5, 7, 8, 9}:
             worker = serving.WorkerProcess(roots, threads, tmp / "worker.log")
         if 1 in items:  # its own worker, whose Loads land in fresh pages (see serving.load)
             load_worker = serving.WorkerProcess(roots, threads, tmp / "load-worker.log", FRESH_PAGES_ENV)
@@ -191,6 +191,10 @@ def run_items(
         print("8. concurrent clients...", flush=True)
         serving.load_remote(worker, "smol-b", b.smol)
         serving.concurrency(b, worker, [remote[b.smol.label], "smol-b"])
+    if 9 in items:
+        assert worker is not None
+        print("9. sampling on the worker...", flush=True)
+        sampling.run(b, worker)
 
 
 if __name__ == "__main__":

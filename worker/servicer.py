@@ -424,13 +424,13 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
                 )
             else:
                 logits = model.forward(ids, positions, all_logits=all_rows)
-            _synchronize(model.device)
-            compute = time.perf_counter() - started
             # logits: [batch, seq, vocab] when all_rows, else [batch, vocab] (last positions)
             last = logits[:, -1] if all_rows else logits
             rows_out = logits.reshape(n, vocab) if all_rows else logits
             context = [request.start_pos + seq_len] * batch
             samples = self.sampler.sample(last, sampling, context, processed_logprobs=processed)
+            _synchronize(model.device)
+            compute = time.perf_counter() - started  # the forward and the sampling
             return _forward_reply(pb.ForwardResponse(), rows_out, last, mode, out_dtype, k, compute, samples)
 
         response = await self._on_model(model_id, run)
@@ -507,8 +507,6 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
                 list(request.query_lens) or None,
                 all_logits=every_row,
             )
-            _synchronize(model.device)
-            compute = time.perf_counter() - started
             if every_row:
                 # [num_tokens, vocab]; each sequence's last query token ends its run of query_lens.
                 ends = torch.tensor(query_lens, device=logits.device).cumsum(0) - 1
@@ -517,6 +515,8 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             else:
                 last = scored = logits  # [num_seqs, vocab]
             samples = self.sampler.sample(scored, sampling, context_lens, drafts, processed)
+            _synchronize(model.device)
+            compute = time.perf_counter() - started  # the forward and the sampling
             rows = logits if all_rows else last
             return _forward_reply(pb.ForwardPagedResponse(), rows, last, mode, out_dtype, k, compute, samples)
 

@@ -77,6 +77,26 @@ def test_each_transform_matches_transformers_processors(seed: int) -> None:
         )
 
 
+def test_top_p_among_a_small_top_k_matches_transformers(seed: int) -> None:
+    """Every row with a small top_k: top_p runs over the top_k candidates only (no full sort)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(12, VOCAB, generator=gen) * 2
+    params = [
+        SamplingParams(
+            temperature=0.5 + float(torch.rand((), generator=gen)),
+            top_k=int(torch.randint(1, VOCAB // 4, (), generator=gen)),
+            top_p=0.3 + 0.6 * float(torch.rand((), generator=gen)),
+        )
+        for _ in range(12)
+    ]
+    ours = process_logits(logits, params)
+    for row, p in enumerate(params):
+        ref = hf_processed(logits[row], p)
+        assert torch.equal(torch.isfinite(ref), torch.isfinite(ours[row])), f"seed {seed} row {row} {p}"
+        kept = torch.isfinite(ref)
+        torch.testing.assert_close(ours[row].log_softmax(-1)[kept], ref.log_softmax(-1)[kept])
+
+
 def test_frequency_and_presence_follow_the_openai_formula(seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(4, VOCAB, generator=gen)
@@ -232,3 +252,20 @@ def test_sampling_verification_output_follows_the_target() -> None:
     assert len(after) > 5000 and 0.5 * float((second - p[1]).abs().sum()) < 0.02
     assert all(o.num_accepted_drafts == len(o.token_ids) - 1 for o in out)
     assert all(o.token_ids[: o.num_accepted_drafts] == drafts[: o.num_accepted_drafts] for o in out)
+
+
+def test_penalties_of_a_draft_row_count_the_drafts_before_it(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(4, VOCAB, generator=gen)
+    drafts = [5, 6, 5]
+    p = SamplingParams(
+        repetition_penalty=1.4,
+        frequency_penalty=0.7,
+        presence_penalty=0.3,
+        output_token_ids=(6, 9),
+        prompt_token_ids=(1,),
+    )
+    together = process_logits(logits, [p], [drafts])
+    for j in range(4):
+        alone = SamplingParams(**{**p.__dict__, "output_token_ids": p.output_token_ids + tuple(drafts[:j])})
+        torch.testing.assert_close(together[j], process_logits(logits[j : j + 1], [alone])[0])
