@@ -228,12 +228,12 @@ class Batch:
     drafts: list[list[int]]  # the last len(drafts[i]) query tokens of sequence i are drafts
 
 
-def propose_ngram(tokens: Sequence[int], k: int, max_ngram: int = 3) -> list[int]:
+def propose_ngram(tokens: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
     """Prompt lookup: the up-to-k tokens that followed the latest earlier occurrence of the last n
-    tokens (n = max_ngram down to 1); [] when the suffix never occurred before."""
+    tokens (n = max_ngram down to min_ngram); [] when no such suffix occurred before."""
     if k <= 0:
         return []
-    for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
+    for n in range(min(max_ngram, len(tokens) - 1), min_ngram - 1, -1):
         suffix = list(tokens[-n:])
         for start in range(len(tokens) - n - 1, -1, -1):
             if list(tokens[start : start + n]) == suffix:
@@ -375,7 +375,8 @@ class Scheduler:
         """Drafts for a decoding sequence: never past its max_new_tokens (the last token is never fed
         back) nor the step's token budget."""
         room = min(self.num_speculative_tokens, seq.max_new_tokens - len(seq.generated) - 1, budget - 1)
-        return propose_ngram(seq.tokens, room)
+        # A single matching token predicts poorly; two or more are worth a verification.
+        return propose_ngram(seq.tokens, room, min_ngram=2)
 
     def _sampling(self, seqs: list[Request]) -> list[SamplingParams] | None:
         """One SamplingParams per sequence; a seed becomes seed + the prompt's index, so each
