@@ -156,7 +156,7 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
         if not bool(limited.any()):
             return logits
         max_k = int(k[limited].max())
-        values = logits.topk(max_k, dim=-1).values  # [rows, max_k], best first
+        values = fast_topk(logits, max_k)[0]  # [rows, max_k], best first
         kth = values.gather(1, (k.clamp(max=max_k) - 1).unsqueeze(1))
         kth = kth.masked_fill(~limited.unsqueeze(1), float("-inf"))
         return logits.masked_fill(logits < kth, float("-inf"))
@@ -172,12 +172,43 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.empty_like(logits).scatter_(1, order, ordered)
 
 
+def fast_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k) of rows [rows, vocab] for a small k, best first, without a selection over
+    every row (torch.topk over 49k entries costs about thirty elementwise passes on CPU).
+
+    The k-th largest of 256 chunk maxima is a lower bound of the row's k-th largest (the maxima are
+    k distinct entries), so the entries at or above it hold the top k; they are few, and a topk over
+    them, padded per row, is cheap. Falls back to torch.topk when the bound keeps too many."""
+    rows, vocab = x.shape
+    size = max(1, vocab // 256)
+    chunks = vocab // size
+    if k * 4 > chunks or vocab < 4096:
+        return x.topk(k, dim=-1)
+    maxima = x[:, : chunks * size].unflatten(1, (chunks, size)).amax(dim=-1)  # [rows, chunks]
+    bound = maxima.topk(k, dim=-1).values[:, -1:]
+    if not bool(torch.isfinite(bound).all()):  # fewer than k finite maxima: the bound says nothing
+        return x.topk(k, dim=-1)
+    row_ids, col_ids = (x >= bound).nonzero(as_tuple=True)  # row-major
+    counts = torch.bincount(row_ids, minlength=rows)
+    width = int(counts.max())
+    if width > 16 * k + 1024:  # many near-equal values
+        return x.topk(k, dim=-1)
+    starts = counts.cumsum(0) - counts
+    slot = torch.arange(row_ids.numel(), device=x.device) - starts[row_ids]
+    values = torch.full((rows, width), float("-inf"), dtype=x.dtype, device=x.device)
+    ids = torch.zeros((rows, width), dtype=torch.long, device=x.device)
+    values[row_ids, slot] = x[row_ids, col_ids]
+    ids[row_ids, slot] = col_ids
+    top, where = values.topk(k, dim=-1)
+    return top, ids.gather(1, where)
+
+
 def _top_p_among_top_k(logits: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """top_k then top_p when every row has a small top_k: only the max_k best of each row are sorted
     (torch.topk), not the whole vocabulary. In descending order a token stays while the mass before
     it is below top_p, which is the ascending rule (drop while the mass up to it is <= 1 - top_p)."""
     max_k = int(k.max())
-    values, ids = logits.topk(max_k, dim=-1)  # [rows, max_k], best first
+    values, ids = fast_topk(logits, max_k)  # [rows, max_k], best first
     values = values.masked_fill(torch.arange(max_k, device=k.device) >= k.unsqueeze(1), float("-inf"))
     probs = values.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs
@@ -429,9 +460,9 @@ class _Step:
         source = processed if self.processed_logprobs else self.raw
         logprobs = source[rows_t].log_softmax(dim=-1)  # [emitted, vocab]
         chosen = logprobs.gather(1, torch.tensor(emit_tokens, device=self.device).unsqueeze(1))
-        ranks = (logprobs > chosen).sum(dim=1) + 1
+        ranks = torch.count_nonzero(logprobs > chosen, dim=1) + 1
         n = max(self.params[s].logprobs for s in owners)
-        top_values, top_ids = logprobs.topk(min(n, logprobs.shape[1]), dim=-1)
+        top_values, top_ids = fast_topk(logprobs, min(n, logprobs.shape[1]))
         chosen_l, ranks_l = chosen.squeeze(1).tolist(), ranks.tolist()
         top_values_l, top_ids_l = top_values.tolist(), top_ids.tolist()
         for i, s in enumerate(owners):
@@ -453,6 +484,7 @@ __all__ = [
     "apply_repetition_penalty",
     "apply_temperature",
     "apply_top_k_top_p",
+    "fast_topk",
     "process_logits",
     "seeded_generator_seed",
     "verification_rows",

@@ -15,7 +15,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from architectures.sampling import Sampler, SamplingParams, process_logits
+from architectures.sampling import Sampler, SamplingParams, fast_topk, process_logits
 
 VOCAB = 64
 
@@ -269,3 +269,18 @@ def test_penalties_of_a_draft_row_count_the_drafts_before_it(seed: int) -> None:
     for j in range(4):
         alone = SamplingParams(**{**p.__dict__, "output_token_ids": p.output_token_ids + tuple(drafts[:j])})
         torch.testing.assert_close(together[j], process_logits(logits[j : j + 1], [alone])[0])
+
+
+@pytest.mark.parametrize("k", [1, 5, 50])
+def test_fast_topk_equals_torch_topk(seed: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 49152, generator=gen)
+    x[1, 1000:1100] += 8.0  # a cluster of large values in one chunk
+    x[2, torch.randperm(49152, generator=gen)[:40000]] = float("-inf")  # min_p left few finite
+    x[3] = float("-inf")
+    x[3, :3] = 1.0  # fewer finite entries than k: the fallback
+    values, ids = fast_topk(x, k)
+    want_values, want_ids = x.topk(k, dim=-1)
+    assert torch.equal(values, want_values)
+    finite = torch.isfinite(want_values)
+    assert torch.equal(ids[finite], want_ids[finite])
