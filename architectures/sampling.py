@@ -160,8 +160,9 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
         kth = values.gather(1, (k.clamp(max=max_k) - 1).unsqueeze(1))
         kth = kth.masked_fill(~limited.unsqueeze(1), float("-inf"))
         return logits.masked_fill(logits < kth, float("-inf"))
-    if bool((k < vocab).all()) and int(k.max()) * 4 <= vocab:
-        return _top_p_among_top_k(logits, k, top_p)
+    if compact_applies(top_k, vocab):
+        values, ids = compact_top_k_top_p(logits, k, top_p)
+        return torch.full_like(logits, float("-inf")).scatter_(1, ids, values)
     ordered, order = logits.sort(dim=-1)  # ascending
     kth = ordered.gather(1, (vocab - k).unsqueeze(1))
     ordered = ordered.masked_fill(ordered < kth, float("-inf"))
@@ -203,17 +204,23 @@ def fast_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return top, ids.gather(1, where)
 
 
-def _top_p_among_top_k(logits: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """top_k then top_p when every row has a small top_k: only the max_k best of each row are sorted
-    (torch.topk), not the whole vocabulary. In descending order a token stays while the mass before
-    it is below top_p, which is the ascending rule (drop while the mass up to it is <= 1 - top_p)."""
+def compact_applies(top_k: torch.Tensor, vocab: int) -> bool:
+    """Every row has a top_k of at most a quarter of the vocabulary: work on its candidates only."""
+    return bool(((top_k > 0) & (top_k <= vocab)).all()) and int(top_k.max()) * 4 <= vocab
+
+
+def compact_top_k_top_p(
+    logits: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """top_k then top_p over each row's max_k best candidates: (values, ids) [rows, max_k], best
+    first, filtered entries -inf. In descending order a token stays while the mass before it is
+    below top_p, which is the ascending rule (drop while the mass up to it is <= 1 - top_p)."""
     max_k = int(k.max())
-    values, ids = fast_topk(logits, max_k)  # [rows, max_k], best first
+    values, ids = fast_topk(logits, max_k)
     values = values.masked_fill(torch.arange(max_k, device=k.device) >= k.unsqueeze(1), float("-inf"))
     probs = values.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs
-    values = values.masked_fill(before >= top_p.unsqueeze(1), float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter_(1, ids, values)
+    return values.masked_fill(before >= top_p.unsqueeze(1), float("-inf")), ids
 
 
 # -- the sampler ------------------------------------------------------------------------------------
@@ -282,6 +289,7 @@ class _Step:
         self.drafts = drafts
         self.processed_logprobs = processed_logprobs
         self.num_drafts = [len(d) for d in drafts]
+        self.compact: tuple[torch.Tensor, torch.Tensor] | None = None  # (values, ids) after top_k/top_p
         # Sequence s owns rows [offsets[s], offsets[s] + d_s]; row_seq maps a row to its sequence.
         self.offsets: list[int] = []
         total = 0
@@ -313,6 +321,10 @@ class _Step:
         if any(p.top_k > 0 or 0 < p.top_p < 1 for p in params):
             top_k = self._per_row([p.top_k for p in params], torch.long)
             top_p = self._per_row([p.top_p if 0 < p.top_p < 1 else 1.0 for p in params], logits.dtype)
+            if compact_applies(top_k, logits.shape[1]):  # keep the candidates: the draw needs no more
+                self.compact = compact_top_k_top_p(logits, top_k, top_p)
+                values, ids = self.compact
+                return torch.full_like(logits, float("-inf")).scatter_(1, ids, values)
             logits = apply_top_k_top_p(logits, top_k, top_p)
         return logits
 
@@ -368,6 +380,11 @@ class _Step:
         processed = self.process()
         greedy_seq = torch.tensor([p.greedy for p in params], device=device)
         any_random = not bool(greedy_seq.all())
+        if self.compact is not None and not any(self.num_drafts):
+            out = self._draw_compact(greedy_seq, any_random)
+            if any(p.logprobs for p in params):
+                self._fill_logprobs(out, processed)
+            return out
         probs = processed.softmax(dim=-1) if any_random else None
         # [rows]; sampled rows without drafts need it only where a draw lands on nothing (rare).
         need_argmax = any(p.greedy for p in params) or any(self.num_drafts)
@@ -419,6 +436,20 @@ class _Step:
         if any(p.logprobs for p in params):
             self._fill_logprobs(out, processed)
         return out
+
+    def _draw_compact(self, greedy_seq: torch.Tensor, any_random: bool) -> list[SequenceSample]:
+        """One token per sequence from its top_k candidates (no drafts): the inverse CDF over them in
+        vocabulary order, as over the whole row (up to float rounding)."""
+        values, ids = self.compact  # type: ignore[misc]
+        final = ids[:, 0]  # the best candidate: greedy's token
+        if any_random:
+            order = ids.argsort(dim=1)
+            weights = (values.gather(1, order) - values[:, :1]).exp()  # filtered: 0
+            u = self._final_uniforms(len(self.params), self._seeded_generators())
+            column = _inverse_cdf(weights, u, None)
+            drawn = ids.gather(1, order).gather(1, column.unsqueeze(1)).squeeze(1)
+            final = torch.where(greedy_seq, final, drawn)
+        return [SequenceSample([t]) for t in final.tolist()]
 
     def _seeded_generators(self) -> dict[int, torch.Generator]:
         """A fresh generator per seeded sequence, derived from (seed, context_len)."""

@@ -284,3 +284,23 @@ def test_fast_topk_equals_torch_topk(seed: int, k: int) -> None:
     assert torch.equal(values, want_values)
     finite = torch.isfinite(want_values)
     assert torch.equal(ids[finite], want_ids[finite])
+
+
+def test_draws_among_a_small_top_k_follow_the_distribution_and_seeds() -> None:
+    """Every row with a small top_k: the draw runs over the candidates only; same distribution, and
+    a seeded sequence still draws the same alone and batched."""
+    n, vocab = 20_000, 256
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(21)) * 2
+    params = SamplingParams(temperature=0.8, top_k=16, top_p=0.9, min_p=0.01)
+    probs = process_logits(logits, [params]).softmax(-1)[0]
+    out = Sampler(seed=3).sample(logits.expand(n, vocab), [params] * n, [5] * n)
+    counts = torch.bincount(torch.tensor([o.token_ids[0] for o in out]), minlength=vocab).double()
+    support = probs > 0
+    assert counts[~support].sum() == 0
+    expected = probs[support].double() * n
+    dof = int(support.sum()) - 1
+    assert dof >= 2 and float(((counts[support] - expected) ** 2 / expected).sum()) < chi_square_limit(dof)
+    rows = torch.randn(8, vocab, generator=torch.Generator().manual_seed(22))
+    seeded = [SamplingParams(temperature=1.0, top_k=30, seed=i) for i in range(8)]
+    alone = [Sampler().sample(rows[i : i + 1], [seeded[i]], [9])[0].token_ids for i in range(8)]
+    assert [o.token_ids for o in Sampler().sample(rows, seeded, [9] * 8)] == alone
