@@ -488,7 +488,8 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         processed = sampling_codec.processed_logprobs(request.logprobs_mode)
         num_drafts = sampling_codec.draft_counts(request.num_draft_tokens, query_lens)
         drafts = sampling_codec.draft_tokens(request.input_tokens, query_lens, num_drafts)
-        every_row = all_rows or any(num_drafts)  # verification scores every draft position
+        # Verification scores every draft position: only those rows (or all of them for LOGITS_ALL).
+        verify = {"logits_indices": verification_rows(query_lens, num_drafts)} if any(num_drafts) else {}
 
         def run(model: Model) -> pb.ForwardPagedResponse:
             vocab = model.config.vocab_size
@@ -505,20 +506,26 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
                 context_lens,
                 request.is_prefill,
                 list(request.query_lens) or None,
-                all_logits=every_row,
+                all_logits=all_rows,
+                **({} if all_rows else verify),
             )
-            if every_row:
+            if all_rows:
                 # [num_tokens, vocab]; each sequence's last query token ends its run of query_lens.
                 ends = torch.tensor(query_lens, device=logits.device).cumsum(0) - 1
                 last = logits[ends]
-                scored = logits[verification_rows(query_lens, num_drafts)] if any(num_drafts) else last
+                scored = logits[verify["logits_indices"]] if verify else last
+            elif verify:  # [sum(d + 1), vocab]: each sequence's rows end with its last query token
+                scored = logits
+                last = logits[torch.tensor([d + 1 for d in num_drafts], device=logits.device).cumsum(0) - 1]
             else:
                 last = scored = logits  # [num_seqs, vocab]
             samples = self.sampler.sample(scored, sampling, context_lens, drafts, processed)
             _synchronize(model.device)
             compute = time.perf_counter() - started  # the forward and the sampling
-            rows = logits if all_rows else last
-            return _forward_reply(pb.ForwardPagedResponse(), rows, last, mode, out_dtype, k, compute, samples)
+            returned = logits if all_rows else last
+            return _forward_reply(
+                pb.ForwardPagedResponse(), returned, last, mode, out_dtype, k, compute, samples
+            )
 
         response = await self._on_model(model_id, run)
         phase = _phase_paged(request.is_prefill, query_lens, context_lens)

@@ -128,9 +128,11 @@ def test_sampled_forward_per_batch_row(stub) -> None:
     assert len(reply.outputs[0].logprobs) == 1 and not reply.outputs[1].logprobs
 
 
-def test_greedy_verification_emits_the_greedy_continuation(stub) -> None:
+@pytest.mark.parametrize("mode", [pb.LOGITS_LAST, pb.LOGITS_ALL])
+def test_greedy_verification_emits_the_greedy_continuation(stub, mode: int) -> None:
+    block = 14 if mode == pb.LOGITS_LAST else 15
     reference = greedy_continuation(stub, PROMPT, 4)
-    first = stub.ForwardPaged(prefill(PROMPT, 14))
+    first = stub.ForwardPaged(prefill(PROMPT, block))
     assert first.next_token_ids[0] == reference[0]
     # Query: the last emitted token, then drafts: two right ones and a wrong one.
     wrong = (reference[3] + 1) % 128
@@ -142,14 +144,20 @@ def test_greedy_verification_emits_the_greedy_continuation(stub) -> None:
             model_id="sampled",
             input_tokens=tokens,
             positions=list(range(start, start + 4)),
-            block_tables=[pb.BlockTable(block_ids=[14])],
-            slot_mapping=[14 * BLOCK + start + i for i in range(4)],
+            block_tables=[pb.BlockTable(block_ids=[block])],
+            slot_mapping=[block * BLOCK + start + i for i in range(4)],
             context_lens=[start + 4],
             query_lens=[4],
             is_prefill=True,
             num_draft_tokens=[3],
+            logits_mode=mode,
         )
     )
+    # The logits of the last query position (LOGITS_LAST) or of all four (LOGITS_ALL), as asked.
+    logits = decode_tensor(reply.logits)
+    assert logits.shape == ((1, 128) if mode == pb.LOGITS_LAST else (4, 128))
+    dense = stub.Forward(pb.ForwardRequest(model_id="sampled", token_ids=PROMPT + tokens))
+    torch.testing.assert_close(logits[-1], decode_tensor(dense.logits)[0], atol=1e-4, rtol=1e-4)
     out = reply.outputs[0]
     assert out.num_accepted_drafts == 2
     assert list(out.token_ids) == reference[1:4]
