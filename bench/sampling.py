@@ -1,4 +1,4 @@
-"""Item 9: sampling on the worker. The sampler's cost per decode step (every filter and penalty on)
+"""Item 10: sampling on the worker. The sampler's cost per decode step (every filter and penalty on)
 against greedy and against the step itself; the bytes and gRPC time a batch-64 decode step saves
 with LOGITS_NONE + sampling instead of LOGITS_LAST float32; and n-gram speculative decoding in the
 example scheduler on a repetitive prompt."""
@@ -51,7 +51,7 @@ def all_filters(batch: int, vocab: int, seeded: bool) -> list[SamplingParams]:
 
 
 def sampling_cost(b: Bench) -> None:
-    """Item 9, in process: a decode step of `batch` sequences at context 64 (forward_paged), the
+    """Item 10, in process: a decode step of `batch` sequences at context 64 (forward_paged), the
     sampler on its logits with every filter on, and greedy's argmax."""
     model = b.smol
     ours = b.ours[model.label]
@@ -87,7 +87,7 @@ def sampling_cost(b: Bench) -> None:
         sample, greedy, step_s = stats["sample"], stats["greedy"], stats["step"]
         b.report.add(
             Row(
-                f"9. Sampling cost per decode step, batch {batch} × context {CONTEXT}, every filter "
+                f"10. Sampling cost per decode step, batch {batch} × context {CONTEXT}, every filter "
                 f"and penalty, {model.label}",
                 f"{sample.fmt()} ({ratio(sample, step_s):.1%} of the step)",
                 f"greedy argmax {greedy.fmt('µs')}; the step {step_s.fmt()}",
@@ -100,7 +100,7 @@ def sampling_cost(b: Bench) -> None:
 
 
 def wire_bytes(b: Bench, worker: WorkerProcess) -> None:
-    """Item 9, over gRPC: a decode step of 64 sequences (context 1 each) answered as LOGITS_LAST
+    """Item 10, over gRPC: a decode step of 64 sequences (context 1 each) answered as LOGITS_LAST
     float32 (the scheduler samples) or LOGITS_NONE with sampling on the worker: reply bytes, and the
     time the RPC adds to the model call (paired per call with its compute_seconds)."""
     model = b.smol
@@ -164,7 +164,7 @@ def wire_bytes(b: Bench, worker: WorkerProcess) -> None:
     last, none = "LOGITS_LAST float32", "LOGITS_NONE + sampling"
     b.report.add(
         Row(
-            f"9. Reply bytes per decode step, batch {WIRE_BATCH}, LOGITS_NONE + sampling vs LOGITS_LAST "
+            f"10. Reply bytes per decode step, batch {WIRE_BATCH}, LOGITS_NONE + sampling vs LOGITS_LAST "
             f"float32, {model.label}",
             f"{sizes[none]:,} B",
             f"{sizes[last]:,} B",
@@ -175,7 +175,7 @@ def wire_bytes(b: Bench, worker: WorkerProcess) -> None:
     )
     b.report.add(
         Row(
-            f"9. gRPC time per decode step beyond the model call, batch {WIRE_BATCH}, LOGITS_NONE + "
+            f"10. gRPC time per decode step beyond the model call, batch {WIRE_BATCH}, LOGITS_NONE + "
             f"sampling vs LOGITS_LAST float32, {model.label}",
             f"+{added[none].fmt()} (RPC {stats[none].fmt()})",
             f"+{added[last].fmt()} (RPC {stats[last].fmt()})",
@@ -189,7 +189,7 @@ def wire_bytes(b: Bench, worker: WorkerProcess) -> None:
 
 
 def speculative(b: Bench, worker: WorkerProcess) -> None:
-    """Item 9, the example scheduler: 64 greedy tokens of a repetitive prompt, plain and with n-gram
+    """Item 10, the example scheduler: 64 greedy tokens of a repetitive prompt, plain and with n-gram
     drafts verified by the worker (the same tokens either way)."""
     from examples import continuous_batching as cb
 
@@ -216,7 +216,7 @@ def speculative(b: Bench, worker: WorkerProcess) -> None:
     s = spec.stats
     b.report.add(
         Row(
-            f"9. Speculative decoding in the example scheduler, n-gram k={SPEC_TOKENS}, {SPEC_NEW} greedy "
+            f"10. Speculative decoding in the example scheduler, n-gram k={SPEC_TOKENS}, {SPEC_NEW} greedy "
             f"tokens of a repetitive prompt, {model.label}",
             f"{SPEC_NEW / stats['spec'].median:.1f} tok/s ({s.steps} steps, {s.acceptance_rate:.0%} of "
             f"{s.draft_tokens} drafts accepted)",
@@ -235,4 +235,4 @@ def run(b: Bench, worker: WorkerProcess) -> None:
     sampling_cost(b)
     wire_bytes(b, worker)
     speculative(b, worker)
-    print(f"  (item 9 took {time.perf_counter() - started:.0f} s)", flush=True)
+    print(f"  (item 10 took {time.perf_counter() - started:.0f} s)", flush=True)

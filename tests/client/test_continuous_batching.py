@@ -250,19 +250,33 @@ def test_propose_ngram_looks_up_the_latest_earlier_occurrence() -> None:
     assert cb.propose_ngram([1, 2, 3], 4) == [] and cb.propose_ngram([4, 4], 0) == []
 
 
-def test_speculative_greedy_matches_plain_greedy(paged: RunningServer, client) -> None:
-    """n-gram drafts verified by the worker, under preemption and a tight token budget: the tokens
-    are plain greedy's, and some drafts were accepted (repetitive prompts)."""
+@pytest.fixture(scope="module")
+def fixed(paged: RunningServer, client_model_root: Path) -> str:
+    """A tiny Llama with fixed weights (the acceptance of drafts depends on them)."""
+    from tests.tiny_models import make_tiny_model_dir
+
+    if not (client_model_root / "llama-fixed").exists():
+        make_tiny_model_dir(client_model_root / "llama-fixed", "llama", seed=7)
+    with ModelWorkerClient(paged.target, timeout=60) as c:
+        c.load("cb-fixed", "llama-fixed", kv_cache=KvCacheConfig(block_size=BLOCK, num_blocks=24))
+    return "cb-fixed"
+
+
+def test_speculative_greedy_matches_plain_greedy(fixed: str, client) -> None:
+    """n-gram drafts verified by the worker, under a tight token budget: the tokens are plain
+    greedy's, and drafts were accepted (repetitive prompts, fixed weights) and saved steps."""
     rng = random.Random(5)
     prompts = [[rng.randrange(128) for _ in range(4)] * 3 for _ in range(4)] + [[3, 1, 4, 1, 5]]
     new = [14, 12, 10, 16, 9]
     calls = record_calls(client)
-    result = cb.run(client, "cb", prompts, new, max_num_seqs=4, max_batch_tokens=12, num_speculative_tokens=3)
-    assert_matches_reference(client, "cb", prompts, new, result)
+    result = cb.run(
+        client, fixed, prompts, new, max_num_seqs=4, max_batch_tokens=12, num_speculative_tokens=3
+    )
+    assert_matches_reference(client, fixed, prompts, new, result)
     s = result.stats
     assert s.draft_tokens > 0 and 0 < s.accepted_draft_tokens <= s.draft_tokens, s
     assert any(c.get("num_draft_tokens") for c in calls)
-    plain_steps = cb.run(client, "cb", prompts, new, max_num_seqs=4, max_batch_tokens=12).stats.steps
+    plain_steps = cb.run(client, fixed, prompts, new, max_num_seqs=4, max_batch_tokens=12).stats.steps
     assert s.steps < plain_steps
 
 
