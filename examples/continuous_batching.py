@@ -421,6 +421,7 @@ class Scheduler:
                 if q:  # a swapped-in sequence continues in this step
                     seqs.append(seq)
                     query_lens.append(q)
+                    drafts.append([])
                     budget -= q
                     in_flight.update(self._completed_hashes(seq, q))
                 continue
