@@ -309,7 +309,10 @@ class CausalLM(Model):
         query_lens=None,
         *,
         all_logits: bool = False,
+        logits_indices: Sequence[int] | None = None,
     ) -> torch.Tensor:
+        """logits_indices: rows of the concatenated tokens to score (speculative verification), instead
+        of the last token of each sequence or every token."""
         self._require_loaded()
         batch = prepare_paged_batch(
             self.paged,
@@ -326,6 +329,10 @@ class CausalLM(Model):
         if self.graphs is not None and self.graphs.can_replay(batch):
             return self.graphs.replay(batch)
         hidden = self._run(batch.input_tokens, batch.positions, PagedContext(self.paged, batch, self.backend))
+        if logits_indices is not None:
+            return self._logits(
+                hidden[torch.as_tensor(logits_indices, dtype=torch.long, device=hidden.device)]
+            )
         return self._logits(hidden if all_logits else hidden[batch.last_token_indices])
 
     # -- caches --------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import inprocess, kv_transfer, serving
+from . import inprocess, kv_transfer, sampling, serving
 from . import weights as weight_updates
 from .common import (
     FRESH_PAGES_ENV,
@@ -44,7 +44,7 @@ from .models import (
 from .reasons import REASONS
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ITEMS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 11)
+ITEMS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         b = Bench(args.quick, threads, report, new_registry([m.root for m in models]), models)
         roots = [m.root for m in models]
         worker = load_worker = kv_worker = None
-        if items & {5, 7, 8, 9, 11}:
+        if items & {5, 7, 8, 9, 10, 11}:
             worker = serving.WorkerProcess(roots, threads, tmp / "worker.log")
         if 9 in items:  # the receiving end of the KV transfers
             kv_worker = serving.WorkerProcess(roots, threads, tmp / "kv-worker.log")
@@ -199,6 +199,10 @@ def run_items(
         assert worker is not None and kv_worker is not None
         print("9. KV block transfer...", flush=True)
         kv_transfer.kv_transfer(b, worker, kv_worker)
+    if 10 in items:
+        assert worker is not None
+        print("10. sampling on the worker...", flush=True)
+        sampling.run(b, worker)
     if 11 in items:
         assert worker is not None
         print("11. weight updates and memory release...", flush=True)

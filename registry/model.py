@@ -178,7 +178,9 @@ class Model(abc.ABC):
         all_logits: bool = False,
     ) -> torch.Tensor:
         """Tokens of all sequences concatenated ([num_tokens]) → logits [num_seqs, vocab]
-        (last query token of each sequence), or [num_tokens, vocab] when all_logits."""
+        (last query token of each sequence), or [num_tokens, vocab] when all_logits. Speculative
+        verification passes `logits_indices=` (rows of the tokens to score) when the model takes it
+        (the built-in architectures do)."""
 
     @abc.abstractmethod
     def reset_kv_cache(self) -> None: ...

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
@@ -70,7 +70,10 @@ __all__ = [
     "ReleaseMemoryResult",
     "ResourceExhaustedError",
     "ResumeMemoryResult",
+    "SamplingParams",
+    "SequenceOutput",
     "TlsConfig",
+    "TokenLogprob",
     "TopK",
     "UnauthenticatedError",
     "UnavailableError",
@@ -93,6 +96,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # the worker's default cap
 _RESPONSE_HEADROOM = 1024 * 1024  # the worker may send max_message_bytes plus framing
 
 _LOGITS_MODES: dict[str, int] = {"last": pb.LOGITS_LAST, "all": pb.LOGITS_ALL, "none": pb.LOGITS_NONE}
+_LOGPROBS_MODES: dict[str, int] = {"raw": pb.LOGPROBS_RAW, "processed": pb.LOGPROBS_PROCESSED}
 _LOGITS_DTYPES: dict[str, int] = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
 # Wire dtype → little-endian numpy dtype of its bytes (bfloat16 travels as its 16 raw bits).
 _WIRE_NUMPY: dict[int, str] = {
@@ -306,6 +310,44 @@ class TopK:
 
 
 @dataclass(frozen=True)
+class SamplingParams:
+    """How the worker picks a sequence's next token (README "Sampling on the worker"). The defaults
+    are off: temperature 0 is greedy; top_p 1, min_p 0, top_k 0 and repetition_penalty 1 filter
+    nothing. A seeded sequence draws the same token alone or in any batch."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    prompt_token_ids: Sequence[int] = ()
+    output_token_ids: Sequence[int] = ()
+    logprobs: int = 0  # 0..20 top candidates reported with each emitted token
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    rank: int  # 1 = most likely
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass(frozen=True)
+class SequenceOutput:
+    """What one sequence emitted: accepted drafts, then one more token (a single token without
+    drafts); `logprobs` has one entry per emitted token when logprobs > 0 was asked."""
+
+    token_ids: list[int]
+    num_accepted_drafts: int
+    logprobs: list[TokenLogprob]
+
+
+@dataclass(frozen=True)
 class ForwardResult:
     """`logits`: [rows, vocab] (None with logits_mode "none"); numpy float32 by default, a torch
     tensor in `logits_dtype` with as_torch=True. `next_token_ids`: the argmax at each sequence's last
@@ -317,6 +359,7 @@ class ForwardResult:
     top_k: list[TopK]
     compute_seconds: float
     weights_version: int = 0  # the weights that computed this result
+    outputs: list[SequenceOutput] = field(default_factory=list)  # one per sequence
 
 
 @dataclass(frozen=True)
@@ -705,6 +748,34 @@ def _forward_paged_request(
     return request
 
 
+def _add_sampling(
+    request: pb.ForwardRequest | pb.ForwardPagedRequest,
+    sampling: SamplingParams | Sequence[SamplingParams] | None,
+    logprobs_mode: Literal["raw", "processed"],
+    num_draft_tokens: Sequence[int] | None = None,
+) -> None:
+    """sampling: one for every sequence, or one per sequence; None keeps the argmax."""
+    request.logprobs_mode = _enum(_LOGPROBS_MODES, logprobs_mode, "logprobs_mode")
+    if sampling is not None:
+        for p in [sampling] if isinstance(sampling, SamplingParams) else sampling:
+            msg = request.sampling.add(
+                temperature=p.temperature,
+                top_k=p.top_k,
+                top_p=p.top_p,
+                min_p=p.min_p,
+                repetition_penalty=p.repetition_penalty,
+                presence_penalty=p.presence_penalty,
+                frequency_penalty=p.frequency_penalty,
+                prompt_token_ids=[int(t) for t in p.prompt_token_ids],
+                output_token_ids=[int(t) for t in p.output_token_ids],
+                logprobs=p.logprobs,
+            )
+            if p.seed is not None:
+                msg.seed = p.seed
+    if num_draft_tokens is not None:
+        request.num_draft_tokens.extend(int(d) for d in num_draft_tokens)
+
+
 # -- response decoders -----------------------------------------------------------------------------
 def _model_info(msg: pb.ModelInfo) -> ModelInfo:
     loaded_at = None
@@ -752,6 +823,19 @@ def _forward_result(msg: pb.ForwardResponse | pb.ForwardPagedResponse, as_torch:
         top_k=[TopK(list(t.token_ids), list(t.logprobs)) for t in msg.top_k],
         compute_seconds=msg.compute_seconds,
         weights_version=msg.weights_version,
+        outputs=[
+            SequenceOutput(
+                list(o.token_ids),
+                o.num_accepted_drafts,
+                [
+                    TokenLogprob(
+                        lp.token_id, lp.logprob, lp.rank, list(lp.top_token_ids), list(lp.top_logprobs)
+                    )
+                    for lp in o.logprobs
+                ],
+            )
+            for o in msg.outputs
+        ],
     )
 
 
@@ -891,14 +975,18 @@ class ModelWorkerClient(WeightsClientMethods, _ClientBase):
         logits_mode: LogitsMode = "last",
         logits_dtype: LogitsDType = "float32",
         top_k: int = 0,
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        logprobs_mode: Literal["raw", "processed"] = "raw",
         as_torch: bool = False,
         timeout: float | None = None,
     ) -> ForwardResult:
         """A forward pass without paging. `token_ids`: one sequence (1-D) or equal-length rows (2-D).
-        use_cache=False is stateless; use_cache=True writes the contiguous cache rows at start_pos."""
+        use_cache=False is stateless; use_cache=True writes the contiguous cache rows at start_pos.
+        `sampling`: one SamplingParams for every row or one per row (None: argmax)."""
         request = _forward_request(
             model_id, token_ids, positions, use_cache, start_pos, logits_mode, logits_dtype, top_k
         )
+        _add_sampling(request, sampling, logprobs_mode)
         return _forward_result(self._call("Forward", self._stub, request, timeout), as_torch)
 
     def forward_paged(
@@ -915,10 +1003,15 @@ class ModelWorkerClient(WeightsClientMethods, _ClientBase):
         logits_mode: LogitsMode = "last",
         logits_dtype: LogitsDType = "float32",
         top_k: int = 0,
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        logprobs_mode: Literal["raw", "processed"] = "raw",
+        num_draft_tokens: Sequence[int] | None = None,
         as_torch: bool = False,
         timeout: float | None = None,
     ) -> ForwardResult:
-        """A forward pass over the paged KV cache (see README "Driving the worker from a scheduler")."""
+        """A forward pass over the paged KV cache (see README "Driving the worker from a scheduler").
+        `sampling`: one SamplingParams for every sequence or one per sequence (None: argmax);
+        `num_draft_tokens`: per sequence, how many of its last query tokens are drafts to verify."""
         request = _forward_paged_request(
             model_id,
             input_tokens,
@@ -932,6 +1025,7 @@ class ModelWorkerClient(WeightsClientMethods, _ClientBase):
             logits_dtype,
             top_k,
         )
+        _add_sampling(request, sampling, logprobs_mode, num_draft_tokens)
         return _forward_result(self._call("ForwardPaged", self._stub, request, timeout), as_torch)
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
@@ -1122,12 +1216,15 @@ class AsyncModelWorkerClient(AsyncWeightsClientMethods, _ClientBase):
         logits_mode: LogitsMode = "last",
         logits_dtype: LogitsDType = "float32",
         top_k: int = 0,
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        logprobs_mode: Literal["raw", "processed"] = "raw",
         as_torch: bool = False,
         timeout: float | None = None,
     ) -> ForwardResult:
         request = _forward_request(
             model_id, token_ids, positions, use_cache, start_pos, logits_mode, logits_dtype, top_k
         )
+        _add_sampling(request, sampling, logprobs_mode)
         return _forward_result(await self._call("Forward", self._stub, request, timeout), as_torch)
 
     async def forward_paged(
@@ -1144,6 +1241,9 @@ class AsyncModelWorkerClient(AsyncWeightsClientMethods, _ClientBase):
         logits_mode: LogitsMode = "last",
         logits_dtype: LogitsDType = "float32",
         top_k: int = 0,
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        logprobs_mode: Literal["raw", "processed"] = "raw",
+        num_draft_tokens: Sequence[int] | None = None,
         as_torch: bool = False,
         timeout: float | None = None,
     ) -> ForwardResult:
@@ -1160,6 +1260,7 @@ class AsyncModelWorkerClient(AsyncWeightsClientMethods, _ClientBase):
             logits_dtype,
             top_k,
         )
+        _add_sampling(request, sampling, logprobs_mode, num_draft_tokens)
         return _forward_result(await self._call("ForwardPaged", self._stub, request, timeout), as_torch)
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:

@@ -22,12 +22,13 @@ from typing import TypeVar
 import grpc
 import torch
 
+from architectures.sampling import Sampler, SequenceSample, verification_rows
 from registry import KvCacheOptions, LoadOptions, LoadPlan, Model, ModelRegistry
 from registry.errors import InvalidArgument, ModelNotReady, OutOfResources
 from registry.paged_checks import check_token_count, resolve_query_lens
 from registry.registry import LoadOutcome, ModelEntry, ModelState, validate_model_id
 
-from . import __version__, kv_transfer
+from . import __version__, kv_transfer, sampling_codec
 from . import devices as dev
 from .logs import LOGGER_NAME, fields
 from .observer import NULL_OBSERVER, WorkerObserver
@@ -85,6 +86,7 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
         # Bytes admitted for loads still building, so concurrent loads cannot both take the same memory.
         self._reserved: dict[object, int] = {}
         self._reserve_lock = threading.Lock()
+        self.sampler = Sampler()  # unseeded draws of every model
 
     def close(self) -> None:
         self.destroy_weights_groups()
@@ -396,10 +398,13 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
             )
         k = request.top_k
         all_rows = mode == pb.LOGITS_ALL
+        sampling = sampling_codec.sampling_params(request.sampling, batch, "batch row")
+        processed = sampling_codec.processed_logprobs(request.logprobs_mode)
 
         def run(model: Model) -> pb.ForwardResponse:
             vocab = model.config.vocab_size
             self._check_top_k(k, vocab)
+            sampling_codec.check_token_ids(request.sampling, vocab, "batch row")
             rows = {pb.LOGITS_ALL: n, pb.LOGITS_LAST: batch, pb.LOGITS_NONE: 0}[mode]
             self._check_response_size(rows, vocab, out_dtype, k, rows or batch, batch)
             ids = torch.tensor(list(request.token_ids), dtype=torch.long).view(batch, seq_len)
@@ -419,12 +424,14 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
                 )
             else:
                 logits = model.forward(ids, positions, all_logits=all_rows)
-            _synchronize(model.device)
-            compute = time.perf_counter() - started
             # logits: [batch, seq, vocab] when all_rows, else [batch, vocab] (last positions)
             last = logits[:, -1] if all_rows else logits
             rows_out = logits.reshape(n, vocab) if all_rows else logits
-            return _forward_reply(pb.ForwardResponse(), rows_out, last, mode, out_dtype, k, compute)
+            context = [request.start_pos + seq_len] * batch
+            samples = self.sampler.sample(last, sampling, context, processed_logprobs=processed)
+            _synchronize(model.device)
+            compute = time.perf_counter() - started  # the forward and the sampling
+            return _forward_reply(pb.ForwardResponse(), rows_out, last, mode, out_dtype, k, compute, samples)
 
         response = await self._on_model(model_id, run)
         phase = _phase_dense(request.use_cache, request.start_pos, seq_len)
@@ -467,10 +474,17 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
         check_token_count("input_tokens", n, query_lens, defaulted)
         k = request.top_k
         all_rows = mode == pb.LOGITS_ALL
+        sampling = sampling_codec.sampling_params(request.sampling, seqs, "sequence")
+        processed = sampling_codec.processed_logprobs(request.logprobs_mode)
+        num_drafts = sampling_codec.draft_counts(request.num_draft_tokens, query_lens)
+        drafts = sampling_codec.draft_tokens(request.input_tokens, query_lens, num_drafts)
+        # Verification scores every draft position: only those rows (or all of them for LOGITS_ALL).
+        verify = {"logits_indices": verification_rows(query_lens, num_drafts)} if any(num_drafts) else {}
 
         def run(model: Model) -> pb.ForwardPagedResponse:
             vocab = model.config.vocab_size
             self._check_top_k(k, vocab)
+            sampling_codec.check_token_ids(request.sampling, vocab, "sequence")
             rows = {pb.LOGITS_ALL: n, pb.LOGITS_LAST: seqs, pb.LOGITS_NONE: 0}[mode]
             self._check_response_size(rows, vocab, out_dtype, k, rows or seqs, seqs)
             started = time.perf_counter()
@@ -483,16 +497,25 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
                 request.is_prefill,
                 list(request.query_lens) or None,
                 all_logits=all_rows,
+                **({} if all_rows else verify),
             )
-            _synchronize(model.device)
-            compute = time.perf_counter() - started
             if all_rows:
                 # [num_tokens, vocab]; each sequence's last query token ends its run of query_lens.
                 ends = torch.tensor(query_lens, device=logits.device).cumsum(0) - 1
                 last = logits[ends]
+                scored = logits[verify["logits_indices"]] if verify else last
+            elif verify:  # [sum(d + 1), vocab]: each sequence's rows end with its last query token
+                scored = logits
+                last = logits[torch.tensor([d + 1 for d in num_drafts], device=logits.device).cumsum(0) - 1]
             else:
-                last = logits  # [num_seqs, vocab]
-            return _forward_reply(pb.ForwardPagedResponse(), logits, last, mode, out_dtype, k, compute)
+                last = scored = logits  # [num_seqs, vocab]
+            samples = self.sampler.sample(scored, sampling, context_lens, drafts, processed)
+            _synchronize(model.device)
+            compute = time.perf_counter() - started  # the forward and the sampling
+            returned = logits if all_rows else last
+            return _forward_reply(
+                pb.ForwardPagedResponse(), returned, last, mode, out_dtype, k, compute, samples
+            )
 
         response = await self._on_model(model_id, run)
         phase = _phase_paged(request.is_prefill, query_lens, context_lens)
@@ -668,11 +691,13 @@ def _forward_reply(
     out_dtype: torch.dtype,
     k: int,
     compute: float,
+    samples: list[SequenceSample],
 ) -> pb.ForwardResponse | pb.ForwardPagedResponse:
     """rows: the logits rows the mode returns [rows, vocab]; last: each sequence's last row [seqs, vocab].
-    Both float32; next_token_ids and top_k come from float32 whatever the wire dtype is."""
+    Both float32; top_k comes from float32 whatever the wire dtype is. samples: what each sequence
+    emitted (next_token_ids is the last of them, the argmax without sampling)."""
     response.compute_seconds = compute
-    response.next_token_ids.extend(last.argmax(dim=-1).tolist())
+    sampling_codec.fill_outputs(response, samples)
     if mode != pb.LOGITS_NONE:
         encode_tensor(rows.to(out_dtype), response.logits)
     if k:
