@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-tokens-per-request", help="cap on tokens in one Forward (default 16384)")
     serve.add_argument("--max-batch-size", help="cap on sequences in one Forward (default 256)")
     serve.add_argument("--memory-budget-bytes", help="cap on weights + KV cache of all models (default: off)")
+    serve.add_argument(
+        "--max-call-bytes", help="cap on one ForwardPaged call's working memory (default 1GiB)"
+    )
+    serve.add_argument("--load-threads", help="threads that run Loads, apart from forwards (default 2)")
     for name, func in GGUF_COMMANDS.items():
         sub.add_parser(
             name, help=f"see `modelworker {name} --help` (registry.gguf_import.{func})", add_help=False

@@ -55,6 +55,10 @@ class Settings:
     max_batch_size: int = 256
     # Bytes of weights + KV cache this worker may hold across all models; 0: only device memory limits.
     memory_budget_bytes: int = 0
+    # Working memory one ForwardPaged call may need (RESOURCE_EXHAUSTED above it).
+    max_call_bytes: int = 1024 * MiB
+    # Threads that run Loads (apart from the forwards' threads, so a stuck Load cannot starve them).
+    load_threads: int = 2
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -179,6 +183,8 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_tokens_per_request": _parse_int,
     "max_batch_size": _parse_int,
     "memory_budget_bytes": parse_bytes,
+    "max_call_bytes": parse_bytes,
+    "load_threads": _parse_int,
 }
 
 # Environment names that are not simply MODELWORKER_<FIELD>.
@@ -218,6 +224,10 @@ def _validate(s: Settings) -> None:
         fail("max_batch_size", f"must be >= 1, got {s.max_batch_size}")
     if s.memory_budget_bytes < 0:
         fail("memory_budget_bytes", f"must be >= 0, got {s.memory_budget_bytes}")
+    if s.max_call_bytes < 1:
+        fail("max_call_bytes", f"must be >= 1, got {s.max_call_bytes}")
+    if not 1 <= s.load_threads <= 64:
+        fail("load_threads", f"must be in [1, 64], got {s.load_threads}")
     if (s.tls_cert is None) != (s.tls_key is None):
         fail("tls_cert/tls_key", "both are needed for TLS")
     if s.tls_client_ca is not None and s.tls_cert is None:
