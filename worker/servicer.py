@@ -25,9 +25,10 @@ import torch
 
 from registry import KvCacheOptions, LoadOptions, Model, ModelConfig, ModelRegistry
 from registry.cache_plan import plan_cache
+from registry.config_checks import check_checkpoint_shapes
 from registry.errors import InvalidArgument, ModelNotReady, OutOfResources
 from registry.registry import LoadOutcome, ModelEntry, ModelState, validate_model_id
-from registry.safetensors_loader import estimate_weight_bytes
+from registry.safetensors_loader import estimate_weight_bytes, index_checkpoint
 
 from . import __version__
 from . import devices as dev
@@ -207,7 +208,13 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         alive after an Unload. info is None if the model was gone before a joining Load looked."""
         outcome = self._load_blocking(request)
         model = outcome.model
-        info = self._model_info(outcome.entry, model) if model is not None else None
+        try:
+            info = self._model_info(outcome.entry, model) if model is not None else None
+        except ValueError as exc:  # a number out of a field's range: never leave it READY (ListModels)
+            if not outcome.already_loaded:
+                del model
+                self.registry.unload_model(request.model_id)
+            raise InvalidArgument(f"model {request.model_id!r} cannot be described: {exc}") from None
         return LoadOutcome(outcome.entry, outcome.already_loaded), info
 
     async def preload(self, model_id: str, model_dir: str) -> ModelEntry:
@@ -299,6 +306,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         config = ModelConfig.from_hf(_read_json(model_dir / "config.json"), architecture)
         dtype = options.dtype or torch.float32
         weights = estimate_weight_bytes(model_dir, dtype)
+        check_checkpoint_shapes(config, index_checkpoint(model_dir))  # before anything is allocated
         free = dev.free_bytes(device)
         cache = plan_cache(
             config, options.kv_cache, dtype, device, max(free - weights, 0) if device.type == "cuda" else None
