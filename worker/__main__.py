@@ -83,8 +83,12 @@ async def _serve(settings: Settings) -> int:
     server = WorkerServer(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    # SIGHUP and SIGQUIT drain like SIGTERM (no call is cut short by a closing terminal or a stray
+    # signal); SIGUSR1/SIGUSR2 are logged and ignored.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        loop.add_signal_handler(sig, _on_stop_signal, sig, stop)
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        loop.add_signal_handler(sig, lambda s=sig: log.warning("ignoring %s", signal.Signals(s).name))
     await server.start(serving=not settings.preload)
     exit_code = 0
     preload: asyncio.Future[bool] | None = None
@@ -104,7 +108,16 @@ async def _serve(settings: Settings) -> int:
     if preload is not None and not preload.done():
         preload.cancel()  # the load itself finishes in its thread; stop() then unloads it
     await server.stop()
+    if server.left_work_running:  # threads that may never end: do not let interpreter exit join them
+        logging.shutdown()
+        os._exit(exit_code)
     return exit_code
+
+
+def _on_stop_signal(sig: int, stop: asyncio.Event) -> None:
+    if not stop.is_set():
+        log.info("received %s; draining", signal.Signals(sig).name)
+    stop.set()
 
 
 def serve(args: argparse.Namespace) -> int:
