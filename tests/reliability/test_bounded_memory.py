@@ -185,3 +185,40 @@ def test_call_over_the_memory_budget_is_refused(aio_loop: asyncio.AbstractEventL
         assert running.health() == health_pb2.HealthCheckResponse.SERVING
     finally:
         running.stop(grace=0.5)
+
+
+def test_rotary_tables_are_not_built_for_every_position(
+    aio_loop: asyncio.AbstractEventLoop, tmp_path: Path, weights_seed: int
+) -> None:
+    """Issue 21 item 8: max_position_embeddings 2,000,000 cost +531 MiB peak at Load (a cos/sin table
+    over every position, not counted anywhere), and dynamic RoPE +557 MiB for one token at position
+    2e6. cos/sin are now computed for the call's positions only."""
+    positions = 2_000_000
+    make_tiny_model_dir(tmp_path / "static", "llama", seed=weights_seed, max_position_embeddings=positions)
+    make_tiny_model_dir(
+        tmp_path / "dynamic",
+        "llama",
+        seed=weights_seed,
+        max_position_embeddings=positions,
+        rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+    )
+    running = start_server(aio_loop, make_settings(tmp_path))
+    small = pb.KvCacheConfig(block_size=16, num_blocks=4, max_seq_len=16, max_batch_size=1)
+    try:
+        stub = running.stub()
+        stub.Load(pb.LoadRequest(model_id="warm", model_dir="static", kv_cache=small))  # one-time costs
+        stub.Unload(pb.UnloadRequest(model_id="warm"))
+        for name in ("static", "dynamic"):
+            rss_before = _status_kib("VmRSS") * 1024
+            _reset_peak()
+            stub.Load(pb.LoadRequest(model_id=name, model_dir=name, kv_cache=small))
+            far = stub.Forward(pb.ForwardRequest(model_id=name, token_ids=[5], positions=[positions - 1]))
+            peak = _status_kib("VmHWM") * 1024
+            print(
+                f"{name} RoPE, {positions} positions: Load + Forward at the last one, peak +{(peak - rss_before) / MiB:.0f} MiB"
+            )
+            assert len(far.next_token_ids) == 1
+            assert peak - rss_before <= 64 * MiB
+        assert running.health() == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        running.stop(grace=0.5)
