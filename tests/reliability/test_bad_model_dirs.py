@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -229,12 +230,14 @@ def test_bad_model_dir(served: ServeProcess, name: str, code: Code, fragments: l
     worker = served
     request = pb.LoadRequest(model_id=f"bad-{name}", model_dir=f"bad/{name}", kv_cache=SMALL_KV)
     before = worker.settled_rss()
+    started = time.perf_counter()
     err = rpc_error(lambda: worker.stub.Load(request, timeout=30))
+    took = time.perf_counter() - started
     after = worker.settled_rss()
     assert_status(err, code, *fragments)
     assert worker.model_ids() == []
     print(
-        f"bad model dir {name}: {err.code().name}; worker RSS {before / MiB:.1f} MiB before the Load, "
+        f"bad model dir {name}: {err.code().name} in {took * 1000:.1f} ms; worker RSS {before / MiB:.1f} MiB before the Load, "
         f"{after / MiB:.1f} MiB after ({(after - before) / MiB:+.1f} MiB, slack {RSS_SLACK / MiB:.0f} MiB)"
     )
     assert after - before <= RSS_SLACK
