@@ -18,13 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from ..paged import PagedBatch, PagedKvCache
+from ..paged_batch import PagedBatch, PagedKvCache
 
 # Bounds of one attention step's transient tensors (per layer; freed before the next step).
 KEY_CHUNK_BYTES = 16 << 20  # gathered K + V of one chunk (all sequences of a decode group)
