@@ -49,6 +49,9 @@ class _PrefillSeq:
     query_len: int
     context_len: int
     table: torch.Tensor  # long [num_blocks of the sequence]
+    # Per window, the slots [keys] and mask [1, 1, L, keys] of a sequence attended in one step
+    # (one query chunk, one key chunk): built on the first layer, reused by the others.
+    keys_by_window: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -275,6 +278,17 @@ def _prefill(
     chunk = _key_chunk(cache, 1)
     dev = p.table.device
     step = _query_chunk(heads, min(chunk, p.context_len), length)
+    k_start = 0 if window is None else max(0, first_query - window + 1)
+    if step >= length and p.context_len - k_start <= chunk:  # one step: the common case
+        cached = p.keys_by_window.get(window)
+        if cached is None:
+            q_pos = torch.arange(first_query, p.context_len, device=dev)
+            cached = _prefill_keys(p.table, cache.block_size, q_pos, k_start, p.context_len, window)
+            p.keys_by_window[window] = cached
+        slots, mask = cached
+        k = k_flat.index_select(0, slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, keys, D]
+        v = v_flat.index_select(0, slots).transpose(0, 1).unsqueeze(0)
+        return _sdpa(q4, k, v, mask, scale)[0].transpose(0, 1)
     for qa in range(0, length, step):
         qb = min(length, qa + step)
         q_first, q_end = first_query + qa, first_query + qb  # positions of this chunk's queries
@@ -295,6 +309,18 @@ def _query_chunk(heads: int, keys: int, length: int) -> int:
     return max(1, min(length, SCORE_CHUNK_BYTES // max(1, 4 * heads * keys)))
 
 
+def _prefill_keys(
+    table: torch.Tensor, block_size: int, q_pos: torch.Tensor, a: int, b: int, window: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots [b - a] of a sequence's keys a..b-1, and which queries (positions q_pos) see each:
+    mask [1, 1, Lq, b - a]."""
+    k_pos = torch.arange(a, b, device=q_pos.device)
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        allowed &= k_pos[None, :] > q_pos[:, None] - window
+    return _slots(table, k_pos, block_size), allowed[None, None]
+
+
 def _prefill_chunks(
     k_flat: torch.Tensor,
     v_flat: torch.Tensor,
@@ -308,15 +334,11 @@ def _prefill_chunks(
 ) -> Iterator[KeyChunk]:
     """Keys [k_start, k_end) of one sequence, `chunk` at a time: K/V [1, Hkv, c, D], mask [1, 1, Lq, c]."""
     for a in range(k_start, k_end, chunk):
-        k_pos = torch.arange(a, min(k_end, a + chunk), device=q_pos.device)
-        slots = _slots(table, k_pos, cache.block_size)
-        allowed = k_pos[None, :] <= q_pos[:, None]
-        if window is not None:
-            allowed &= k_pos[None, :] > q_pos[:, None] - window
+        slots, mask = _prefill_keys(table, cache.block_size, q_pos, a, min(k_end, a + chunk), window)
         yield (
             k_flat.index_select(0, slots).transpose(0, 1).unsqueeze(0),
             v_flat.index_select(0, slots).transpose(0, 1).unsqueeze(0),
-            allowed[None, None],
+            mask,
         )
 
 
