@@ -218,3 +218,30 @@ def test_idle_metrics_connections_start_no_threads(model_root: Path, plugin_env:
                 s.close()
         assert b"modelworker" in urllib.request.urlopen(url, timeout=30).read()
         assert worker.health() == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_connections_that_never_handshake_are_closed(
+    aio_loop: asyncio.AbstractEventLoop, model_root: Path, monkeypatch
+) -> None:  # noqa: ANN001 - pytest's MonkeyPatch
+    """A TCP connection that never sends the HTTP/2 preface holds a file descriptor until the
+    server's handshake timeout: 10 s here (gRPC's default 120 s); shortened to 0.3 s for the test."""
+    from worker import server as server_module
+
+    options = [
+        (k, 300 if k == "grpc.server_handshake_timeout_ms" else v)
+        for k, v in server_module.CONNECTION_OPTIONS
+    ]
+    monkeypatch.setattr(server_module, "CONNECTION_OPTIONS", options)
+    running = start_server(aio_loop, make_settings(model_root))
+    try:
+        port = int(running.target.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+        for s in idle:
+            s.settimeout(30)  # far beyond the 0.3 s: only a server that never closes fails
+            assert s.recv(1024) is not None  # the server's settings frame, or b"" once closed
+            while s.recv(1024):
+                pass
+            s.close()
+        assert running.health() == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        running.stop(grace=0.5)
