@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", help="cap on sequences in one Forward (default 256)")
     serve.add_argument("--memory-budget-bytes", help="cap on weights + KV cache of all models (default: off)")
     serve.add_argument(
-        "--max-call-bytes", help="cap on one ForwardPaged call's working memory (default 1GiB)"
+        "--max-call-bytes", help="cap on one ForwardPaged call's working memory (default 4GiB)"
     )
     serve.add_argument("--load-threads", help="threads that run Loads, apart from forwards (default 2)")
     for name, func in GGUF_COMMANDS.items():

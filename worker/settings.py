@@ -56,7 +56,7 @@ class Settings:
     # Bytes of weights + KV cache this worker may hold across all models; 0: only device memory limits.
     memory_budget_bytes: int = 0
     # Working memory one ForwardPaged call may need (RESOURCE_EXHAUSTED above it).
-    max_call_bytes: int = 1024 * MiB
+    max_call_bytes: int = 4096 * MiB
     # Threads that run Loads (apart from the forwards' threads, so a stuck Load cannot starve them).
     load_threads: int = 2
 
