@@ -138,8 +138,10 @@ def _yarn_inv_freq(dim: int, base: float, s: RopeScaling, max_positions: int) ->
 
 
 class RotaryEmbedding:
-    """cos/sin for any positions. Static scalings use a table over every position; `dynamic`
-    recomputes its frequencies from the longest position of the call, as the reference does."""
+    """cos/sin for the positions of a call, computed per call (no table over every position: a
+    config with millions of positions costs nothing until they are used). Static scalings keep their
+    frequencies; `dynamic` recomputes them from the longest position of the call, as the reference
+    does."""
 
     def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
         self.config = config
@@ -147,29 +149,27 @@ class RotaryEmbedding:
         self.device = device
         self.dynamic = config.rope_scaling.rope_type == "dynamic"
         if not self.dynamic:
-            self.cos, self.sin = self._table(config.position_limit, None)
+            self._freqs = self._frequencies(None)
 
-    def _table(self, length: int, seq_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _frequencies(self, seq_len: int | None) -> tuple[torch.Tensor, float]:
         c = self.config
         inv_freq, attn_scale = rope_inv_freq(
             c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings, seq_len
         )
-        freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-        # cos/sin of each half once, then duplicated: half the trigonometry of the whole table (a
-        # Load's largest fixed cost after the weights), the same values.
-        half_cos, half_sin = freqs.cos() * attn_scale, freqs.sin() * attn_scale
-        cos = torch.cat((half_cos, half_cos), dim=-1).to(device=self.device, dtype=self.dtype)
-        sin = torch.cat((half_sin, half_sin), dim=-1).to(device=self.device, dtype=self.dtype)
-        return cos, sin
+        return inv_freq.to(self.device), attn_scale
 
     def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [...] → cos, sin [..., 1, head_dim] (broadcast over heads)."""
         if self.dynamic:
             longest = int(positions.max()) + 1 if positions.numel() else 1
-            cos, sin = self._table(longest, longest)
+            inv_freq, attn_scale = self._frequencies(longest)
         else:
-            cos, sin = self.cos, self.sin
-        return cos[positions].unsqueeze(-2), sin[positions].unsqueeze(-2)
+            inv_freq, attn_scale = self._freqs
+        freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [..., head_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * attn_scale).to(self.dtype)
+        sin = (emb.sin() * attn_scale).to(self.dtype)
+        return cos.unsqueeze(-2), sin.unsqueeze(-2)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

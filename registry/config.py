@@ -16,6 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from .config_checks import check_config_numbers, parse_json_int
 from .errors import InvalidConfig
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
@@ -185,7 +186,7 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         if isinstance(eos, list):
             eos = tuple(eos)
-        return cls(
+        config = cls(
             architecture=arch,
             model_type=_str(cfg, "model_type", ""),
             vocab_size=_int(cfg, "vocab_size"),
@@ -210,6 +211,8 @@ class ModelConfig:
             quantization_method=quant_method,
             raw=MappingProxyType(dict(cfg)),
         )
+        check_config_numbers(config, cfg)
+        return config
 
 
 def read_config_json(path: Path) -> dict[str, Any]:
@@ -217,9 +220,9 @@ def read_config_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InvalidConfig(f"{path}: config.json not found in the model directory")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidConfig(f"{path}: not valid JSON ({exc})") from None
+        data = json.loads(path.read_text(encoding="utf-8"), parse_int=parse_json_int)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # too deep, too many digits
+        raise InvalidConfig(f"{path}: not valid JSON ({str(exc)[:200] or type(exc).__name__})") from None
     if not isinstance(data, dict):
         raise InvalidConfig(f"{path}: the top level must be a JSON object")
     return data

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,18 +81,67 @@ def _read_index(index: Path) -> dict[str, str]:
     return weight_map
 
 
+def open_regular(path: Path, buffering: int = -1) -> BinaryIO:
+    """Open a weights file for reading only if it is a regular file: a FIFO, a device or a socket
+    would block the reading thread forever (O_NONBLOCK so the open itself cannot block; the check on
+    the open descriptor, so the file cannot be swapped in between)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise InvalidArgument(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise InvalidArgument(
+                f"{path}: is not a regular file ({_file_kind(mode)}); weights must be plain files"
+            )
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISDIR, "a directory")):  # fmt: skip
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def _refuse_irregular(paths: list[Path]) -> None:
+    """Before anything is opened: every weights file is a regular file (stat follows symlinks)."""
+    for path in paths:
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue  # reported by the open, with its reason
+        if not stat.S_ISREG(mode):
+            raise InvalidArgument(
+                f"{path}: is not a regular file ({_file_kind(mode)}); weights must be plain files"
+            )
+
+
 def _checkpoint_layout(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
+    files, weight_map = _find_checkpoint(model_dir)
+    _refuse_irregular(files)
+    return files, weight_map
+
+
+def _find_checkpoint(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
     index = model_dir / INDEX_FILE
     if index.is_file():
         weight_map = _read_index(index)
         shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (model_dir / s).is_file()]
+        missing = [s for s in shards if not (model_dir / s).exists()]
         if missing:
             raise CorruptCheckpoint(
                 f"{index}: shard file(s) named in the index are missing: {', '.join(missing)}"
             )
         return [model_dir / s for s in shards], weight_map
-    if (model_dir / SINGLE_FILE).is_file():
+    if (model_dir / SINGLE_FILE).exists():
         return [model_dir / SINGLE_FILE], None
     found = sorted(model_dir.glob("*.safetensors"))
     if found:
@@ -120,7 +171,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     """Parse and check one safetensors header without reading tensor data."""
     try:
         size = path.stat().st_size
-        with path.open("rb") as f:
+        with open_regular(path) as f:
             head = f.read(8)
             if len(head) < 8:
                 raise CorruptCheckpoint(f"{path}: truncated (file is {size} bytes, no header)")
@@ -176,7 +227,19 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
                 f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has {size} (truncated)"
             )
         entries[name] = TensorEntry(name, path, dtype, shape, data_start + begin, nbytes)
+    _refuse_overlaps(path, entries)
     return entries
+
+
+def _refuse_overlaps(path: Path, entries: dict[str, TensorEntry]) -> None:
+    """The format gives each tensor its own bytes of the data section: overlapping ones are refused."""
+    spans = sorted((e.offset, e.offset + e.nbytes, e.name) for e in entries.values() if e.nbytes)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:], strict=False):
+        if begin < end:
+            raise CorruptCheckpoint(
+                f"{path}: tensors {first!r} and {second!r} overlap in the data section "
+                f"(bytes [{begin}, {end}) belong to both)"
+            )
 
 
 def index_checkpoint(model_dir: Path) -> dict[str, TensorEntry]:
@@ -507,7 +570,7 @@ def load_checkpoint(
             param = params[target.param]
             targets.append((entry, _slot_view(param, _layout(module, target.param), target)))
         mapped = [(e, t) for e, t in targets if not _reads_directly(t, e)]
-        with path.open("rb", buffering=0) as f:
+        with open_regular(path, buffering=0) as f:
             for entry, target in targets:
                 if _reads_directly(target, entry):
                     _read_direct(target, entry, f)

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--threads", help="torch intra-op threads (default: $OMP_NUM_THREADS, else the usable cores)"
     )
+    serve.add_argument(
+        "--max-call-bytes", help="cap on one ForwardPaged call's working memory (default 4GiB)"
+    )
+    serve.add_argument("--load-threads", help="threads that run Loads, apart from forwards (default 2)")
     for name, func in GGUF_COMMANDS.items():
         sub.add_parser(
             name, help=f"see `modelworker {name} --help` (registry.gguf_import.{func})", add_help=False
@@ -92,8 +96,12 @@ async def _serve(settings: Settings) -> int:
     server = WorkerServer(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    # SIGHUP and SIGQUIT drain like SIGTERM (no call is cut short by a closing terminal or a stray
+    # signal); SIGUSR1/SIGUSR2 are logged and ignored.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        loop.add_signal_handler(sig, _on_stop_signal, sig, stop)
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        loop.add_signal_handler(sig, lambda s=sig: log.warning("ignoring %s", signal.Signals(s).name))
     await server.start(serving=not settings.preload)
     exit_code = 0
     preload: asyncio.Future[bool] | None = None
@@ -113,7 +121,16 @@ async def _serve(settings: Settings) -> int:
     if preload is not None and not preload.done():
         preload.cancel()  # the load itself finishes in its thread; stop() then unloads it
     await server.stop()
+    if server.left_work_running:  # threads that may never end: do not let interpreter exit join them
+        logging.shutdown()
+        os._exit(exit_code)
     return exit_code
+
+
+def _on_stop_signal(sig: int, stop: asyncio.Event) -> None:
+    if not stop.is_set():
+        log.info("received %s; draining", signal.Signals(sig).name)
+    stop.set()
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from registry.registry import ModelEntry
@@ -31,6 +31,7 @@ from registry.registry import ModelEntry
 from . import devices
 from .gpu_memory import has_context
 from .logs import LOGGER_NAME
+from .metrics_http import start_metrics_http
 from .observer import WorkerObserver
 
 log = logging.getLogger(LOGGER_NAME + ".metrics")
@@ -495,7 +496,7 @@ class MetricsHttpServer:
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
         try:
-            self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
+            self._httpd, self._thread = start_metrics_http(registry, host, port)
         except OSError as exc:
             raise OSError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
         self.port: int = self._httpd.server_address[1]

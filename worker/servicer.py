@@ -24,12 +24,15 @@ import torch
 
 from architectures.sampling import Sampler, SequenceSample, verification_rows
 from registry import KvCacheOptions, LoadOptions, LoadPlan, Model, ModelRegistry
+from registry.config_checks import check_checkpoint_shapes
 from registry.errors import InvalidArgument, ModelNotReady, OutOfResources
 from registry.paged_checks import check_token_count, resolve_query_lens
 from registry.registry import LoadOutcome, ModelEntry, ModelState, validate_model_id
+from registry.safetensors_loader import index_checkpoint
 
 from . import __version__, kv_transfer, sampling_codec
 from . import devices as dev
+from . import request_limits as limits
 from .logs import LOGGER_NAME, fields
 from .observer import NULL_OBSERVER, WorkerObserver
 from .pb.modelworker.v1 import worker_pb2 as pb
@@ -79,6 +82,8 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
         self.observer = observer
         self.default_device = dev.resolve_default_device(settings.device)
         self._executor = executor or ThreadPoolExecutor(EXECUTOR_THREADS, thread_name_prefix="model")
+        # Loads run apart: a Load stuck reading a file cannot take the threads forwards need.
+        self._load_executor = ThreadPoolExecutor(settings.load_threads, thread_name_prefix="load")
         # One lock per model id while any call holds or waits for it; the entry goes when the last
         # user is done, so ids that come and go do not accumulate.
         self._locks: dict[str, asyncio.Lock] = {}
@@ -88,15 +93,17 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
         self._reserve_lock = threading.Lock()
         self.sampler = Sampler()  # unseeded draws of every model
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the executors; wait=False leaves threads still running (a stuck Load) behind."""
         self.destroy_weights_groups()
-        self._executor.shutdown(wait=True, cancel_futures=False)
+        self._executor.shutdown(wait=wait, cancel_futures=not wait)
+        self._load_executor.shutdown(wait=wait, cancel_futures=not wait)
 
     # -- running model work ------------------------------------------------------------------
-    async def _in_thread(self, fn: Callable[[], T]) -> T:
+    async def _in_thread(self, fn: Callable[[], T], executor: ThreadPoolExecutor | None = None) -> T:
         """Run fn in the executor; a cancelled caller leaves the thread to finish."""
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, functools.partial(_inference, fn))
+        future = loop.run_in_executor(executor or self._executor, functools.partial(_inference, fn))
         future.add_done_callback(_consume)
         return await asyncio.shield(future)
 
@@ -177,7 +184,9 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
             raise InvalidArgument("model_dir is empty")
         started = time.perf_counter()
         try:
-            outcome, info = await self._in_thread(lambda: self._load_and_describe(request))
+            outcome, info = await self._in_thread(
+                lambda: self._load_and_describe(request), self._load_executor
+            )
         except Exception as exc:
             self.observer.model_load_failed(
                 request.model_id,
@@ -206,7 +215,13 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
         alive after an Unload. info is None if the model was gone before a joining Load looked."""
         outcome = self._load_blocking(request)
         model = outcome.model
-        info = self._model_info(outcome.entry, model) if model is not None else None
+        try:
+            info = self._model_info(outcome.entry, model) if model is not None else None
+        except ValueError as exc:  # a number out of a field's range: never leave it READY (ListModels)
+            if not outcome.already_loaded:
+                del model
+                self.registry.unload_model(request.model_id)
+            raise InvalidArgument(f"model {request.model_id!r} cannot be described: {exc}") from None
         return LoadOutcome(outcome.entry, outcome.already_loaded), info
 
     async def preload(self, model_id: str, model_dir: str) -> ModelEntry:
@@ -214,7 +229,7 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
         request = pb.LoadRequest(model_id=model_id, model_dir=model_dir)
         validate_model_id(model_id)
         started = time.perf_counter()
-        outcome = await self._in_thread(lambda: self._load_blocking(request))
+        outcome = await self._in_thread(lambda: self._load_blocking(request), self._load_executor)
         entry = outcome.entry
         if not outcome.already_loaded:
             self.observer.model_loaded(entry)
@@ -297,6 +312,7 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
     def _admit(self, token: object, plan: LoadPlan) -> None:
         """Refuse a load that cannot fit, before anything is allocated (RESOURCE_EXHAUSTED)."""
         device, model_dir = plan.device, plan.model_dir
+        check_checkpoint_shapes(plan.config, index_checkpoint(model_dir))  # before anything is allocated
         free = dev.free_bytes(device)
         need = plan.total_bytes
         what = f"{need} bytes (weights {plan.weight_bytes} + KV cache {plan.cache.total_bytes})"
@@ -361,6 +377,22 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
                 f"request has {sequences} sequences; this worker's cap is {s.max_batch_size}"
             )
 
+    def _check_paged_call(
+        self, model: Model, request: pb.ForwardPagedRequest, tokens: int, rows: int
+    ) -> None:
+        """Block tables within the cache and the call's working memory within bounds, from sizes only."""
+        lengths = [len(t.block_ids) for t in request.block_tables]
+        limits.check_block_tables(lengths, model.cache_spec.num_blocks)
+        estimate = limits.paged_call_bytes(
+            model, tokens, len(lengths), sum(lengths), max(lengths), max(rows, 1)
+        )
+        budget = self.settings.memory_budget_bytes
+        left = None
+        if budget:
+            with self._reserve_lock:
+                left = budget - self._held_bytes() - sum(self._reserved.values())
+        limits.check_call_memory(estimate, self.settings.max_call_bytes, left)
+
     def _check_response_size(
         self, rows: int, vocab: int, dtype: torch.dtype, k: int, k_rows: int, seqs: int
     ) -> None:
@@ -386,6 +418,7 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
         out_dtype = logits_dtype(request.logits_dtype)
         batch = request.batch_size or 1
         n = len(request.token_ids)
+        limits.check_dense_batch(n, batch)
         self._check_caps(n, batch)
         if n == 0:
             raise InvalidArgument("token_ids is empty")
@@ -487,6 +520,7 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
             sampling_codec.check_token_ids(request.sampling, vocab, "sequence")
             rows = {pb.LOGITS_ALL: n, pb.LOGITS_LAST: seqs, pb.LOGITS_NONE: 0}[mode]
             self._check_response_size(rows, vocab, out_dtype, k, rows or seqs, seqs)
+            self._check_paged_call(model, request, n, rows)
             started = time.perf_counter()
             logits = model.forward_paged(
                 torch.tensor(list(request.input_tokens), dtype=torch.long),
@@ -538,6 +572,7 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
         model_id = validate_model_id(request.model_id)
 
         def run(model: Model) -> pb.SliceKvCacheResponse:
+            limits.check_slice(model, request.start_pos, request.length)
             c, spec = model.config, model.cache_spec
             size = (
                 2

@@ -61,6 +61,10 @@ class Settings:
     load_mode: str = "mmap"
     # torch intra-op threads; 0: $OMP_NUM_THREADS when set, else the cores this process may use.
     threads: int = 0
+    # Working memory one ForwardPaged call may need (RESOURCE_EXHAUSTED above it).
+    max_call_bytes: int = 4096 * MiB
+    # Threads that run Loads (apart from the forwards' threads, so a stuck Load cannot starve them).
+    load_threads: int = 2
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -192,6 +196,8 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "memory_budget_bytes": parse_bytes,
     "load_mode": _parse_lower,
     "threads": _parse_int,
+    "max_call_bytes": parse_bytes,
+    "load_threads": _parse_int,
 }
 
 # Environment names that are not simply MODELWORKER_<FIELD>.
@@ -235,6 +241,10 @@ def _validate(s: Settings) -> None:
         fail("load_mode", f"must be one of {', '.join(LOAD_MODES)}, got {s.load_mode!r}")
     if s.threads < 0:
         fail("threads", f"must be >= 0 (0: the cores this process may use), got {s.threads}")
+    if s.max_call_bytes < 1:
+        fail("max_call_bytes", f"must be >= 1, got {s.max_call_bytes}")
+    if not 1 <= s.load_threads <= 64:
+        fail("load_threads", f"must be in [1, 64], got {s.load_threads}")
     if (s.tls_cert is None) != (s.tls_key is None):
         fail("tls_cert/tls_key", "both are needed for TLS")
     if s.tls_client_ca is not None and s.tls_cert is None:

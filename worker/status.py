@@ -89,6 +89,25 @@ def map_exception(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, ""
 
 
+# Longest status message sent (the log line keeps the whole one): a long list of weights must not
+# push the trailers past the client's metadata limit (16 KB), which turns the code into RESOURCE_EXHAUSTED.
+MAX_STATUS_MESSAGE_CHARS = 1024
+
+
+def cap_message(message: str, limit: int = MAX_STATUS_MESSAGE_CHARS) -> str:
+    """`message` cut to about `limit` characters at a list separator, saying how many items are left."""
+    if len(message) <= limit:
+        return message
+    head = message[: limit - 80]
+    cut = max(head.rfind(", "), head.rfind("; "))
+    if cut > limit // 2:
+        head = head[:cut]
+    rest = message[len(head) :]
+    items = rest.count(", ") + rest.count("; ")
+    what = f"{items} more" if items else f"{len(rest)} more characters"
+    return f"{head} ... and {what} (the worker log has the whole message)"
+
+
 def request_id_of(context: grpc.aio.ServicerContext | None) -> str:
     """The client's x-request-id when it sent a sane one, else a fresh id."""
     if context is not None:
@@ -179,7 +198,7 @@ def rpc_method(name: str) -> Callable[[Handler], Handler]:
                     **extra,
                 )
                 context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-                await context.abort(code, message)
+                await context.abort(code, cap_message(message))
             finally:
                 _call_fields.reset(token)
             if name in ALWAYS_LOGGED:
