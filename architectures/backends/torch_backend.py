@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..paged_batch import PagedBatch, PagedKvCache
+from ..softcap import attention
 
 
 def _slots(table: torch.Tensor, index: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -91,6 +91,7 @@ class TorchBackend:
         plan: TorchPlan,
         window: int | None,
         scale: float,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         k_flat, v_flat = cache.flat_k(layer_idx), cache.flat_v(layer_idx)
         q = q.to(k_flat.dtype)
@@ -98,12 +99,14 @@ class TorchBackend:
         groups = q.shape[1] // n_kv
         d = cache.head_dim
         if plan.all_decode:
-            return self._decode(q, k_flat, v_flat, plan, cache.block_size, window, scale, n_kv, groups)
+            return self._decode(
+                q, k_flat, v_flat, plan, cache.block_size, window, scale, n_kv, groups, softcap
+            )
         out = torch.empty_like(q)
         if plan.decode_rows is not None:
             q_dec = q.index_select(0, plan.decode_rows)
             out[plan.decode_rows] = self._decode(
-                q_dec, k_flat, v_flat, plan, cache.block_size, window, scale, n_kv, groups
+                q_dec, k_flat, v_flat, plan, cache.block_size, window, scale, n_kv, groups, softcap
             )
         per_seq = plan.prefill_by_window.get(window)
         if per_seq is None:
@@ -117,7 +120,7 @@ class TorchBackend:
             )
             k_s = k_flat.index_select(0, slots).transpose(0, 1)  # [Hkv, keys, D]
             v_s = v_flat.index_select(0, slots).transpose(0, 1)
-            o = F.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=mask, scale=scale)
+            o = attention(q_s, k_s, v_s, mask, scale, softcap)
             # [Hkv, G * L, D] → [L, H, D]
             out[p.rows] = (
                 o.view(n_kv, groups, length, d).permute(2, 0, 1, 3).reshape(length, n_kv * groups, d)
@@ -135,6 +138,7 @@ class TorchBackend:
         scale: float,
         n_kv: int,
         groups: int,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """q [Bd, H, D], one query per sequence at its last position → [Bd, H, D]."""
         cached = plan.decode_by_window.get(window)
@@ -151,7 +155,7 @@ class TorchBackend:
             v_flat = v_flat.view(-1, block_size * n_kv * d)
         k = k_flat.index_select(0, flat).view(bd, width, n_kv, d).transpose(1, 2)  # [Bd, Hkv, M, D]
         v = v_flat.index_select(0, flat).view(bd, width, n_kv, d).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q.view(bd, n_kv, groups, d), k, v, attn_mask=mask, scale=scale)
+        o = attention(q.view(bd, n_kv, groups, d), k, v, mask, scale, softcap)
         return o.reshape(bd, n_kv * groups, d)
 
 
