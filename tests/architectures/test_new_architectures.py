@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import architectures
 from architectures.backends.flash_backend import FlashAttnBackend
-from registry import KvCacheOptions, LoadOptions, ModelRegistry
+from registry import KvCacheOptions, LoadOptions, ModelRegistry, WeightsMismatch
 from tests.architectures_paged import fake_flash_attn
 from tests.architectures_paged.reference import Scheduler
 from tests.tiny_models import save_hf_model
@@ -309,3 +310,28 @@ def test_forward_paged_flash_backend(built, stand_in_flash, name: str) -> None:
     bad = {k: e for k, e in err.items() if not e <= TOL}
     assert not bad, f"{name}: forward_paged (flash_attn) differs from forward: {bad}"
     assert "varlen" in stand_in_flash.calls and "kvcache" in stand_in_flash.calls
+
+
+@pytest.mark.parametrize(
+    ("name", "missing"),
+    [
+        ("MixtralForCausalLM", "model.layers.1.block_sparse_moe.experts.3.w3.weight"),
+        ("Qwen2MoeForCausalLM", "model.layers.0.mlp.experts.4.down_proj.weight"),
+    ],
+)
+def test_load_names_a_missing_expert_weight(built, tmp_path: Path, name: str, missing: str) -> None:
+    """Strict loading: a checkpoint without one expert's tensor fails the Load naming that tensor as
+    the checkpoint names it, and nothing stays registered."""
+    src = built[name].model_dir
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((src / "config.json").read_text())
+    tensors = load_file(src / "model.safetensors")
+    assert missing in tensors
+    del tensors[missing]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    reg = registry_for(tmp_path)
+    with pytest.raises(WeightsMismatch) as info:
+        reg.load("broken", broken)
+    assert f"missing 1 weight(s): {missing}" in str(info.value)
+    assert reg.list_models() == []
