@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import inprocess, serving
+from . import inprocess, moe, serving
 from .common import (
     FRESH_PAGES_ENV,
     CpuSnapshot,
@@ -43,7 +43,7 @@ from .models import (
 from .reasons import REASONS
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ITEMS = (1, 2, 3, 4, 5, 6, 7, 8)
+ITEMS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                     w.wait_ready()
             b.bandwidth = read_bandwidth(GiB, reps=5)
             run_items(b, items, worker, load_worker)
+            if 9 in items:
+                print("9. tiny MoE prefill and decode...", flush=True)
+                moe.moe(b, tmp / "moe-models")
         finally:
             for w in (worker, load_worker):
                 if w is not None:
