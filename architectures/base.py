@@ -19,6 +19,7 @@ from registry import (
     CacheSpec,
     InvalidConfig,
     InvalidRequest,
+    KvLayout,
     LoadOptions,
     LoadPlan,
     Model,
@@ -122,6 +123,49 @@ class CausalLM(Model):
             device,
         )
         self._cache_spec = spec
+        self.graphs = None  # DecodeGraphs when decode steps replay CUDA graphs
+        if self._graphs_apply(plan.options):
+            self._capture_graphs()
+
+    # -- CUDA graphs ---------------------------------------------------------------------------
+    def _graphs_apply(self, options: LoadOptions) -> bool:
+        """Graphs on CUDA with the triton backend (its kernels read every length from the device),
+        unless the Load asked for eager mode; not with dynamic RoPE (its table depends on the call)."""
+        return (
+            self._device.type == "cuda"
+            and self.backend.name == "triton"
+            and not options.enforce_eager
+            and not self.rotary.dynamic
+        )
+
+    def _capture_graphs(self) -> None:
+        from .backends.triton_backend import decode_splits
+        from .cuda_graphs import DEFAULT_MAX_GRAPH_BATCH, DecodeGraphs
+
+        cache = self.paged
+        longest = min(self.config.position_limit, cache.num_slots)
+        max_blocks = min(cache.num_blocks, -(-longest // cache.block_size))
+        # One split count for captured and eager decode alike: replays compute what eager calls do.
+        self.backend.fixed_splits = decode_splits(longest)
+        with torch.inference_mode():  # as forward_paged runs
+            self.graphs = DecodeGraphs.capture(cache, self._decode_step, DEFAULT_MAX_GRAPH_BATCH, max_blocks)
+
+    def _decode_step(self, batch) -> torch.Tensor:
+        """Logits [num_seqs, vocab] of a decode batch (one token per sequence, in order)."""
+        from .paged import PagedContext
+
+        hidden = self.network.model(
+            batch.input_tokens, batch.positions, self.rotary, PagedContext(self.paged, batch, self.backend)
+        )
+        return self._logits(hidden)
+
+    @property
+    def cuda_graph_batch_sizes(self) -> list[int]:
+        return list(self.graphs.sizes) if self.graphs is not None else []
+
+    @property
+    def cuda_graph_bytes(self) -> int:
+        return self.graphs.nbytes if self.graphs is not None else 0
 
     # -- metadata ------------------------------------------------------------------------------
     @property
@@ -268,6 +312,8 @@ class CausalLM(Model):
             vocab_size=self.config.vocab_size,
             max_position_embeddings=self.config.position_limit,
         )
+        if self.graphs is not None and self.graphs.can_replay(batch):
+            return self.graphs.replay(batch)
         hidden = self._run(batch.input_tokens, batch.positions, PagedContext(self.paged, batch, self.backend))
         return self._logits(hidden if all_logits else hidden[batch.last_token_indices])
 
@@ -294,9 +340,30 @@ class CausalLM(Model):
         v = self.contiguous.v[layer_idx][:, :, start_pos:end].clone()
         return k, v
 
+    @property
+    def kv_layout(self) -> KvLayout | None:
+        from .kv_blocks import layout_of
+
+        return layout_of(self.paged) if self.paged is not None else None
+
+    def export_kv_blocks(
+        self, block_ids: Sequence[int], layer_start: int = 0, layer_end: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from .kv_blocks import read_blocks
+
+        self._require_loaded()
+        return read_blocks(self.paged, block_ids, layer_start, layer_end)
+
+    def import_kv_blocks(self, dst_block_ids: Sequence[int], key: torch.Tensor, value: torch.Tensor) -> None:
+        from .kv_blocks import write_blocks
+
+        self._require_loaded()
+        write_blocks(self.paged, dst_block_ids, key, value)
+
     def release(self) -> int:
         freed = self._weight_bytes + self._cache_spec.total_bytes if self.network is not None else 0
         self.network = None
+        self.graphs = None
         self.contiguous = None
         self.paged = None
         self.rotary = None

@@ -35,8 +35,13 @@ class PagedContext(Generic[PlanT]):
         self.plan: PlanT = backend.plan(cache, batch)  # per-call metadata reused by every layer
 
     def store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """One indexed copy per side for the whole batch (no loop over tokens)."""
+        """One indexed copy per side for the whole batch (no loop over tokens), or the backend's own
+        store kernel where it has one."""
         b = self.batch
+        backend_store = getattr(self.backend, "store", None)
+        if backend_store is not None:
+            backend_store(self.cache, layer_idx, k, v, b)
+            return
         k_flat, v_flat = self.cache.flat_k(layer_idx), self.cache.flat_v(layer_idx)
         k, v = k.to(k_flat.dtype), v.to(v_flat.dtype)
         if b.store_rows is None:

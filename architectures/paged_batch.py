@@ -97,6 +97,10 @@ class PagedKvCache:
         self._k.zero_()
         self._v.zero_()
 
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of every layer: [num_layers, num_blocks, block_size, num_kv_heads, head_dim] each."""
+        return self._k, self._v
+
     def flat_k(self, layer_idx: int) -> torch.Tensor:
         """Layer K as [num_slots, num_kv_heads, head_dim] (a view: slot-indexed reads and writes)."""
         return self.k[layer_idx].view(self.num_slots, self.num_kv_heads, self.head_dim)

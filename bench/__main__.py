@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import inprocess, moe, serving
+from . import inprocess, kv_transfer, moe, serving
 from .common import (
     FRESH_PAGES_ENV,
     CpuSnapshot,
@@ -43,7 +43,7 @@ from .models import (
 from .reasons import REASONS
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ITEMS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+ITEMS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -107,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         b = Bench(args.quick, threads, report, new_registry([m.root for m in models]), models)
         roots = [m.root for m in models]
-        worker = load_worker = None
-        if items & {5, 7, 8}:
+        worker = load_worker = kv_worker = None
+        if items & {5, 7, 8, 9}:
             worker = serving.WorkerProcess(roots, threads, tmp / "worker.log")
+        if 9 in items:  # the receiving end of the KV transfers
+            kv_worker = serving.WorkerProcess(roots, threads, tmp / "kv-worker.log")
         if 1 in items:  # its own worker, whose Loads land in fresh pages (see serving.load)
             load_worker = serving.WorkerProcess(roots, threads, tmp / "load-worker.log", FRESH_PAGES_ENV)
         try:
@@ -117,16 +119,16 @@ def main(argv: list[str] | None = None) -> int:
             for model in models:
                 b.ours[model.label] = load_ours(b.registry, _local_id(model), model, BENCH_KV)
                 b.refs[model.label] = {attn: load_reference(model, attn) for attn in ("eager", "sdpa")}
-            for w in (worker, load_worker):
+            for w in (worker, load_worker, kv_worker):
                 if w is not None:
                     w.wait_ready()
             b.bandwidth = read_bandwidth(GiB, reps=5)
-            run_items(b, items, worker, load_worker)
-            if 9 in items:
-                print("9. tiny MoE prefill and decode...", flush=True)
+            run_items(b, items, worker, load_worker, kv_worker)
+            if 10 in items:
+                print("10. tiny MoE prefill and decode...", flush=True)
                 moe.moe(b, tmp / "moe-models")
         finally:
-            for w in (worker, load_worker):
+            for w in (worker, load_worker, kv_worker):
                 if w is not None:
                     w.stop()
     report.header = header(b, started)
@@ -159,6 +161,7 @@ def run_items(
     items: set[int],
     worker: serving.WorkerProcess | None,
     load_worker: serving.WorkerProcess | None,
+    kv_worker: serving.WorkerProcess | None = None,
 ) -> None:
     remote = {b.smol.label: "smol-a", b.models[1].label: "tiny-a"}
     if 7 in items:
@@ -194,6 +197,10 @@ def run_items(
         print("8. concurrent clients...", flush=True)
         serving.load_remote(worker, "smol-b", b.smol)
         serving.concurrency(b, worker, [remote[b.smol.label], "smol-b"])
+    if 9 in items:
+        assert worker is not None and kv_worker is not None
+        print("9. KV block transfer...", flush=True)
+        kv_transfer.kv_transfer(b, worker, kv_worker)
 
 
 if __name__ == "__main__":

@@ -258,16 +258,25 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(card, rows)
     print()
     print(table)
+    from bench.gpu_hot_path import report as hot_path_report  # triton vs torch; decode eager vs graphs
+
+    hot_path, hot_path_failed = hot_path_report(
+        device, lambda dt: build_network(LLAMA_1B, device, dt), LLAMA_1B, BATCH_SIZES
+    )
+    print()
+    print(hot_path)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = args.out_dir / f"gpu-check-{stamp}.md"
     shape = f"Llama {LLAMA_1B['hidden_size']}h/{LLAMA_1B['num_hidden_layers']}L/{LLAMA_1B['num_attention_heads']}q"
     shape += f"/{LLAMA_1B['num_key_value_heads']}kv, context {CONTEXT}, block {BLOCK_SIZE}"
     out.write_text(
-        "\n".join([f"# gpu-check {stamp}", "", *header, f"gpu tests: {tests}", shape, "", table, ""])
+        "\n".join(
+            [f"# gpu-check {stamp}", "", *header, f"gpu tests: {tests}", shape, "", table, "", hot_path, ""]
+        )
     )
     print(f"\nwritten to {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
-    failed = test_rc != 0 or any(r.failure for r in rows)
+    failed = test_rc != 0 or any(r.failure for r in rows) or hot_path_failed
     return 1 if failed else 0
 
 

@@ -1,4 +1,4 @@
-"""Item 9: a tiny mixture-of-experts model (Mixtral layout: 2 layers, hidden 64, 8 experts, top 2)
+"""Item 10: a tiny mixture-of-experts model (Mixtral layout: 2 layers, hidden 64, 8 experts, top 2)
 against transformers in the same process: stateless prefill of 128 tokens, and one decode step at
 context 128 through forward_with_cache (transformers' DynamicCache rewound untimed after each step).
 The MoE block groups tokens per expert on both sides, so the ratio is about the expert loop."""
@@ -54,7 +54,7 @@ def moe(b: Bench, root: Path) -> None:
     name, ref = best_reference(stats, list(refs))
     b.report.add(
         Row(
-            f"9. Prefill {MOE_PREFILL} tokens, {model.label}",
+            f"10. Prefill {MOE_PREFILL} tokens, {model.label}",
             stats["ours"].fmt(),
             reference_cell(name, ref),
             ratio(stats["ours"], ref),
@@ -76,7 +76,7 @@ def moe(b: Bench, root: Path) -> None:
     name, ref = best_reference(stats, list(decoders))
     b.report.add(
         Row(
-            f"9. Decode step, context {ctx}, forward_with_cache, {model.label}",
+            f"10. Decode step, context {ctx}, forward_with_cache, {model.label}",
             stats["ours"].fmt(),
             reference_cell(name, ref),
             ratio(stats["ours"], ref),

@@ -15,12 +15,18 @@ which sequences run in each step, which cache blocks hold which tokens, and whic
   no logits travel (logits_mode "none").
 - A sequence that reaches its `max_new_tokens` (or `eos_token_id`) frees its blocks, which the next
   prompts reuse. When blocks run out, the newest sequence is preempted: its blocks are freed and it
-  is recomputed later (its prompt blocks are usually still in the prefix cache).
+  is recomputed later (its prompt blocks are usually still in the prefix cache), or, with
+  `preempt="swap"`, its blocks are first copied to host memory (ExportKvBlocks) and written back
+  into whatever blocks are free when it resumes (ImportKvBlocks), so nothing is recomputed.
+- Disaggregated prefill (`prefill_client`, `--prefill-address`): new prompts are prefilled on another
+  worker with the same model and cache layout, their blocks moved here, and only decoded here.
 
 Run against a worker (the worker has no tokenizer, so prompts are token ids):
 
     python examples/continuous_batching.py --address localhost:50051 --model smollm2-135m
     python examples/continuous_batching.py --model smollm2-135m --prompt 504,3575,282,4649,314 -n 16
+    python examples/continuous_batching.py --prefill-address localhost:50052 --model smollm2-135m
+    python examples/continuous_batching.py --model smollm2-135m --num-blocks 12 --preempt swap
 
 or from Python: `run(client, "smollm2-135m", [[504, 3575, 282, 4649, 314], ...], max_new_tokens=16)`.
 """
@@ -28,6 +34,7 @@ or from Python: `run(client, "smollm2-135m", [[504, 3575, 282, 4649, 314], ...],
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import random
 import sys
@@ -38,7 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from worker.client import ModelInfo, ModelWorkerClient, ModelWorkerClientError
+from worker.client import KvBlocks, ModelInfo, ModelWorkerClient, ModelWorkerClientError
 
 # SmolLM2 token ids of a few prompts (the first four share an 18-token prefix: "A short list of
 # facts about the planets of the solar system, one per line.\n"), used when no --prompt is given.
@@ -150,6 +157,7 @@ class Request:
     admitted_step: int = -1
     finished_step: int = -1
     preemptions: int = 0
+    swapped: KvBlocks | None = None  # its first num_computed tokens' blocks, while swapped out
 
     @property
     def generated(self) -> list[int]:
@@ -192,6 +200,11 @@ class RunStats:
     blocks_allocated: int = 0
     blocks_reused: int = 0  # allocations of a block another sequence had used
     prefix_hit_blocks: int = 0
+    swaps_out: int = 0  # preemptions that kept the blocks in host memory
+    swaps_in: int = 0
+    swapped_bytes: int = 0  # K/V bytes exported by swaps out
+    remote_prefills: int = 0  # prompts prefilled on the prefill worker
+    transferred_bytes: int = 0  # K/V bytes moved from the prefill worker
     elapsed_seconds: float = 0.0
     worker_compute_seconds: float = 0.0
 
@@ -216,6 +229,47 @@ class Batch:
     query_lens: list[int]
 
 
+class RemotePrefill:
+    """Prefill on another worker, then move the prompt's blocks (disaggregated prefill).
+
+    The prefill worker is used for prefill only, one prompt at a time, in its blocks 0..k-1; its
+    model must have the decode worker's cache layout (same checkpoint, dtype and block size), which
+    ImportKvBlocks checks (FAILED_PRECONDITION otherwise)."""
+
+    def __init__(self, client: ModelWorkerClient, model: ModelInfo, decode_model: ModelInfo) -> None:
+        if model.kv_block_size != decode_model.kv_block_size:
+            raise ValueError(
+                f"the prefill worker's {model.id!r} has blocks of {model.kv_block_size} tokens, the decode "
+                f"worker's {decode_model.id!r} of {decode_model.kv_block_size}: the KV layouts must match"
+            )
+        self.client = client
+        self.model = model
+
+    def run(
+        self, tokens: list[int], dst: ModelWorkerClient, dst_model_id: str, dst_blocks: list[int]
+    ) -> tuple[int, int]:
+        """Prefill `tokens`, copy their blocks (the last one partly filled) into `dst_blocks` of the
+        decode worker, chunk by chunk through this process; the token after `tokens` and the bytes moved."""
+        bs, n = self.model.kv_block_size, len(tokens)
+        table = list(range(-(-n // bs)))
+        if len(table) > self.model.kv_num_blocks:
+            raise ValueError(
+                f"{n} tokens need {len(table)} blocks; the prefill worker has {self.model.kv_num_blocks}"
+            )
+        out = self.client.forward_paged(
+            self.model.id,
+            tokens,
+            list(range(n)),
+            [table],
+            [table[i // bs] * bs + i % bs for i in range(n)],
+            [n],
+            is_prefill=True,
+            logits_mode="none",
+        )
+        moved = self.client.copy_kv_blocks(self.model.id, table, dst, dst_model_id, dst_blocks)
+        return out.next_token_ids[0], moved.bytes
+
+
 # -- the scheduler ---------------------------------------------------------------------------------
 class Scheduler:
     """FCFS continuous batching with chunked prefill, prefix caching and preemption by recompute."""
@@ -230,7 +284,13 @@ class Scheduler:
         num_blocks: int,
         eos_token_id: int | None = None,
         log: Callable[[str], None] | None = None,
+        preempt: str = "recompute",
+        prefill: RemotePrefill | None = None,
     ) -> None:
+        if preempt not in ("recompute", "swap"):
+            raise ValueError(f"preempt must be recompute or swap, got {preempt!r}")
+        self.preempt_mode = preempt
+        self.prefill = prefill
         self.client = client
         self.model_id = model.id
         self.block_size = model.kv_block_size
@@ -262,10 +322,18 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Request) -> None:
-        """Free the sequence's blocks and queue it first; it is recomputed from its tokens later."""
+        """Free the sequence's blocks and queue it first; it is recomputed from its tokens later, or
+        (swap) its computed blocks wait in host memory until it resumes."""
         self.running.remove(seq)
+        if self.preempt_mode == "swap" and seq.num_computed:
+            kept = seq.blocks[: self.blocks.blocks_for(seq.num_computed)]
+            seq.swapped = self.client.export_kv_blocks(self.model_id, kept)
+            self.stats.swaps_out += 1
+            self.stats.swapped_bytes += seq.swapped.nbytes
         self.blocks.release(seq.blocks)
-        seq.blocks, seq.num_computed = [], 0
+        seq.blocks = []
+        if seq.swapped is None:
+            seq.num_computed = 0
         seq.preemptions += 1
         self.stats.preemptions += 1
         self.waiting.appendleft(seq)
@@ -313,6 +381,16 @@ class Scheduler:
         # 2. Admit waiting prompts while there is budget, a seat and memory; prefix hits are free.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.swapped is not None or self.prefill is not None:
+                q = self._admit_with_blocks(seq, budget)
+                if q is None:
+                    break
+                if q:  # a swapped-in sequence continues in this step
+                    seqs.append(seq)
+                    query_lens.append(q)
+                    budget -= q
+                    in_flight.update(self._completed_hashes(seq, q))
+                continue
             hits = self._prefix_hits(seq, in_flight)
             if hits is None:
                 break
@@ -337,9 +415,52 @@ class Scheduler:
             in_flight.update(self._completed_hashes(seq, q))
         return Batch(seqs, query_lens)
 
+    def _admit_with_blocks(self, seq: Request, budget: int) -> int | None:
+        """Admit a sequence whose K/V comes from elsewhere: its swapped-out blocks, or a prefill on the
+        prefill worker. Returns its query length in this step (0: prefilled remotely, it decodes from
+        the next step), or None when the free blocks do not suffice."""
+        if seq.swapped is not None:
+            q = min(len(seq.tokens) - seq.num_computed, budget)
+            need = self.blocks.blocks_for(seq.num_computed + q)
+        else:
+            q, need = 0, self.blocks.blocks_for(len(seq.tokens))
+        if need > self.blocks.num_free:
+            return None
+        self.waiting.popleft()
+        seq.blocks = [self.blocks.allocate() for _ in range(need)]
+        if seq.admitted_step < 0:
+            seq.admitted_step = self.stats.steps
+        self.running.append(seq)
+        if seq.swapped is not None:
+            self.client.import_kv_blocks(self.model_id, seq.blocks[: len(seq.swapped.block_ids)], seq.swapped)
+            seq.swapped = None
+            self.stats.swaps_in += 1
+            return q
+        assert self.prefill is not None
+        next_token, moved = self.prefill.run(seq.tokens, self.client, self.model_id, seq.blocks)
+        self.stats.remote_prefills += 1
+        self.stats.transferred_bytes += moved
+        seq.num_computed = len(seq.tokens)
+        self._append(seq, next_token)
+        return 0
+
+    def _append(self, seq: Request, next_token: int) -> None:
+        """A sequence's next token; it finishes at max_new_tokens or eos and frees its blocks."""
+        seq.tokens.append(next_token)
+        self.stats.generated_tokens += 1
+        if len(seq.generated) >= seq.max_new_tokens or next_token == self.eos_token_id:
+            self.running.remove(seq)
+            self.blocks.release(seq.blocks)
+            seq.blocks = []
+            seq.finished_step = self.stats.steps
+            self.finished.append(seq)
+
     # -- one step --------------------------------------------------------------------------------
     def step(self) -> None:
+        admitted = self.stats.remote_prefills
         batch = self.schedule()
+        if not batch.seqs and self.stats.remote_prefills > admitted:
+            return  # prompts were prefilled on the prefill worker; they decode from the next step
         if not batch.seqs:
             raise RuntimeError(
                 f"nothing could be scheduled: {len(self.waiting)} waiting, {len(self.running)} running, "
@@ -380,14 +501,7 @@ class Scheduler:
             seq.num_computed += q
             if seq.num_computed < len(seq.tokens):
                 continue  # a prompt chunk: the token after it is already known
-            seq.tokens.append(next_token)
-            self.stats.generated_tokens += 1
-            if len(seq.generated) >= seq.max_new_tokens or next_token == self.eos_token_id:
-                self.running.remove(seq)
-                self.blocks.release(seq.blocks)
-                seq.blocks = []
-                seq.finished_step = self.stats.steps
-                self.finished.append(seq)
+            self._append(seq, next_token)
         self.stats.steps += 1
 
     def _account(self, batch: Batch, compute_seconds: float) -> None:
@@ -445,11 +559,21 @@ def run(
     num_blocks: int | None = None,
     eos_token_id: int | None = None,
     log: Callable[[str], None] | None = None,
+    preempt: str = "recompute",
+    prefill_client: ModelWorkerClient | None = None,
+    prefill_model_id: str | None = None,
 ) -> RunResult:
     """Generate greedily for every prompt with continuous batching; returns the generated tokens in
     prompt order and the run's statistics. `num_blocks` uses fewer blocks than the worker has (to
-    see reuse and preemption on a small budget); `log` gets one line per step."""
+    see reuse and preemption on a small budget); `log` gets one line per step. `preempt`: "recompute"
+    or "swap" (blocks to host memory and back). `prefill_client`: prefill prompts on that worker
+    (model `prefill_model_id`, default `model_id`) and decode here."""
     model = find_model(client, model_id)
+    prefill = None
+    if prefill_client is not None:
+        prefill = RemotePrefill(
+            prefill_client, find_model(prefill_client, prefill_model_id or model_id), model
+        )
     info = client.info()
     limits = [model.kv_num_blocks] + ([num_blocks] if num_blocks else [])
     num_blocks = min(limits)
@@ -469,6 +593,8 @@ def run(
         num_blocks=num_blocks,
         eos_token_id=eos_token_id,
         log=log,
+        preempt=preempt,
+        prefill=prefill,
     )
     seqs = []
     for i, (prompt, n) in enumerate(zip(prompts, new_tokens, strict=True)):
@@ -541,15 +667,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-batch-tokens", type=int, default=256)
     parser.add_argument("--num-blocks", type=int, help="use at most this many of the worker's blocks")
     parser.add_argument("--eos", type=int, help="stop a sequence at this token id")
+    parser.add_argument(
+        "--preempt", choices=("recompute", "swap"), default="recompute",
+        help="a preempted sequence is recomputed, or its blocks wait in host memory (export/import)",
+    )  # fmt: skip
+    parser.add_argument("--prefill-address", help="prefill prompts on this worker, move their KV blocks here")
+    parser.add_argument("--prefill-model", help="model id on the prefill worker (default: --model)")
     parser.add_argument("--auth-token")
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline of each call in seconds")
     parser.add_argument("-v", "--verbose", action="store_true", help="one line per step")
     args = parser.parse_args(argv)
 
     try:
-        with ModelWorkerClient(args.address, timeout=args.timeout, auth_token=args.auth_token) as client:
+        with (
+            ModelWorkerClient(args.address, timeout=args.timeout, auth_token=args.auth_token) as client,
+            contextlib.ExitStack() as stack,
+        ):
+            prefill_client = None
+            if args.prefill_address:
+                prefill_client = ModelWorkerClient(
+                    args.prefill_address, timeout=args.timeout, auth_token=args.auth_token
+                )
+                stack.callback(prefill_client.close)
             if args.load:
                 client.load(args.model, args.load)
+                if prefill_client is not None:
+                    prefill_client.load(args.prefill_model or args.model, args.load)
             model = find_model(client, args.model)
             prompts = args.prompt or DEFAULT_PROMPTS
             if not args.prompt and max(max(p) for p in prompts) >= model.vocab_size:
@@ -565,6 +708,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 num_blocks=args.num_blocks,
                 eos_token_id=args.eos,
                 log=print if args.verbose else None,
+                preempt=args.preempt,
+                prefill_client=prefill_client,
+                prefill_model_id=args.prefill_model,
             )
     except (ModelWorkerClientError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -586,6 +732,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"another sequence), {s.prefix_hit_blocks} shared from the prefix cache; {s.preemptions} preemptions; "
         f"prompt tokens computed {s.prompt_tokens_computed} of {s.prompt_tokens}"
     )
+    if s.swaps_out or s.remote_prefills:
+        print(
+            f"KV transfer: {s.swaps_out} swaps out / {s.swaps_in} in ({s.swapped_bytes} bytes to host); "
+            f"{s.remote_prefills} prompts prefilled on the prefill worker ({s.transferred_bytes} bytes moved)"
+        )
     return 0
 
 

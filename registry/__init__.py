@@ -5,6 +5,8 @@ from .config import ModelConfig, RopeScaling
 from .discovery import ENTRY_POINT_GROUP, load_entry_point_architectures
 from .errors import (
     CorruptCheckpoint,
+    FailedPrecondition,
+    IncompatibleLayout,
     InvalidArgument,
     InvalidConfig,
     InvalidRequest,
@@ -21,7 +23,7 @@ from .errors import (
     WeightsMismatch,
 )
 from .load_plan import LoadPlan, resolve_dtype
-from .model import CacheSpec, KvCacheOptions, LoadOptions, Model, ModelBuilder
+from .model import CacheSpec, KvCacheOptions, KvLayout, LoadOptions, Model, ModelBuilder
 from .registry import LoadOutcome, ModelEntry, ModelRegistry, ModelState, validate_model_id
 from .weights import ExpertPart, FusedPart, WeightMapping, WeightTarget
 
@@ -32,11 +34,14 @@ __all__ = [
     "CacheSpec",
     "CorruptCheckpoint",
     "ExpertPart",
+    "FailedPrecondition",
+    "IncompatibleLayout",
     "FusedPart",
     "InvalidArgument",
     "InvalidConfig",
     "InvalidRequest",
     "KvCacheOptions",
+    "KvLayout",
     "LoadOptions",
     "LoadOutcome",
     "LoadPlan",

@@ -52,6 +52,12 @@ class BackendEntry(Generic[B]):
     factory: Callable[[], B]
     probe: Probe
     priority: int  # `auto` takes the available backend with the highest priority
+    # Where `auto` may pick it (default: wherever it can run); a backend that runs somewhere only as a
+    # test mode (triton on the CPU under its interpreter) is named explicitly there, never picked.
+    auto_probe: Probe | None = None
+
+    def auto_reason(self, requirements: BackendRequirements) -> str | None:
+        return (self.auto_probe or self.probe)(requirements)
 
 
 class BackendRegistry(Generic[B]):
@@ -60,7 +66,13 @@ class BackendRegistry(Generic[B]):
         self._lock = threading.Lock()
 
     def register(
-        self, name: str, factory: Callable[[], B], probe: Probe = always_available, *, priority: int = 0
+        self,
+        name: str,
+        factory: Callable[[], B],
+        probe: Probe = always_available,
+        *,
+        priority: int = 0,
+        auto_probe: Probe | None = None,
     ) -> None:
         key = name.strip().lower() if isinstance(name, str) else ""
         if not key or key == AUTO:
@@ -68,7 +80,7 @@ class BackendRegistry(Generic[B]):
         if not callable(factory) or not callable(probe):
             raise InvalidArgument(f"attention backend {key}: factory and probe must be callable")
         with self._lock:
-            self._entries[key] = BackendEntry(key, factory, probe, priority)
+            self._entries[key] = BackendEntry(key, factory, probe, priority, auto_probe)
 
     def names(self) -> tuple[str, ...]:
         """Registered backends, in registration order (without `auto`)."""
@@ -98,7 +110,7 @@ class BackendRegistry(Generic[B]):
         with self._lock:
             ranked = sorted(self._entries.values(), key=lambda e: -e.priority)
         for entry in ranked:
-            if entry.probe(requirements) is None:
+            if entry.auto_reason(requirements) is None:
                 return entry.name
         raise InvalidArgument(f"no attention backend can run on {requirements.device}")
 
@@ -109,12 +121,12 @@ class BackendRegistry(Generic[B]):
         return self.create(self.resolve(name, requirements))
 
     def available(self, *devices: torch.device) -> list[str]:
-        """Backends that could run on any of `devices` (for Info); dtype and block size are per model."""
+        """Backends that could serve on any of `devices` (for Info); dtype and block size are per model."""
         return [
             name
             for name in self.names()
             if any(
-                self.unavailable_reason(name, BackendRequirements(torch.device(d))) is None for d in devices
+                self._entry(name).auto_reason(BackendRequirements(torch.device(d))) is None for d in devices
             )
         ]
 

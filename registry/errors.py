@@ -99,3 +99,13 @@ class ModelNotReady(ModelWorkerError):
     """The model is LOADING or UNLOADING; retry later (UNAVAILABLE)."""
 
     kind = "unavailable"
+
+
+class FailedPrecondition(ModelWorkerError):
+    """The call is well-formed but the worker's state refuses it (FAILED_PRECONDITION)."""
+
+    kind = "failed_precondition"
+
+
+class IncompatibleLayout(FailedPrecondition):
+    """Imported KV blocks come from a cache of another shape or dtype (model, block size, dtype)."""

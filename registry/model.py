@@ -32,6 +32,7 @@ class LoadOptions:
     is_quant_model: bool = False
     attention_backend: str = "auto"
     kv_cache: KvCacheOptions = field(default_factory=KvCacheOptions)
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,37 @@ class CacheSpec:
     @property
     def total_bytes(self) -> int:
         return self.paged_bytes + self.contiguous_bytes
+
+
+@dataclass(frozen=True)
+class KvLayout:
+    """What one paged KV block holds, for every layer: K and V of `block_size` tokens ×
+    `num_kv_heads` × `head_dim` in `dtype`. Blocks move between caches of equal layouts only.
+    A tensor-parallel model reports the full (all ranks') head count: transfers carry whole heads."""
+
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def layer_block_bytes(self) -> int:
+        """Bytes of one layer of one block, K and V together."""
+        return 2 * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block over every layer, K and V together."""
+        return self.num_layers * self.layer_block_bytes
+
+    def differences(self, other: KvLayout) -> list[str]:
+        """`name ours vs theirs` for each field that differs (empty when compatible)."""
+        return [
+            f"{name} {getattr(self, name)} vs {getattr(other, name)}"
+            for name in ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype")
+            if getattr(self, name) != getattr(other, name)
+        ]
 
 
 class Model(abc.ABC):
@@ -87,6 +119,16 @@ class Model(abc.ABC):
     @property
     @abc.abstractmethod
     def attention_backend(self) -> str: ...
+
+    @property
+    def cuda_graph_batch_sizes(self) -> list[int]:
+        """Decode batch sizes replayed from CUDA graphs (empty: every call runs eagerly)."""
+        return []
+
+    @property
+    def cuda_graph_bytes(self) -> int:
+        """Device memory held by the captured graphs."""
+        return 0
 
     @abc.abstractmethod
     def forward(
@@ -132,6 +174,28 @@ class Model(abc.ABC):
         self, layer_idx: int, start_pos: int, length: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the contiguous cache: [max_batch_size, num_kv_heads, length, head_dim]."""
+
+    # -- KV block transfer (disaggregated prefill, swapping); a model without a paged cache keeps these.
+    @property
+    def kv_layout(self) -> KvLayout | None:
+        """The paged cache's layout, or None when the model has no paged cache to transfer."""
+        return None
+
+    def export_kv_blocks(
+        self, block_ids: Sequence[int], layer_start: int = 0, layer_end: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A host (CPU) copy of K and V of `block_ids` (distinct, in range) for layers [layer_start,
+        layer_end): each [layers, blocks, block_size, num_kv_heads, head_dim] in the cache dtype."""
+        from .errors import FailedPrecondition
+
+        raise FailedPrecondition(f"{type(self).__name__} has no paged KV cache to export")
+
+    def import_kv_blocks(self, dst_block_ids: Sequence[int], key: torch.Tensor, value: torch.Tensor) -> None:
+        """Write K and V of every layer ([num_layers, blocks, block_size, num_kv_heads, head_dim]) into
+        the distinct blocks `dst_block_ids`; everything is checked first, so a refused call writes nothing."""
+        from .errors import FailedPrecondition
+
+        raise FailedPrecondition(f"{type(self).__name__} has no paged KV cache to import into")
 
     @abc.abstractmethod
     def release(self) -> int:

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import threading
 from collections.abc import Iterator
 
 import pytest
+import torch
+
+# Without CUDA the triton backend's kernels run under the Triton interpreter, which must be chosen
+# before anything (transformers does) imports triton: triton.language's own helpers are decorated
+# then. With CUDA they compile, and the interpreter tests skip (tests/triton_interpreter.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

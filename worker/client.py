@@ -18,7 +18,7 @@ The client needs grpcio and numpy only; torch is imported only when `as_torch=Tr
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -47,6 +47,9 @@ __all__ = [
     "ForwardResult",
     "InternalError",
     "InvalidArgumentError",
+    "KvBlocks",
+    "KvImportResult",
+    "KvLayout",
     "KvCacheConfig",
     "KvSlice",
     "Limits",
@@ -90,6 +93,13 @@ _WIRE_NUMPY: dict[int, str] = {
     pb.INT64: "<i8",
 }
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+# KV block dtypes: name and the numpy dtype of their raw bytes (bfloat16: its 16 bits, kept exact).
+_KV_DTYPES: dict[int, tuple[str, str]] = {
+    pb.FLOAT32: ("float32", "<f4"),
+    pb.FLOAT16: ("float16", "<f2"),
+    pb.BFLOAT16: ("bfloat16", "<u2"),
+}
+KV_CHUNK_BYTES = 1024 * 1024  # payload of one ImportKvBlocks chunk (under the message cap)
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -303,6 +313,50 @@ class KvSlice:
 
 
 @dataclass(frozen=True)
+class KvLayout:
+    """What a paged cache's blocks hold; blocks move only between equal layouts."""
+
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # "float32", "float16", "bfloat16"
+
+
+@dataclass(frozen=True)
+class KvBlocks:
+    """Exported KV blocks in host memory. `key`/`value`: [num_layers, len(block_ids), block_size,
+    num_kv_heads, head_dim] raw values (float32 / float16 arrays; bfloat16 as its uint16 bits, so a
+    round trip is bit-exact). `block_ids`: the exporting worker's ids, in the export's order."""
+
+    layout: KvLayout
+    block_ids: list[int]
+    key: np.ndarray
+    value: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.key.nbytes + self.value.nbytes)
+
+    def as_torch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V as CPU torch tensors in the cache dtype (bfloat16 reinterpreted, not converted)."""
+        import torch
+
+        def one(array: np.ndarray) -> torch.Tensor:
+            if self.layout.dtype == "bfloat16":
+                return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+            return torch.from_numpy(array)
+
+        return one(self.key), one(self.value)
+
+
+@dataclass(frozen=True)
+class KvImportResult:
+    blocks: int
+    bytes: int
+
+
+@dataclass(frozen=True)
 class DeviceInfo:
     name: str
     description: str
@@ -387,6 +441,126 @@ def decode_tensor(msg: pb.Tensor, *, as_torch: bool = False) -> np.ndarray | tor
 
     tensor = torch.from_numpy(array)
     return {pb.FLOAT16: tensor.half, pb.BFLOAT16: tensor.bfloat16}.get(msg.dtype, lambda: tensor)()
+
+
+# -- KV blocks -------------------------------------------------------------------------------------
+class _KvCollector:
+    """Assembles ExportKvBlocks chunks into one KvBlocks (host arrays allocated at the first chunk)."""
+
+    def __init__(self, block_ids: list[int]) -> None:
+        self.block_ids = block_ids
+        self.position = {b: i for i, b in enumerate(block_ids)}
+        self.layout: KvLayout | None = None
+        self.key = self.value = np.empty(0)
+        self.covered = np.zeros(0, dtype=bool)
+
+    def add(self, chunk: pb.KvBlocksChunk) -> None:
+        if self.layout is None:
+            lay = chunk.layout
+            if lay.dtype not in _KV_DTYPES:
+                raise ValueError(f"exported blocks have dtype {lay.dtype}, which this client does not know")
+            self.layout = KvLayout(
+                lay.num_layers, lay.block_size, lay.num_kv_heads, lay.head_dim, _KV_DTYPES[lay.dtype][0]
+            )
+            self._wire = np.dtype(_KV_DTYPES[lay.dtype][1])
+            shape = (lay.num_layers, len(self.block_ids), lay.block_size, lay.num_kv_heads, lay.head_dim)
+            self.key = np.empty(shape, dtype=self._wire.newbyteorder("="))
+            self.value = np.empty_like(self.key)
+            self.covered = np.zeros(shape[:2], dtype=bool)
+        positions: list[int] | slice = [self.position[b] for b in chunk.block_ids]
+        first = positions[0] if positions else 0
+        if positions == list(range(first, first + len(positions))):
+            positions = slice(first, first + len(positions))  # a run (as exported): no fancy-index copy
+        layers = slice(chunk.layer_start, chunk.layer_end)
+        for out, msg in ((self.key, chunk.key), (self.value, chunk.value)):
+            out[layers, positions] = np.frombuffer(msg.data, dtype=self._wire).reshape(tuple(msg.shape))
+        self.covered[layers, positions] = True
+
+    def result(self) -> KvBlocks:
+        if self.layout is None or not self.covered.all():
+            raise ValueError("the export stream ended before every layer of every block arrived")
+        return KvBlocks(self.layout, self.block_ids, self.key, self.value)
+
+
+def _kv_chunk_size(chunk_bytes: int, client_cap: int, worker_cap: int, blocks: KvBlocks) -> int:
+    """Payload bytes per chunk: what was asked, under both message caps less the ids and framing."""
+    framing = 4096 + 12 * len(blocks.block_ids)
+    return min(chunk_bytes, client_cap - framing, (worker_cap or client_cap) - framing)
+
+
+def _kv_chunks(
+    model_id: str, dst_block_ids: Sequence[int], blocks: KvBlocks, max_bytes: int
+) -> Iterator[pb.KvBlocksChunk]:
+    """ImportKvBlocks chunks: whole layers while a layer of every block fits in max_bytes, else one
+    layer of as many blocks as fit. The first chunk names the model, the destinations and the layout."""
+    lay = blocks.layout
+    dst = _int32_list(_int_array(dst_block_ids, "dst_block_ids"), "dst_block_ids")
+    n = len(blocks.block_ids)
+    if len(dst) != n:
+        raise ValueError(f"{len(dst)} dst_block_ids for {n} blocks")
+    want = (lay.num_layers, n, lay.block_size, lay.num_kv_heads, lay.head_dim)
+    if blocks.key.shape != want or blocks.value.shape != want:
+        raise ValueError(f"key/value have shapes {blocks.key.shape}/{blocks.value.shape}, expected {want}")
+    dtype = next(d for d, (name, _) in _KV_DTYPES.items() if name == lay.dtype)
+    per_block = 2 * int(np.prod(want[2:])) * blocks.key.itemsize  # one layer of one block, K and V
+    if per_block > max_bytes:
+        raise ValueError(f"one layer of one block takes {per_block} bytes, over the chunk size {max_bytes}")
+    if per_block * n <= max_bytes:
+        step = max_bytes // (per_block * n)
+        plan = [(l0, min(l0 + step, lay.num_layers), 0, n) for l0 in range(0, lay.num_layers, step)]
+    else:
+        step = max_bytes // per_block
+        plan = [
+            (layer, layer + 1, b0, min(b0 + step, n))
+            for layer in range(lay.num_layers)
+            for b0 in range(0, n, step)
+        ]
+    return _kv_chunk_stream(model_id, dst, blocks, dtype, plan)  # checked now, encoded as sent
+
+
+def _kv_chunk_stream(
+    model_id: str, dst: list[int], blocks: KvBlocks, dtype: int, plan: list[tuple[int, int, int, int]]
+) -> Iterator[pb.KvBlocksChunk]:
+    lay = blocks.layout
+    wire = np.dtype(_KV_DTYPES[dtype][1])
+    for i, (l0, l1, b0, b1) in enumerate(plan):
+        chunk = pb.KvBlocksChunk(layer_start=l0, layer_end=l1, block_ids=blocks.block_ids[b0:b1])
+        if i == 0:
+            chunk.model_id = model_id
+            chunk.dst_block_ids.extend(dst)
+            chunk.layout.CopyFrom(
+                pb.KvLayout(
+                    num_layers=lay.num_layers,
+                    block_size=lay.block_size,
+                    num_kv_heads=lay.num_kv_heads,
+                    head_dim=lay.head_dim,
+                    dtype=dtype,
+                )
+            )
+        for msg, array in ((chunk.key, blocks.key), (chunk.value, blocks.value)):
+            part = array[l0:l1, b0:b1]
+            msg.dtype = dtype
+            msg.shape.extend(part.shape)
+            msg.data = np.ascontiguousarray(part, dtype=wire).tobytes()
+        yield chunk
+
+
+class _KvRelay:
+    """Export chunks handed on as import chunks (the first names the destination); an export error
+    ends the import stream early and is kept, to be raised instead of the import's complaint."""
+
+    def __init__(self, model_id: str, dst_block_ids: Sequence[int]) -> None:
+        self.model_id = model_id
+        self.dst = _int32_list(_int_array(dst_block_ids, "dst_block_ids"), "dst_block_ids")
+        self.error: ModelWorkerClientError | None = None
+
+    def first(self, chunk: pb.KvBlocksChunk) -> pb.KvBlocksChunk:
+        chunk.model_id = self.model_id
+        chunk.dst_block_ids.extend(self.dst)
+        return chunk
+
+    def failed(self, exc: grpc.RpcError) -> None:
+        self.error = _error_from_rpc(exc, "ExportKvBlocks")
 
 
 # -- request encoders ------------------------------------------------------------------------------
@@ -602,6 +776,8 @@ class _ClientBase:
             raise ValueError(f"timeout must be > 0 seconds or None, got {timeout}")
         self.address = address
         self.default_timeout = timeout
+        self.max_message_bytes = max_message_bytes
+        self._worker_message_bytes: int | None = None  # read from Info by the first KV import
         md = list(metadata)
         if auth_token:
             md.append(("authorization", f"Bearer {auth_token}"))
@@ -764,6 +940,76 @@ class ModelWorkerClient(_ClientBase):
         )
         return _kv_slice(self._call("SliceKvCache", self._stub, request, timeout), as_torch)
 
+    def export_kv_blocks(
+        self, model_id: str, block_ids: Sequence[int], *, timeout: float | None = None
+    ) -> KvBlocks:
+        """Every layer's K and V of the paged blocks `block_ids` (distinct), in that order."""
+        request = pb.ExportKvBlocksRequest(
+            model_id=model_id, block_ids=_int32_list(_int_array(block_ids, "block_ids"), "block_ids")
+        )
+        collector = _KvCollector(list(request.block_ids))
+        try:
+            for chunk in self._stub.ExportKvBlocks(
+                request, timeout=self._timeout(timeout), metadata=self._metadata
+            ):
+                collector.add(chunk)
+        except grpc.RpcError as exc:
+            raise _error_from_rpc(exc, "ExportKvBlocks") from None
+        return collector.result()
+
+    def import_kv_blocks(
+        self,
+        model_id: str,
+        dst_block_ids: Sequence[int],
+        blocks: KvBlocks,
+        *,
+        chunk_bytes: int = KV_CHUNK_BYTES,
+        timeout: float | None = None,
+    ) -> KvImportResult:
+        """Write exported blocks into `dst_block_ids` (one per block, distinct), streamed in chunks of
+        at most `chunk_bytes` payload. The worker writes nothing unless the whole stream is valid."""
+        if self._worker_message_bytes is None:  # the worker's cap bounds every chunk too
+            self._worker_message_bytes = self.info(timeout=timeout).limits.max_message_bytes
+        size = _kv_chunk_size(chunk_bytes, self.max_message_bytes, self._worker_message_bytes, blocks)
+        chunks = _kv_chunks(model_id, dst_block_ids, blocks, size)
+        response = self._call("ImportKvBlocks", self._stub, chunks, timeout)
+        return KvImportResult(response.blocks, response.bytes)
+
+    def copy_kv_blocks(
+        self,
+        model_id: str,
+        block_ids: Sequence[int],
+        dst: ModelWorkerClient,
+        dst_model_id: str,
+        dst_block_ids: Sequence[int],
+        *,
+        timeout: float | None = None,
+    ) -> KvImportResult:
+        """Export blocks from this worker straight into another one: each chunk is passed on as it
+        arrives, nothing is assembled here (the export's chunks must fit the destination's cap)."""
+        request = pb.ExportKvBlocksRequest(
+            model_id=model_id, block_ids=_int32_list(_int_array(block_ids, "block_ids"), "block_ids")
+        )
+        relay = _KvRelay(dst_model_id, dst_block_ids)
+        stream = self._stub.ExportKvBlocks(request, timeout=self._timeout(timeout), metadata=self._metadata)
+
+        def chunks() -> Iterator[pb.KvBlocksChunk]:
+            try:
+                for i, chunk in enumerate(stream):
+                    yield relay.first(chunk) if i == 0 else chunk
+            except grpc.RpcError as exc:
+                relay.failed(exc)
+
+        try:
+            response = dst._call("ImportKvBlocks", dst._stub, chunks(), timeout)
+        except ModelWorkerClientError:
+            if relay.error is not None:
+                raise relay.error from None
+            raise
+        finally:
+            stream.cancel()  # the import may have been refused before the export ended
+        return KvImportResult(response.blocks, response.bytes)
+
     def info(self, *, timeout: float | None = None) -> WorkerInfo:
         return _worker_info(self._call("Info", self._stub, pb.InfoRequest(), timeout))
 
@@ -921,6 +1167,73 @@ class AsyncModelWorkerClient(_ClientBase):
             model_id=model_id, layer_idx=layer_idx, start_pos=start_pos, length=length
         )
         return _kv_slice(await self._call("SliceKvCache", self._stub, request, timeout), as_torch)
+
+    async def export_kv_blocks(
+        self, model_id: str, block_ids: Sequence[int], *, timeout: float | None = None
+    ) -> KvBlocks:
+        request = pb.ExportKvBlocksRequest(
+            model_id=model_id, block_ids=_int32_list(_int_array(block_ids, "block_ids"), "block_ids")
+        )
+        collector = _KvCollector(list(request.block_ids))
+        try:
+            async for chunk in self._stub.ExportKvBlocks(
+                request, timeout=self._timeout(timeout), metadata=self._metadata
+            ):
+                collector.add(chunk)
+        except grpc.RpcError as exc:
+            raise _error_from_rpc(exc, "ExportKvBlocks") from None
+        return collector.result()
+
+    async def import_kv_blocks(
+        self,
+        model_id: str,
+        dst_block_ids: Sequence[int],
+        blocks: KvBlocks,
+        *,
+        chunk_bytes: int = KV_CHUNK_BYTES,
+        timeout: float | None = None,
+    ) -> KvImportResult:
+        if self._worker_message_bytes is None:
+            self._worker_message_bytes = (await self.info(timeout=timeout)).limits.max_message_bytes
+        size = _kv_chunk_size(chunk_bytes, self.max_message_bytes, self._worker_message_bytes, blocks)
+        chunks = _kv_chunks(model_id, dst_block_ids, blocks, size)
+        response = await self._call("ImportKvBlocks", self._stub, chunks, timeout)
+        return KvImportResult(response.blocks, response.bytes)
+
+    async def copy_kv_blocks(
+        self,
+        model_id: str,
+        block_ids: Sequence[int],
+        dst: AsyncModelWorkerClient,
+        dst_model_id: str,
+        dst_block_ids: Sequence[int],
+        *,
+        timeout: float | None = None,
+    ) -> KvImportResult:
+        request = pb.ExportKvBlocksRequest(
+            model_id=model_id, block_ids=_int32_list(_int_array(block_ids, "block_ids"), "block_ids")
+        )
+        relay = _KvRelay(dst_model_id, dst_block_ids)
+        stream = self._stub.ExportKvBlocks(request, timeout=self._timeout(timeout), metadata=self._metadata)
+
+        async def chunks() -> AsyncIterator[pb.KvBlocksChunk]:
+            try:
+                i = 0
+                async for chunk in stream:
+                    yield relay.first(chunk) if i == 0 else chunk
+                    i += 1
+            except grpc.RpcError as exc:
+                relay.failed(exc)
+
+        try:
+            response = await dst._call("ImportKvBlocks", dst._stub, chunks(), timeout)
+        except ModelWorkerClientError:
+            if relay.error is not None:
+                raise relay.error from None
+            raise
+        finally:
+            stream.cancel()
+        return KvImportResult(response.blocks, response.bytes)
 
     async def info(self, *, timeout: float | None = None) -> WorkerInfo:
         return _worker_info(await self._call("Info", self._stub, pb.InfoRequest(), timeout))

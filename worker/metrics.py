@@ -45,6 +45,24 @@ FORWARD_BUCKETS = (
     0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 LOCK_WAIT_BUCKETS = (0.00001, 0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+# KV block transfers: a few blocks in a millisecond .. a whole cache over a slow link.
+KV_TRANSFER_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 GRPC_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
     300.0, 600.0,
@@ -123,6 +141,20 @@ class PrometheusObserver(WorkerObserver):
             buckets=LOCK_WAIT_BUCKETS,
             registry=registry,
         )
+        self.kv_transfer_bytes = Counter(
+            "modelworker_kv_transfer_bytes",
+            "K and V bytes moved by ExportKvBlocks / ImportKvBlocks, by model and direction (export | import).",
+            ["model", "direction"],
+            registry=registry,
+        )
+        self.kv_transfer_seconds = Histogram(
+            "modelworker_kv_transfer_seconds",
+            "Duration of successful KV block transfers (lock, copy and stream), by model and direction.",
+            ["model", "direction"],
+            buckets=KV_TRANSFER_BUCKETS,
+            registry=registry,
+        )
+        self._kv_directions: dict[str, set[str]] = {}  # model id -> directions it has series for
         # model id -> the (rpc, phase) pairs it has series for, so unload can remove exactly those.
         self._loaded: dict[str, set[tuple[str, str]]] = {}
 
@@ -154,6 +186,9 @@ class PrometheusObserver(WorkerObserver):
             _remove(self.forward_seconds, model_id, rpc, phase)
         for rpc in {rpc for rpc, _ in pairs}:
             _remove(self.forward_tokens, model_id, rpc)
+        for direction in self._kv_directions.pop(model_id, ()):
+            _remove(self.kv_transfer_bytes, model_id, direction)
+            _remove(self.kv_transfer_seconds, model_id, direction)
 
     @_never_raise
     def lock_waited(self, model_id: str, seconds: float) -> None:
@@ -169,6 +204,14 @@ class PrometheusObserver(WorkerObserver):
         pairs.add((rpc, phase))
         self.forward_seconds.labels(model_id, rpc, phase).observe(seconds)
         self.forward_tokens.labels(model_id, rpc).inc(tokens)
+
+    @_never_raise
+    def kv_transferred(self, model_id: str, direction: str, nbytes: int, seconds: float) -> None:
+        if model_id not in self._loaded:
+            return
+        self._kv_directions.setdefault(model_id, set()).add(direction)
+        self.kv_transfer_bytes.labels(model_id, direction).inc(nbytes)
+        self.kv_transfer_seconds.labels(model_id, direction).observe(seconds)
 
 
 def _remove(metric: Gauge | Counter | Histogram, *labels: str) -> None:

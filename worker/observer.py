@@ -25,5 +25,9 @@ class WorkerObserver:
         """A Forward or ForwardPaged succeeded. seconds: time in the model (the reply's compute_seconds,
         without lock wait or encoding); phase: prefill | decode | mixed; tokens: input tokens."""
 
+    def kv_transferred(self, model_id: str, direction: str, nbytes: int, seconds: float) -> None:
+        """An ExportKvBlocks or ImportKvBlocks succeeded. direction: export | import; nbytes: K and V
+        bytes moved; seconds: from the call's start to the last chunk sent or the blocks written."""
+
 
 NULL_OBSERVER = WorkerObserver()

@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -27,7 +27,7 @@ from registry.errors import InvalidArgument, ModelNotReady, OutOfResources
 from registry.paged_checks import check_token_count, resolve_query_lens
 from registry.registry import LoadOutcome, ModelEntry, ModelState, validate_model_id
 
-from . import __version__
+from . import __version__, kv_transfer
 from . import devices as dev
 from .logs import LOGGER_NAME, fields
 from .observer import NULL_OBSERVER, WorkerObserver
@@ -233,6 +233,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             device=str(device),
             is_quant_model=request.is_quant_model,
             attention_backend=backend,
+            enforce_eager=request.enforce_eager,
             kv_cache=KvCacheOptions(
                 block_size=kv.block_size,
                 num_blocks=kv.num_blocks,
@@ -273,7 +274,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         for entry in self.registry.list_models():
             model = entry.model
             if model is not None:
-                total += model.weight_bytes + model.cache_spec.total_bytes
+                total += model.weight_bytes + model.cache_spec.total_bytes + model.cuda_graph_bytes
         return total
 
     def _admit(self, token: object, plan: LoadPlan) -> None:
@@ -521,6 +522,19 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
 
         return await self._on_model(model_id, run)
 
+    # -- KV block transfer (worker/kv_transfer.py) ---------------------------------------------
+    @rpc_method("ExportKvBlocks")
+    async def ExportKvBlocks(
+        self, request: pb.ExportKvBlocksRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        await kv_transfer.export_blocks(self, request, context)  # chunks go out through context.write
+
+    @rpc_method("ImportKvBlocks")
+    async def ImportKvBlocks(
+        self, request_iterator: AsyncIterator[pb.KvBlocksChunk], context: grpc.aio.ServicerContext
+    ) -> pb.ImportKvBlocksResponse:
+        return await kv_transfer.import_blocks(self, request_iterator, context)
+
     # -- read-only -----------------------------------------------------------------------------
     @rpc_method("ListModels")
     async def ListModels(
@@ -599,6 +613,8 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         info.max_seq_len = cache.max_seq_len
         info.max_batch_size = cache.max_batch_size
         info.attention_backend = model.attention_backend
+        info.cuda_graph_batch_sizes.extend(model.cuda_graph_batch_sizes)
+        info.cuda_graph_bytes = model.cuda_graph_bytes
         info.load_seconds = entry.load_seconds
         info.loaded_at.FromNanoseconds(int(entry.loaded_at * 1e9))
         return info
