@@ -24,6 +24,7 @@ from registry import KvCacheOptions, LoadOptions, ModelRegistry, WeightsMismatch
 from tests.architectures_paged import fake_flash_attn
 from tests.architectures_paged.reference import Scheduler
 from tests.tiny_models import save_hf_model
+from tests.triton_interpreter import needs_interpreter
 
 transformers = pytest.importorskip("transformers")
 
@@ -200,9 +201,11 @@ def registry_for(root: Path) -> ModelRegistry:
     return reg
 
 
-def load(model_dir: Path, block_size: int = 4, num_blocks: int = 64, **kv: int):
+def load(model_dir: Path, block_size: int = 4, num_blocks: int = 64, backend: str = "auto", **kv: int):
     reg = registry_for(model_dir.parent)
-    options = LoadOptions(kv_cache=KvCacheOptions(block_size=block_size, num_blocks=num_blocks, **kv))
+    options = LoadOptions(
+        attention_backend=backend, kv_cache=KvCacheOptions(block_size=block_size, num_blocks=num_blocks, **kv)
+    )
     return reg.load(model_dir.name, model_dir, options=options).entry.model
 
 
@@ -310,6 +313,18 @@ def test_forward_paged_flash_backend(built, stand_in_flash, name: str) -> None:
     bad = {k: e for k, e in err.items() if not e <= TOL}
     assert not bad, f"{name}: forward_paged (flash_attn) differs from forward: {bad}"
     assert "varlen" in stand_in_flash.calls and "kvcache" in stand_in_flash.calls
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", ["Gemma2ForCausalLM"])
+def test_forward_paged_triton_backend(built, name: str) -> None:
+    """Softcap and windows (Gemma 2) through the triton kernels, run on the CPU under the Triton
+    interpreter (slow: one architecture; the others add nothing backend-specific)."""
+    model = load(built[name].model_dir, block_size=16, num_blocks=16, backend="triton")
+    assert model.attention_backend == "triton"
+    err = paged_script(model, 5, prompts=(6, 20, 18), shared_blocks=1)
+    bad = {k: e for k, e in err.items() if not e <= TOL}
+    assert not bad, f"{name}: forward_paged (triton) differs from forward: {bad}"
 
 
 @pytest.mark.parametrize(
