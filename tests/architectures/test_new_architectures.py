@@ -1,8 +1,8 @@
 """Qwen3, Qwen3-MoE, Qwen2-MoE, Mixtral, Gemma 2, Gemma 3 (text) and Phi-3 against transformers
 (fp32, max |Δ| ≤ 1e-4) through every path: `forward`, `forward_with_cache` (incremental, with a
 rewind) and `forward_paged` (prefill, prefix-cached and chunked prefill, mixed, decode) on the torch
-backend and on the flash_attn backend (its CPU stand-in, tests/architectures_paged/fake_flash_attn.py),
-each from the checkpoint transformers writes and from its 4.x-style config.json where that differs.
+backend, on the flash_attn backend (its CPU stand-in, tests/architectures_paged/fake_flash_attn.py)
+and on the triton backend (Triton interpreter; softcap and windows), each from the checkpoint transformers writes and from its 4.x-style config.json where that differs.
 """
 
 from __future__ import annotations
