@@ -37,6 +37,10 @@ def local_rope_theta(config: ModelConfig) -> float:
 class Gemma3ForCausalLM(LlamaForCausalLM):
     @classmethod
     def variant_for(cls, config: ModelConfig) -> DecoderVariant:
+        if config.get_bool("use_bidirectional_attention", False):  # embedding checkpoints, not causal LMs
+            raise InvalidConfig(
+                "config.json: use_bidirectional_attention true is not supported (causal only)"
+            )
         period = config.get_int(
             "sliding_window_pattern", config.raw.get("_sliding_window_pattern", 6), minimum=1
         )
