@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import architectures
 from architectures.backends.flash_backend import FlashAttnBackend
-from registry import KvCacheOptions, LoadOptions, ModelRegistry, WeightsMismatch
+from registry import InvalidConfig, KvCacheOptions, LoadOptions, ModelRegistry, WeightsMismatch
 from tests.architectures_paged import fake_flash_attn
 from tests.architectures_paged.reference import Scheduler
 from tests.tiny_models import save_hf_model
@@ -349,4 +349,60 @@ def test_load_names_a_missing_expert_weight(built, tmp_path: Path, name: str, mi
     with pytest.raises(WeightsMismatch) as info:
         reg.load("broken", broken)
     assert f"missing 1 weight(s): {missing}" in str(info.value)
+    assert reg.list_models() == []
+
+
+def _drop(key: str) -> Callable[[dict[str, Any]], None]:
+    return lambda raw: raw.pop(key)
+
+
+def _set(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda raw: raw.__setitem__(key, value)
+
+
+def _short_long_factor(raw: dict[str, Any]) -> None:
+    raw["rope_parameters"]["long_factor"] = [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "message"),
+    [
+        (
+            "MixtralForCausalLM",
+            _set("num_experts_per_tok", 5),
+            "num_experts_per_tok (5) exceeds num_local_experts (4)",
+        ),
+        ("Qwen3MoeForCausalLM", _drop("moe_intermediate_size"), "'moe_intermediate_size' is missing"),
+        ("Qwen2MoeForCausalLM", _set("norm_topk_prob", "yes"), "norm_topk_prob must be true or false"),
+        ("Gemma3ForCausalLM", _set("use_bidirectional_attention", True), "use_bidirectional_attention"),
+        (
+            "Gemma2ForCausalLM",
+            _set("attn_logit_softcapping", "50"),
+            "attn_logit_softcapping must be a number",
+        ),
+        ("Phi3ForCausalLM", _short_long_factor, "long_factor has 3 entries, expected 4"),
+    ],
+    ids=[
+        "mixtral-top-k",
+        "qwen3-moe-intermediate",
+        "qwen2-moe-norm",
+        "gemma3-bidirectional",
+        "gemma2-softcap",
+        "phi3-factors",
+    ],  # fmt: skip
+)
+def test_bad_config_fails_the_load_naming_the_field(
+    built, tmp_path: Path, name: str, change: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    src = built[name].model_dir
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    raw = json.loads((src / "config.json").read_text())
+    change(raw)
+    (bad / "config.json").write_text(json.dumps(raw))
+    (bad / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    reg = registry_for(tmp_path)
+    with pytest.raises(InvalidConfig) as info:
+        reg.load("bad", bad)
+    assert message in str(info.value)
     assert reg.list_models() == []
