@@ -180,6 +180,8 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.variant = self.variant_for(config)
+        # The MoE block syncs expert counts to the host each call: no CUDA graph capture.
+        self.cuda_graph_safe = self.variant.moe is None
         self.model = LlamaModel(config, self.variant)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights(config)
