@@ -133,12 +133,15 @@ class CausalLM(Model):
     # -- CUDA graphs ---------------------------------------------------------------------------
     def _graphs_apply(self, options: LoadOptions) -> bool:
         """Graphs on CUDA with the triton backend (its kernels read every length from the device),
-        unless the Load asked for eager mode; not with dynamic RoPE (its table depends on the call)."""
+        unless the Load asked for eager mode; not with dynamic RoPE or LongRoPE (their table depends on
+        the call), nor MoE networks (their expert grouping reads counts on the host)."""
         return (
             self._device.type == "cuda"
             and self.backend.name == "triton"
             and not options.enforce_eager
             and not self.rotary.dynamic
+            and self.rotary.long_from is None
+            and getattr(self.network, "cuda_graph_safe", True)
         )
 
     def _capture_graphs(self) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import inprocess, kv_transfer, sampling, serving
+from . import inprocess, kv_transfer, moe, sampling, serving
 from . import weights as weight_updates
 from .common import (
     FRESH_PAGES_ENV,
@@ -44,7 +44,7 @@ from .models import (
 from .reasons import REASONS
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ITEMS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+ITEMS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                     w.wait_ready()
             b.bandwidth = read_bandwidth(GiB, reps=5)
             run_items(b, items, worker, load_worker, kv_worker)
+            if 12 in items:
+                print("12. tiny MoE prefill and decode...", flush=True)
+                moe.moe(b, tmp / "moe-models")
         finally:
             for w in (worker, load_worker, kv_worker):
                 if w is not None:

@@ -135,10 +135,12 @@ class FlashAttnBackend:
         plan: FlashPlan,
         window: int | None,
         scale: float,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         k_cache, v_cache = cache.k[layer_idx], cache.v[layer_idx]  # [blocks, block_size, Hkv, D]
         q = q.to(k_cache.dtype)
         window_size = (-1, -1) if window is None else (window - 1, 0)
+        cap = 0.0 if softcap is None else softcap  # flash-attn's "off" is 0.0 (>= 2.6, like block_table)
         if plan.decode:
             # q [B, H, D] → [B, 1, H, D]: one query per sequence, at its last position.
             out = self._with_kvcache(
@@ -150,6 +152,7 @@ class FlashAttnBackend:
                 softmax_scale=scale,
                 causal=True,
                 window_size=window_size,
+                softcap=cap,
             )
             return out.squeeze(1)
         return self._varlen(
@@ -163,5 +166,6 @@ class FlashAttnBackend:
             softmax_scale=scale,
             causal=True,
             window_size=window_size,
+            softcap=cap,
             block_table=batch.block_table,
         )

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..paged_batch import PagedBatch, PagedKvCache
+from ..softcap import attention as softcap_attention
 
 # Bounds of one attention step's transient tensors (per layer; freed before the next step).
 KEY_CHUNK_BYTES = 16 << 20  # gathered K + V of one chunk (all sequences of a decode group)
@@ -138,17 +139,18 @@ class TorchBackend:
         plan: TorchPlan,
         window: int | None,
         scale: float,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         k_flat, v_flat = cache.flat_k(layer_idx), cache.flat_v(layer_idx)
         q = q.to(k_flat.dtype)
         if plan.all_decode:
-            return _decode(q, k_flat, v_flat, plan, cache, window, scale)
+            return _decode(q, k_flat, v_flat, plan, cache, window, scale, softcap)
         out = torch.empty_like(q)
         if plan.decode_rows is not None:
             q_dec = q.index_select(0, plan.decode_rows)
-            out[plan.decode_rows] = _decode(q_dec, k_flat, v_flat, plan, cache, window, scale)
+            out[plan.decode_rows] = _decode(q_dec, k_flat, v_flat, plan, cache, window, scale, softcap)
         for p in plan.prefill:
-            out[p.rows] = _prefill(q[p.rows], k_flat, v_flat, p, cache, window, scale)
+            out[p.rows] = _prefill(q[p.rows], k_flat, v_flat, p, cache, window, scale, softcap)
         return out
 
 
@@ -173,6 +175,7 @@ def _decode(
     cache: PagedKvCache,
     window: int | None,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q [Bd, H, D], one query per sequence at its last position → [Bd, H, D]."""
     bd, heads, d = q.shape
@@ -181,14 +184,14 @@ def _decode(
     if window in plan.decode_by_window:
         keys = plan.decode_by_window[window]
         if keys is not None:
-            return _sdpa(q4, *keys.gather(k_flat, v_flat, cache), scale).reshape(bd, heads, d)
+            return _sdpa(q4, *keys.gather(k_flat, v_flat, cache), scale, softcap).reshape(bd, heads, d)
     groups = _decode_groups(plan, cache, window)
     if len(groups) == 1:
         rows, width, chunk = groups[0]
         if width <= chunk:  # one group, one chunk: keep its indices for the other layers
             keys = next(_decode_keys(plan, cache, rows, width, chunk, window))
             plan.decode_by_window[window] = keys
-            return _sdpa(q4, *keys.gather(k_flat, v_flat, cache), scale).reshape(bd, heads, d)
+            return _sdpa(q4, *keys.gather(k_flat, v_flat, cache), scale, softcap).reshape(bd, heads, d)
     plan.decode_by_window[window] = None
     out = torch.empty_like(q4)
     for rows, width, chunk in groups:
@@ -196,7 +199,7 @@ def _decode(
             keys.gather(k_flat, v_flat, cache)
             for keys in _decode_keys(plan, cache, rows, width, chunk, window)
         )
-        out[rows] = _attend_chunks(q4[rows], chunks, width <= chunk, scale)
+        out[rows] = _attend_chunks(q4[rows], chunks, width <= chunk, scale, softcap)
     return out.reshape(bd, heads, d)
 
 
@@ -267,6 +270,7 @@ def _prefill(
     cache: PagedKvCache,
     window: int | None,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q [L, H, D] of one sequence's last L tokens → [L, H, D], query chunk by query chunk.
 
@@ -288,7 +292,7 @@ def _prefill(
         slots, mask = cached
         k = k_flat.index_select(0, slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, keys, D]
         v = v_flat.index_select(0, slots).transpose(0, 1).unsqueeze(0)
-        return _sdpa(q4, k, v, mask, scale)[0].transpose(0, 1)
+        return _sdpa(q4, k, v, mask, scale, softcap)[0].transpose(0, 1)
     for qa in range(0, length, step):
         qb = min(length, qa + step)
         q_first, q_end = first_query + qa, first_query + qb  # positions of this chunk's queries
@@ -300,6 +304,7 @@ def _prefill(
             _prefill_chunks(k_flat, v_flat, p.table, cache, q_pos, k_start, q_end, chunk, window),
             keys <= chunk,
             scale,
+            softcap,
         )
     return out[0].transpose(0, 1)
 
@@ -344,21 +349,30 @@ def _prefill_chunks(
 
 # -- attention over key chunks -------------------------------------------------------------------
 def _sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q [B, H, Lq, D], k/v [B, Hkv, c, D] (H a multiple of Hkv), mask [B or 1, 1, Lq or 1, c]: 4-D,
     so the fused kernels run."""
+    if softcap:  # Gemma 2: SDPA has no softcap; the explicit path caps the scaled scores
+        return softcap_attention(q, k, v, mask, scale, softcap, enable_gqa=q.shape[1] != k.shape[1])
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
 
 
-def _attend_chunks(q: torch.Tensor, chunks: Iterator[KeyChunk], single: bool, scale: float) -> torch.Tensor:
+def _attend_chunks(
+    q: torch.Tensor, chunks: Iterator[KeyChunk], single: bool, scale: float, softcap: float | None = None
+) -> torch.Tensor:
     """Attention of q [B, H, Lq, D] over the keys of `chunks` → [B, H, Lq, D]. One chunk: SDPA.
     More: an online softmax in float32 (running max m, sum total and output acc per query), so only one
     chunk's keys and scores exist at a time. Every query sees at least one key in all (itself)."""
     if single:
-        return _sdpa(q, *next(chunks), scale)
+        return _sdpa(q, *next(chunks), scale, softcap)
     b, heads, lq, d = q.shape
     qf: torch.Tensor | None = None
     m = total = acc = None
@@ -370,6 +384,8 @@ def _attend_chunks(q: torch.Tensor, chunks: Iterator[KeyChunk], single: bool, sc
             total = torch.zeros_like(m)
             acc = torch.zeros_like(qf)
         s = qf @ k.float().unsqueeze(2).transpose(-1, -2)  # [B, Hkv, G, Lq, c]
+        if softcap:
+            s = torch.tanh(s / softcap) * softcap
         s.masked_fill_(~mask.unsqueeze(2), float("-inf"))
         m_new = torch.maximum(m, s.amax(-1, keepdim=True))
         safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows with nothing seen yet

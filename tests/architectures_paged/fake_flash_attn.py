@@ -64,6 +64,7 @@ def _attend(
     scale: float,
     causal: bool,
     window_size: tuple[int, int],
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """q [sq, H, D] of one sequence over its first seqlen_k keys through its block table row."""
     bs = k_cache.shape[1]
@@ -75,6 +76,8 @@ def _attend(
     assert heads % k.shape[1] == 0, "Number of heads in key/value must divide number of heads in query"
     head_to_kv = torch.arange(heads) // (heads // k.shape[1])
     scores = torch.einsum("qhd,khd->hqk", q.double(), k.double()[:, head_to_kv]) * scale
+    if softcap > 0:  # flash-attn caps the scaled scores: softcap * tanh(s / softcap)
+        scores = torch.tanh(scores / softcap) * softcap
     i = torch.arange(sq)[:, None]
     shift = seqlen_k - sq
     keep = torch.ones(sq, seqlen_k, dtype=torch.bool)
@@ -113,7 +116,7 @@ def flash_attn_varlen_func(
     _check_int32_vector(cu_seqlens_k, "cu_seqlens_k", q.device)
     _check_scalars(softmax_scale, max_seqlen_q, max_seqlen_k)
     assert q.dim() == 3, "q must be [total_q, H, D]"
-    assert dropout_p == 0.0 and softcap == 0.0 and alibi_slopes is None and not return_attn_probs
+    assert dropout_p == 0.0 and alibi_slopes is None and not return_attn_probs
     assert block_table is not None, "this stand-in covers the paged path only"
     batch = cu_seqlens_q.numel() - 1
     _check_paged(k, v, block_table, batch)
@@ -125,7 +128,7 @@ def flash_attn_varlen_func(
         sk = int(cu_seqlens_k[b + 1] - cu_seqlens_k[b])
         assert qb - qa <= max_seqlen_q and sk <= max_seqlen_k, "max_seqlen must bound every sequence"
         assert -(-sk // k.shape[1]) <= block_table.shape[1], "block_table too short"
-        out[qa:qb] = _attend(q[qa:qb], k, v, block_table[b], sk, scale, causal, tuple(window_size))
+        out[qa:qb] = _attend(q[qa:qb], k, v, block_table[b], sk, scale, causal, tuple(window_size), softcap)
     return out
 
 
@@ -166,5 +169,7 @@ def flash_attn_with_kvcache(
     out = torch.empty_like(q)
     for b in range(batch):
         sk = int(cache_seqlens[b])
-        out[b] = _attend(q[b], k_cache, v_cache, block_table[b], sk, scale, causal, tuple(window_size))
+        out[b] = _attend(
+            q[b], k_cache, v_cache, block_table[b], sk, scale, causal, tuple(window_size), softcap
+        )
     return out
