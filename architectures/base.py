@@ -15,7 +15,6 @@ from torch import nn
 
 from registry import (
     CacheSpec,
-    InvalidConfig,
     InvalidRequest,
     LoadOptions,
     Model,
@@ -24,10 +23,12 @@ from registry import (
     WeightMapping,
 )
 from registry.cache_plan import plan_cache
-from registry.safetensors_loader import load_weights
+from registry.safetensors_loader import index_checkpoint, load_weights
 
 from .kv_cache import ContiguousContext, ContiguousKvCache, DenseContext
 from .layers import RotaryEmbedding
+from .quantize_build import SkippingMapping, fill_quantized_layers, load_scheme, plan_quantized_layers
+from .quantized_linear import resident_totals
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -41,6 +42,14 @@ def default_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
     if device.type == "cuda" and config.dtype:
         return getattr(torch, config.dtype)
     return torch.float32
+
+
+def quantized_default_dtype(device: torch.device, config: ModelConfig) -> torch.dtype:
+    """Quantized models on CPU compute in bfloat16: torch's int8/int4 kernels are fast only with
+    bfloat16 activations (DESIGN.md, "Quantized weights"); on CUDA the checkpoint's dtype."""
+    if device.type == "cuda":
+        return getattr(torch, config.dtype) if config.dtype in ("float16", "bfloat16") else torch.bfloat16
+    return torch.bfloat16
 
 
 def free_device_bytes(device: torch.device) -> int | None:
@@ -58,22 +67,28 @@ def build_causal_lm(
     mapping: WeightMapping,
 ) -> CausalLM:
     config = ModelConfig.from_file(model_dir / "config.json")
-    if options.is_quant_model or config.quantization_method:
-        raise InvalidConfig(
-            f"{model_dir}: quantized checkpoints (quantization_config: {config.quantization_method or 'none'}) "
-            "are not supported; import a GGUF with `modelworker import-gguf` to get dequantized weights"
-        )
-    dtype = options.dtype or default_dtype(config, device)
+    scheme = load_scheme(model_dir, options, device)
+    dtype = options.dtype or (
+        quantized_default_dtype(device, config) if scheme else default_dtype(config, device)
+    )
     try:
         # Build on the meta device so no time goes into random initialisation, then materialise
         # uninitialised storage on the target device and fill it from the checkpoint.
         with torch.device("meta"):
             network = make_network(config)
+        if scheme is not None:
+            entries = index_checkpoint(model_dir)
+            slots = plan_quantized_layers(network, entries, mapping, scheme)
         network = network.to(dtype=dtype).to_empty(device=device)
         network.tie_weights(config)  # to_empty gives each module its own storage
+        if scheme is not None:
+            consumed = fill_quantized_layers(network, slots, entries, scheme, device, dtype)
+            mapping = SkippingMapping(mapping.fused, mapping.ignore, consumed)
         load_weights(network, model_dir, mapping)
         network.eval().requires_grad_(False)
-        return CausalLM(network, config, device, dtype, options)
+        model = CausalLM(network, config, device, dtype, options)
+        model.quantization_label = scheme.label if scheme else ""
+        return model
     except Exception as exc:
         if is_out_of_memory(exc):
             if device.type == "cuda":
@@ -99,7 +114,8 @@ class CausalLM(Model):
         self._device = device
         self._dtype = dtype
         self.rotary = RotaryEmbedding(config, device, dtype)
-        self._weight_bytes, self._num_parameters = _parameter_totals(network)
+        self._weight_bytes, self._num_parameters = resident_totals(network)
+        self.quantization_label = ""
         spec = plan_cache(config, options.kv_cache, dtype, device, free_device_bytes(device))
         self.backend = select_backend(
             options.attention_backend,
@@ -153,6 +169,10 @@ class CausalLM(Model):
     @property
     def attention_backend(self) -> str:
         return self.backend.name
+
+    @property
+    def quantization(self) -> str:
+        return self.quantization_label
 
     # -- validation ----------------------------------------------------------------------------
     def _check_tokens(self, ids: torch.Tensor, field: str = "input_ids") -> None:
@@ -311,12 +331,3 @@ class CausalLM(Model):
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
         return freed
-
-
-def _parameter_totals(network: nn.Module) -> tuple[int, int]:
-    """(bytes, count) over unique parameters (tied weights counted once)."""
-    total_bytes = total = 0
-    for p in network.parameters():  # parameters() already skips shared tensors
-        total += p.numel()
-        total_bytes += p.numel() * p.element_size()
-    return total_bytes, total

@@ -259,6 +259,7 @@ class ModelInfo:
     is_quant_model: bool
     load_seconds: float
     loaded_at: dt.datetime | None
+    quantization: str = ""
 
 
 @dataclass(frozen=True)
@@ -432,9 +433,11 @@ def _load_request(
     device: str,
     kv_cache: KvCacheConfig | None,
     attention_backend: str,
+    quantization: str = "",
 ) -> pb.LoadRequest:
     kv = kv_cache or KvCacheConfig()
     return pb.LoadRequest(
+        quantization=quantization,
         model_id=model_id,
         model_dir=str(model_dir),
         architecture=architecture,
@@ -547,6 +550,7 @@ def _model_info(msg: pb.ModelInfo) -> ModelInfo:
         is_quant_model=msg.is_quant_model,
         load_seconds=msg.load_seconds,
         loaded_at=loaded_at,
+        quantization=msg.quantization,
     )
 
 
@@ -671,11 +675,20 @@ class ModelWorkerClient(_ClientBase):
         kv_cache: KvCacheConfig | None = None,
         attention_backend: str = "",
         timeout: float | None = None,
+        quantization: str = "",
     ) -> LoadResult:
         """Load `model_dir` (inside a model root of the worker) as `model_id`. Empty strings and a
         zero KvCacheConfig mean the worker's defaults. The same spec again returns already_loaded."""
         request = _load_request(
-            model_id, model_dir, architecture, is_quant_model, dtype, device, kv_cache, attention_backend
+            model_id,
+            model_dir,
+            architecture,
+            is_quant_model,
+            dtype,
+            device,
+            kv_cache,
+            attention_backend,
+            quantization,
         )
         response = self._call("Load", self._stub, request, timeout)
         return LoadResult(_model_info(response.model), response.already_loaded)
@@ -834,9 +847,18 @@ class AsyncModelWorkerClient(_ClientBase):
         kv_cache: KvCacheConfig | None = None,
         attention_backend: str = "",
         timeout: float | None = None,
+        quantization: str = "",
     ) -> LoadResult:
         request = _load_request(
-            model_id, model_dir, architecture, is_quant_model, dtype, device, kv_cache, attention_backend
+            model_id,
+            model_dir,
+            architecture,
+            is_quant_model,
+            dtype,
+            device,
+            kv_cache,
+            attention_backend,
+            quantization,
         )
         response = await self._call("Load", self._stub, request, timeout)
         return LoadResult(_model_info(response.model), response.already_loaded)

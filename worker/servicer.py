@@ -26,6 +26,7 @@ import torch
 from registry import KvCacheOptions, LoadOptions, Model, ModelConfig, ModelRegistry
 from registry.cache_plan import plan_cache
 from registry.errors import InvalidArgument, ModelNotReady, OutOfResources
+from registry.quantization.estimate import estimate_quantized_bytes
 from registry.registry import LoadOutcome, ModelEntry, ModelState, validate_model_id
 from registry.safetensors_loader import estimate_weight_bytes
 
@@ -236,9 +237,10 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         path = self.registry.resolve_dir(request.model_dir)
         kv = request.kv_cache
         options = LoadOptions(
-            dtype=self._load_dtype(request.dtype, device, path),
+            dtype=self._load_dtype(request.dtype, device, path, request.quantization),
             device=str(device),
             is_quant_model=request.is_quant_model,
+            quantization=request.quantization.strip().lower(),
             attention_backend=backend,
             kv_cache=KvCacheOptions(
                 block_size=kv.block_size,
@@ -266,15 +268,16 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             with self._reserve_lock:
                 self._reserved.pop(token, None)
 
-    def _load_dtype(self, text: str, device: torch.device, path: Path) -> torch.dtype:
-        """ "" → the worker's default; "auto" → config dtype on CUDA, float32 on CPU."""
+    def _load_dtype(self, text: str, device: torch.device, path: Path, quantization: str = "") -> torch.dtype:
+        """ "" → the worker's default; "auto" → config dtype on CUDA, float32 on CPU (bfloat16 for
+        quantized weights: the CPU int8/int4 kernels want bfloat16 activations)."""
         name = (text or self.settings.dtype).strip().lower()
         if name in LOAD_DTYPES:
             return LOAD_DTYPES[name]
         if name != "auto":
             raise InvalidArgument(f"dtype {text!r} is not one of auto, float32, float16, bfloat16")
         if device.type != "cuda":
-            return torch.float32
+            return torch.bfloat16 if quantization.strip() or _has_quantization_config(path) else torch.float32
         config = ModelConfig.from_file(path / "config.json")
         return LOAD_DTYPES.get(config.dtype or "", torch.float32)
 
@@ -292,6 +295,8 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         config = ModelConfig.from_hf(_read_json(model_dir / "config.json"), architecture)
         dtype = options.dtype or torch.float32
         weights = estimate_weight_bytes(model_dir, dtype)
+        if options.quantization or _has_quantization_config(model_dir):
+            weights = estimate_quantized_bytes(model_dir, dtype, options.quantization)
         free = dev.free_bytes(device)
         cache = plan_cache(
             config, options.kv_cache, dtype, device, max(free - weights, 0) if device.type == "cuda" else None
@@ -611,6 +616,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         info.dtype = dtype_name(model.dtype)
         info.num_parameters = model.num_parameters
         info.weight_bytes = model.weight_bytes
+        info.quantization = model.quantization
         info.kv_cache_bytes = cache.total_bytes
         info.vocab_size = c.vocab_size
         info.hidden_size = c.hidden_size
@@ -689,6 +695,13 @@ def _consume(future: asyncio.Future) -> None:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _has_quantization_config(model_dir: Path) -> bool:
+    try:
+        return _read_json(model_dir / "config.json").get("quantization_config") is not None
+    except InvalidArgument:
+        return False  # the builder reports a bad config.json
 
 
 def _read_json(path: Path) -> dict:
