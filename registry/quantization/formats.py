@@ -3,7 +3,7 @@ form, quantize dense weights into it, fuse projections, and dequantize (the refe
 path is checked against).
 
 Canonical forms (CPU tensors, output rows first, like nn.Linear's weight [out, in]):
-- IntWeight: unsigned codes q [n, k] in [0, 2^bits), float32 scales and integer-valued zero points
+- IntWeight: unsigned codes q [n, k] in [0, 2^bits), float32 scales and zero points
   [n, groups], and the group of every input column (`g_idx`, None = column // group_size):
   W[j, i] = (q[j, i] - zeros[j, g(i)]) * scales[j, g(i)].
 - Fp8Weight: float8_e4m3fn codes [n, k] and float32 scales [n, ceil(k / block_cols)], scales expanded
@@ -43,7 +43,7 @@ class IntWeight:
     bits: int
     q: torch.Tensor  # uint8 [n, k]
     scales: torch.Tensor  # float32 [n, groups]
-    zeros: torch.Tensor  # float32 [n, groups], integer values
+    zeros: torch.Tensor  # float32 [n, groups]: integers in the checkpoint formats, any value on the fly
     group_size: int  # input columns per group (k when one group per row)
     g_idx: torch.Tensor | None = None  # int64 [k], None = arange(k) // group_size
 
@@ -378,16 +378,16 @@ def quantize_int8(w: torch.Tensor) -> IntWeight:
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> IntWeight:
-    """Asymmetric (min/max) groups of `group_size` input columns; integer zero points in [0, 15]."""
+    """Asymmetric (min/max) groups of `group_size` input columns: W = q * scale + min, i.e. a float
+    zero point -min / scale (the int4 kernels' own domain; an integer zero point would move the grid
+    off each group's minimum and cost accuracy)."""
     n, k = w.shape
     g = w.reshape(n, k // group_size, group_size)
-    lo = g.amin(dim=-1).clamp(max=0)
-    hi = g.amax(dim=-1).clamp(min=0)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     scale = (hi - lo) / 15
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = torch.round(-lo / scale).clamp(0, 15)
-    q = (torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, 15).to(torch.uint8)
-    return IntWeight(4, q.reshape(n, k), scale, zero, group_size)
+    q = torch.round((g - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, 15).to(torch.uint8)
+    return IntWeight(4, q.reshape(n, k), scale, -lo / scale, group_size)
 
 
 def quantize_fp8(w: torch.Tensor) -> Fp8Weight:
