@@ -84,6 +84,6 @@ def test_quantized_smollm2_answers_and_agrees_with_float32(
     assert " Paris" in tokenizer.decode(answer)
     agreement = float((model.forward(tokens).argmax(-1) == float32_choices).float().mean())
     print(
-        f"{quantization}: top-1 agreement with float32 over 256 tokens {agreement:.4f}, weight_bytes {model.weight_bytes}"
+        f"{quantization} groups {group or 'default'}: top-1 agreement with float32 over 256 tokens {agreement:.4f}, weight_bytes {model.weight_bytes}"
     )
     assert agreement >= minimum
