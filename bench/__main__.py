@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import inprocess, serving
+from . import inprocess, quantized, serving
 from .common import (
     FRESH_PAGES_ENV,
     CpuSnapshot,
@@ -43,7 +43,7 @@ from .models import (
 from .reasons import REASONS
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ITEMS = (1, 2, 3, 4, 5, 6, 7, 8)
+ITEMS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -172,6 +172,7 @@ def run_items(
         (3, "decode step", inprocess.decode),
         (4, "batched decode", inprocess.batched_decode),
         (6, "roofline", inprocess.roofline),
+        (9, "quantized decode", quantized.quantized_decode),
     )
     for number, title, fn in steps:
         if number in items:
