@@ -83,7 +83,7 @@ def build_causal_lm(
         network.tie_weights(config)  # to_empty gives each module its own storage
         if scheme is not None:
             consumed = fill_quantized_layers(network, slots, entries, scheme, device, dtype)
-            mapping = SkippingMapping(mapping.fused, mapping.ignore, consumed)
+            mapping = SkippingMapping.around(mapping, consumed)
         load_weights(network, model_dir, mapping)
         network.eval().requires_grad_(False)
         model = CausalLM(network, config, device, dtype, options)

@@ -11,7 +11,7 @@ size: a dense (on-the-fly) layer is quantized right after it is read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -50,6 +50,10 @@ class SkippingMapping(WeightMapping):
     """The architecture's mapping, minus checkpoint tensors the quantized layers already consumed."""
 
     skip: frozenset[str] = frozenset()
+
+    @classmethod
+    def around(cls, mapping: WeightMapping, skip: frozenset[str]) -> SkippingMapping:
+        return cls(**{f.name: getattr(mapping, f.name) for f in fields(mapping)}, skip=skip)
 
     def map(self, name: str) -> tuple[str, int | None] | None:
         if name in self.skip:
