@@ -186,18 +186,20 @@ def read_quantized(scheme: QuantScheme, get: TensorGetter, prefix: str) -> Quant
     raise ValueError(f"unknown format {scheme.fmt!r}")  # QuantScheme parsing refuses these
 
 
-def _group_index(r: _Reader, g_idx: torch.Tensor | None, k: int, group_size: int, groups: int):
+def _group_index(
+    r: _Reader, g_idx: torch.Tensor | None, k: int, group_size: int, groups: int, suffix: str = "g_idx"
+):
     if g_idx is None:
         return None
     r.check(
         g_idx.dim() == 1 and g_idx.shape[0] == k and not g_idx.dtype.is_floating_point,
-        "g_idx",
+        suffix,
         g_idx,
         f"int [{k}]",
     )
     g = g_idx.to(torch.int64)
     if bool(((g < 0) | (g >= groups)).any()):
-        raise CorruptCheckpoint(f"tensor {r.name('g_idx')} has groups outside [0, {groups})")
+        raise CorruptCheckpoint(f"tensor {r.name(suffix)} has groups outside [0, {groups})")
     if torch.equal(g, torch.arange(k) // group_size):
         return None  # the trivial order: no act-order permutation to carry
     return g
@@ -313,7 +315,7 @@ def _read_ct_packed(scheme: QuantScheme, r: _Reader) -> IntWeight:
             zeros = unpack_rows(zp, bits)[:n].float()
     g_idx = r.optional("weight_g_idx")
     if g_idx is not None:
-        g_idx = _group_index(_Reader(r.get, r.prefix), g_idx, k, gs, groups)
+        g_idx = _group_index(r, g_idx, k, gs, groups, "weight_g_idx")
     return IntWeight(
         bits,
         unpack_cols(packed, bits)[:, :k].contiguous(),
