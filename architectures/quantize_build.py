@@ -11,6 +11,7 @@ size: a dense (on-the-fly) layer is quantized right after it is read.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -140,7 +141,25 @@ def fill_quantized_layers(
         _set_module(network, slot.module, layer)
         for part in slot.parts:  # extra per-format tensors we accept and do not need (input_scale, ...)
             consumed.update(f"{part}.{s}" for s in suffixes if f"{part}.{s}" in entries)
+        del old, weight, layer
+        _return_free_heap()
     return frozenset(consumed)
+
+
+def _return_free_heap() -> None:
+    """Give the layer's freed temporaries back to the OS (glibc): layers differ in size, so without
+    this the heap fragments and resident memory creeps far above the quantized weights."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def read_tensor(entry: TensorEntry) -> torch.Tensor:

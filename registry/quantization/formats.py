@@ -375,7 +375,9 @@ def quantize_int8(w: torch.Tensor) -> IntWeight:
     """Symmetric, one scale per output channel: codes q - 128 in [-127, 127]."""
     scale = w.abs().amax(dim=1, keepdim=True) / 127
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = (torch.round(w / scale).clamp(-127, 127) + 128).to(torch.uint8)
+    # In place on one temporary: a Load quantizes layer after layer, and fewer large temporaries
+    # keep the allocator's high-water mark near the quantized size.
+    q = torch.div(w, scale).round_().clamp_(-127, 127).add_(128).to(torch.uint8)
     return IntWeight(8, q, scale, torch.full_like(scale, 128.0), w.shape[1])
 
 
@@ -388,7 +390,7 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> IntWeight:
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     scale = (hi - lo) / 15
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round((g - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, 15).to(torch.uint8)
+    q = torch.sub(g, lo.unsqueeze(-1)).div_(scale.unsqueeze(-1)).round_().clamp_(0, 15).to(torch.uint8)
     return IntWeight(4, q.reshape(n, k), scale, -lo / scale, group_size)
 
 
