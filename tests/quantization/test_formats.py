@@ -168,3 +168,25 @@ def test_weight_bytes_count_the_packed_tensors(written) -> None:
         == fp32.num_parameters
         == sum(p.numel() for p in written["gptq-4-g32-asym"][1].parameters())
     )
+
+
+@pytest.mark.parametrize("name", ["gptq-4-g32-asym", "awq-4-g32", "ct-int8-channel", "fp8-block-32x48"])
+def test_admission_estimate_is_close_to_the_resident_bytes(name: str, written) -> None:
+    from registry.quantization.estimate import estimate_quantized_bytes
+
+    model = build(written[name][0], torch.device("cpu"), LoadOptions(dtype=torch.bfloat16))
+    estimate = estimate_quantized_bytes(written[name][0], torch.bfloat16, "")
+    assert 0.8 * model.weight_bytes <= estimate <= 1.25 * model.weight_bytes
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_admission_estimate_on_the_fly(quantization: str, tmp_path: Path) -> None:
+    from registry.quantization.estimate import estimate_quantized_bytes
+    from tests.tiny_models import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(
+        tmp_path / "dense", "llama", seed=3, hidden_size=128, intermediate_size=256
+    )
+    model = build(model_dir, torch.device("cpu"), LoadOptions(quantization=quantization))
+    estimate = estimate_quantized_bytes(model_dir, torch.bfloat16, quantization)
+    assert 0.8 * model.weight_bytes <= estimate <= 1.25 * model.weight_bytes
