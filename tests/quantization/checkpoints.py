@@ -29,16 +29,24 @@ LayerWriter = Callable[[torch.Tensor, torch.Generator], tuple[dict[str, torch.Te
 
 
 def write_checkpoint(
-    out_dir: Path, quant_config: dict, layer: LayerWriter, seed: int = 0, **overrides
+    out_dir: Path,
+    quant_config: dict,
+    layer: LayerWriter,
+    seed: int = 0,
+    arch: str = "llama",
+    lm_head: bool = False,
+    **overrides,
 ) -> tuple[Path, torch.nn.Module]:
-    """Tiny Llama with every decoder projection quantized by `layer`; returns (dir, reference model
-    in float32 holding the dequantized weights)."""
-    model = make_hf_model("llama", seed=seed, **overrides)
+    """Tiny model (Llama unless `arch` says otherwise) with every decoder projection (and the output
+    projection when `lm_head`) quantized by `layer`; returns (dir, reference model in float32 holding
+    the dequantized weights)."""
+    model = make_hf_model(arch, seed=seed, **overrides)
+    quantized = LINEARS + (("lm_head",) if lm_head else ())
     tensors: dict[str, torch.Tensor] = {}
     reference = {}
     for name, value in model.state_dict().items():
         module, _, suffix = name.rpartition(".")
-        if suffix == "weight" and module.rsplit(".", 1)[-1] in LINEARS:
+        if suffix == "weight" and module.rsplit(".", 1)[-1] in quantized:
             # Projections of one input share their random choices (GPTQ's act order comes from the
             # input's Hessian, so q/k/v share one permutation, and gate/up another).
             key = (
@@ -53,7 +61,7 @@ def write_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
-    config["architectures"] = ["LlamaForCausalLM"]
+    config["architectures"] = [type(model).__name__]
     config["quantization_config"] = quant_config
     (out_dir / "config.json").write_text(json.dumps(config))
     with torch.no_grad():

@@ -190,3 +190,25 @@ def test_admission_estimate_on_the_fly(quantization: str, tmp_path: Path) -> Non
     model = build(model_dir, torch.device("cpu"), LoadOptions(quantization=quantization))
     estimate = estimate_quantized_bytes(model_dir, torch.bfloat16, quantization)
     assert 0.8 * model.weight_bytes <= estimate <= 1.25 * model.weight_bytes
+
+
+def test_qwen2_biases_and_a_quantized_lm_head(tmp_path: Path) -> None:
+    """q/k/v biases load as dense shards of the fused quantized projection; a checkpoint that also
+    quantizes lm_head (GPTQModel's lm_head=true) gets a quantized output projection."""
+    from architectures.qwen2 import build as build_qwen2
+
+    model_dir, reference = ck.write_checkpoint(
+        tmp_path / "qwen2-gptq",
+        ck.gptq_config(4, 32, False, False),
+        ck.gptq_layer(4, 32, False, False),
+        seed=9,
+        arch="qwen2",
+        lm_head=True,
+    )
+    model = build_qwen2(model_dir, torch.device("cpu"), LoadOptions(dtype=torch.float32))
+    assert isinstance(model.network.lm_head, GroupedIntLinear)
+    assert model.network.model.layers[0].self_attn.qkv_proj.bias is not None
+    with torch.no_grad():
+        expected = reference(_ids()).logits
+    got = model.forward(_ids())
+    assert float((got - expected).abs().max()) <= 1e-3 * float(expected.abs().max())
