@@ -78,7 +78,12 @@ def plan_quantized_layers(
             continue  # the output projection stays in the compute dtype, like the embeddings
         sizes = getattr(module, "shard_sizes", None)
         shards = range(len(sizes)) if sizes is not None else [None]
-        parts = tuple(mapping.checkpoint_name(f"{name}.weight", s).removesuffix(".weight") for s in shards)
+        if f"{name}.{marker}" in entries:  # the checkpoint stores the fused projection itself (Phi-3)
+            parts: tuple[str, ...] = (name,)
+        else:
+            parts = tuple(
+                mapping.checkpoint_name(f"{name}.weight", s).removesuffix(".weight") for s in shards
+            )
         present = [f"{p}.{marker}" in entries for p in parts]
         if not any(present):
             continue
