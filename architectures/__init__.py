@@ -9,8 +9,11 @@ if TYPE_CHECKING:
 
 
 def register_builtin(registry: ModelRegistry) -> None:
-    """Register every architecture shipped with modelworker."""
+    """Register every architecture and attention backend shipped with modelworker."""
     from . import llama, qwen2
+    from .backends import register_builtin_backends
+
+    register_builtin_backends(registry.attention_backends)
 
     registry.register_architecture("LlamaForCausalLM", llama.build)
     registry.register_architecture("MistralForCausalLM", llama.build)

@@ -7,27 +7,32 @@ tensor work, and turns hidden states into float32 logits.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar, Protocol
 
 import torch
 from torch import nn
 
 from registry import (
+    BackendRequirements,
     CacheSpec,
     InvalidRequest,
     LoadOptions,
+    LoadPlan,
     Model,
     ModelConfig,
     OutOfResources,
     WeightMapping,
 )
-from registry.cache_plan import plan_cache
+from registry.load_plan import make_load_plan
 from registry.safetensors_loader import index_checkpoint, load_weights
 
+from .backends import BACKENDS, AttentionBackend
 from .kv_cache import ContiguousContext, ContiguousKvCache, DenseContext
 from .layers import RotaryEmbedding
-from .quantize_build import SkippingMapping, fill_quantized_layers, load_scheme, plan_quantized_layers
+from .paged import PagedContext, PagedKvCache, prepare_paged_batch
+from .quantize_build import SkippingMapping, fill_quantized_layers, plan_quantized_layers
 from .quantized_linear import resident_totals
 
 
@@ -37,46 +42,37 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
-def default_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
-    """The checkpoint's dtype on CUDA, float32 elsewhere (CPU half precision is slow and lossy)."""
-    if device.type == "cuda" and config.dtype:
-        return getattr(torch, config.dtype)
-    return torch.float32
+class CausalLMNetwork(Protocol):
+    """What `build_causal_lm` needs of a network class (`LlamaForCausalLM`, ...): built from the
+    config, with the checkpoint → parameter mapping declared on the class. The instance provides
+    `model(input_ids, positions, rotary, ctx)` → final hidden states, `compute_logits(hidden)` →
+    logits in the model dtype, and `tie_weights(config)`."""
 
+    weight_mapping: ClassVar[WeightMapping]
 
-def quantized_default_dtype(device: torch.device, config: ModelConfig) -> torch.dtype:
-    """Quantized models on CPU compute in bfloat16: torch's int8/int4 kernels are fast only with
-    bfloat16 activations (DESIGN.md, "Quantized weights"); on CUDA the checkpoint's dtype."""
-    if device.type == "cuda":
-        return getattr(torch, config.dtype) if config.dtype in ("float16", "bfloat16") else torch.bfloat16
-    return torch.bfloat16
-
-
-def free_device_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    return None
+    def __call__(self, config: ModelConfig) -> nn.Module: ...
 
 
 def build_causal_lm(
     model_dir: Path,
     device: torch.device,
     options: LoadOptions,
-    make_network: Callable[[ModelConfig], nn.Module],
-    mapping: WeightMapping,
+    network_class: CausalLMNetwork,
+    plan: LoadPlan | None = None,
 ) -> CausalLM:
-    config = ModelConfig.from_file(model_dir / "config.json")
-    scheme = load_scheme(model_dir, options, device)
-    dtype = options.dtype or (
-        quantized_default_dtype(device, config) if scheme else default_dtype(config, device)
-    )
+    """Build `network_class` from the plan the registry made for this Load (config parsed once,
+    dtype, cache sizes, backend). Without a plan (a builder called directly) one is made here."""
+    if plan is None:
+        config = ModelConfig.from_file(model_dir / "config.json")
+        plan = make_load_plan(model_dir, config.architecture, config, options, device, BACKENDS)
+    config, dtype, scheme = plan.config, plan.dtype, plan.quantization
+    mapping = network_class.weight_mapping
     try:
         # Build on the meta device so no time goes into random initialisation, then materialise
         # uninitialised storage on the target device and fill it from the checkpoint.
         with torch.device("meta"):
-            network = make_network(config)
-        if scheme is not None:
+            network = network_class(config)
+        if scheme is not None:  # quantized layers become placeholders that own only their bias
             entries = index_checkpoint(model_dir)
             slots = plan_quantized_layers(network, entries, mapping, scheme)
         network = network.to(dtype=dtype).to_empty(device=device)
@@ -86,9 +82,7 @@ def build_causal_lm(
             mapping = SkippingMapping.around(mapping, consumed)
         load_weights(network, model_dir, mapping)
         network.eval().requires_grad_(False)
-        model = CausalLM(network, config, device, dtype, options)
-        model.quantization_label = scheme.label if scheme else ""
-        return model
+        return CausalLM(network, plan)
     except Exception as exc:
         if is_out_of_memory(exc):
             if device.type == "cuda":
@@ -98,32 +92,20 @@ def build_causal_lm(
 
 
 class CausalLM(Model):
-    def __init__(
-        self,
-        network: nn.Module,
-        config: ModelConfig,
-        device: torch.device,
-        dtype: torch.dtype,
-        options: LoadOptions,
-    ) -> None:
-        from .backends import select_backend
-        from .paged import PagedKvCache
-
+    def __init__(self, network: nn.Module, plan: LoadPlan) -> None:
+        config, device, dtype, spec = plan.config, plan.device, plan.dtype, plan.cache
         self.config = config
         self.network = network
         self._device = device
         self._dtype = dtype
         self.rotary = RotaryEmbedding(config, device, dtype)
         self._weight_bytes, self._num_parameters = resident_totals(network)
-        self.quantization_label = ""
-        spec = plan_cache(config, options.kv_cache, dtype, device, free_device_bytes(device))
-        self.backend = select_backend(
-            options.attention_backend,
-            device=device,
-            dtype=dtype,
-            block_size=spec.block_size,
-            head_dim=config.head_dim,
-        )
+        self._quantization = plan.quantization.label if plan.quantization is not None else ""
+        if plan.attention_backend:
+            self.backend: AttentionBackend = plan.create_backend()  # type: ignore[assignment]
+        else:  # a registry without backends (only architectures registered): the built-in ones
+            requirements = BackendRequirements(device, dtype, spec.block_size, config.head_dim)
+            self.backend = BACKENDS.select(plan.options.attention_backend, requirements)
         c = config
         self.contiguous = ContiguousKvCache(
             c.num_hidden_layers,
@@ -172,7 +154,7 @@ class CausalLM(Model):
 
     @property
     def quantization(self) -> str:
-        return self.quantization_label
+        return self._quantization
 
     # -- validation ----------------------------------------------------------------------------
     def _check_tokens(self, ids: torch.Tensor, field: str = "input_ids") -> None:
@@ -222,7 +204,7 @@ class CausalLM(Model):
 
     # -- forward passes ------------------------------------------------------------------------
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.network.lm_head(hidden).float()
+        return self.network.compute_logits(hidden).float()
 
     def _run(self, ids: torch.Tensor, pos: torch.Tensor, ctx) -> torch.Tensor:
         try:
@@ -281,8 +263,6 @@ class CausalLM(Model):
         *,
         all_logits: bool = False,
     ) -> torch.Tensor:
-        from .paged import PagedContext, prepare_paged_batch
-
         self._require_loaded()
         batch = prepare_paged_batch(
             self.paged,

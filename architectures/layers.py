@@ -20,15 +20,20 @@ ACTIVATIONS = {
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """RMS norm over the last dim. offset 0 (Llama): weight * norm(x), scaled in the input dtype.
+    offset 1 (Gemma): (1 + weight) * norm(x), scaled in float32 — each as its reference does."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and scale in the input dtype, as the reference implementation does.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return self.weight * normed
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        if self.offset:
+            return ((self.offset + self.weight.float()) * normed).to(x.dtype)
+        return self.weight * normed.to(x.dtype)
 
 
 class FusedLinear(nn.Linear):

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from registry import CorruptCheckpoint, InvalidConfig, LoadOptions, WeightMapping
-from registry.config import read_config_json
+from registry import CorruptCheckpoint, InvalidConfig, WeightMapping
 from registry.quantization.formats import FORMAT_MARKER, FORMAT_TENSORS, fuse, read_quantized
-from registry.quantization.scheme import QuantScheme, scheme_for_load
+from registry.quantization.scheme import QuantScheme
 from registry.safetensors_loader import TensorEntry
+from registry.weights import WeightTarget
 
 from .quantized_linear import QuantizedLinear, make_quantized_linear
 
@@ -82,7 +82,8 @@ def plan_quantized_layers(
             parts: tuple[str, ...] = (name,)
         else:
             parts = tuple(
-                mapping.checkpoint_name(f"{name}.weight", s).removesuffix(".weight") for s in shards
+                mapping.checkpoint_name(WeightTarget(f"{name}.weight", s)).removesuffix(".weight")
+                for s in shards
             )
         present = [f"{p}.{marker}" in entries for p in parts]
         if not any(present):
@@ -186,12 +187,3 @@ def read_tensor(entry: TensorEntry) -> torch.Tensor:
 def _set_module(network: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(network.get_submodule(parent) if parent else network, child, module)
-
-
-def load_scheme(model_dir: Path, options: LoadOptions, device: torch.device) -> QuantScheme | None:
-    """The Load's quantization: the checkpoint's `quantization_config`, or `options.quantization`."""
-    raw = read_config_json(model_dir / "config.json")
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    return scheme_for_load(
-        raw.get("quantization_config"), options.quantization, options.is_quant_model, device.type, capability
-    )

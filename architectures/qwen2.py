@@ -7,14 +7,20 @@ from pathlib import Path
 
 import torch
 
-from registry import LLAMA_STYLE_MAPPING, LoadOptions
+from registry import LoadOptions, LoadPlan, ModelConfig
 
 from .base import CausalLM, build_causal_lm
-from .llama import LlamaForCausalLM
+from .llama import DecoderVariant, LlamaForCausalLM
 
 
-def build(model_dir: Path, device: torch.device, options: LoadOptions) -> CausalLM:
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    @classmethod
+    def variant_for(cls, config: ModelConfig) -> DecoderVariant:
+        return DecoderVariant(qkv_bias=True)
+
+
+def build(
+    model_dir: Path, device: torch.device, options: LoadOptions, *, plan: LoadPlan | None = None
+) -> CausalLM:
     """Builder for Qwen2ForCausalLM."""
-    return build_causal_lm(
-        model_dir, device, options, lambda cfg: LlamaForCausalLM(cfg, qkv_bias=True), LLAMA_STYLE_MAPPING
-    )
+    return build_causal_lm(model_dir, device, options, Qwen2ForCausalLM, plan)

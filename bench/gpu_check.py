@@ -113,8 +113,12 @@ def build_network(shape: dict, device: torch.device, dtype: torch.dtype) -> torc
 def wrap_model(
     network: torch.nn.Module, shape: dict, device, dtype, backend: str, num_blocks: int, block_size: int
 ):
+    from pathlib import Path
+
+    from architectures.backends import BACKENDS
     from architectures.base import CausalLM
     from registry import KvCacheOptions, LoadOptions, ModelConfig
+    from registry.load_plan import make_load_plan
 
     options = LoadOptions(
         dtype=dtype,
@@ -123,7 +127,11 @@ def wrap_model(
             block_size=block_size, num_blocks=num_blocks, max_seq_len=64, max_batch_size=1
         ),
     )
-    return CausalLM(network, ModelConfig.from_hf(shape), torch.device(device), dtype, options)
+    config = ModelConfig.from_hf(shape)
+    plan = make_load_plan(
+        Path("."), config.architecture, config, options, torch.device(device), BACKENDS, weight_bytes=0
+    )
+    return CausalLM(network, plan)
 
 
 def decode_ms(model, batch: int, context: int, iters: int, warmup: int = 3) -> float:

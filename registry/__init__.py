@@ -1,5 +1,6 @@
 """The model registry: architectures → builders, ids → loaded models, and the weight loader."""
 
+from .backends import BackendRegistry, BackendRequirements
 from .config import ModelConfig, RopeScaling
 from .discovery import ENTRY_POINT_GROUP, load_entry_point_architectures
 from .errors import (
@@ -19,15 +20,18 @@ from .errors import (
     UnsafeCheckpoint,
     WeightsMismatch,
 )
+from .load_plan import LoadPlan, resolve_dtype
 from .model import CacheSpec, KvCacheOptions, LoadOptions, Model, ModelBuilder
 from .registry import LoadOutcome, ModelEntry, ModelRegistry, ModelState, validate_model_id
-from .weights import LLAMA_STYLE_MAPPING, FusedPart, WeightMapping
+from .weights import ExpertPart, FusedPart, WeightMapping, WeightTarget
 
 __all__ = [
     "ENTRY_POINT_GROUP",
-    "LLAMA_STYLE_MAPPING",
+    "BackendRegistry",
+    "BackendRequirements",
     "CacheSpec",
     "CorruptCheckpoint",
+    "ExpertPart",
     "FusedPart",
     "InvalidArgument",
     "InvalidConfig",
@@ -35,6 +39,7 @@ __all__ = [
     "KvCacheOptions",
     "LoadOptions",
     "LoadOutcome",
+    "LoadPlan",
     "Model",
     "ModelAlreadyExists",
     "ModelBuilder",
@@ -53,7 +58,9 @@ __all__ = [
     "UnknownArchitecture",
     "UnsafeCheckpoint",
     "WeightMapping",
+    "WeightTarget",
     "WeightsMismatch",
     "load_entry_point_architectures",
+    "resolve_dtype",
     "validate_model_id",
 ]

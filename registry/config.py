@@ -10,8 +10,10 @@ explicit `layer_types` list).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from .errors import InvalidConfig
@@ -66,6 +68,51 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     quantization_method: str | None = None
+    # The whole config.json, read-only: an architecture reads its own fields through the typed
+    # accessors below (get_int, get_float, ...) instead of adding them here.
+    raw: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
+
+    # -- architecture-specific fields ----------------------------------------------------------
+    def get_int(self, name: str, default: Any = _MISSING, *, minimum: int | None = None) -> int:
+        """config.json's integer `name` (null or absent: `default`; no default: required)."""
+        value = _get(self.raw, name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+            bound = f" >= {minimum}" if minimum is not None else ""
+            raise InvalidConfig(f"config.json: {name} must be an integer{bound}, got {value!r}")
+        return value
+
+    def get_float(self, name: str, default: Any = _MISSING, *, positive: bool = False) -> float:
+        value = _get(self.raw, name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and value <= 0):
+            what = "a positive number" if positive else "a number"
+            raise InvalidConfig(f"config.json: {name} must be {what}, got {value!r}")
+        return float(value)
+
+    def get_optional_float(self, name: str) -> float | None:
+        """A number or null/absent (None), e.g. softcaps that only some checkpoints set."""
+        return None if self.raw.get(name) is None else self.get_float(name)
+
+    def get_bool(self, name: str, default: Any = _MISSING) -> bool:
+        value = _get(self.raw, name, default)
+        if not isinstance(value, bool):
+            raise InvalidConfig(f"config.json: {name} must be true or false, got {value!r}")
+        return value
+
+    def get_str(self, name: str, default: Any = _MISSING, *, choices: tuple[str, ...] = ()) -> str:
+        value = _get(self.raw, name, default)
+        if not isinstance(value, str) or (choices and value not in choices):
+            allowed = f" (one of {', '.join(choices)})" if choices else ""
+            raise InvalidConfig(f"config.json: {name} must be a string{allowed}, got {value!r}")
+        return value
+
+    def get_int_list(self, name: str, default: Any = _MISSING) -> tuple[int, ...]:
+        """A list of integers (e.g. mlp_only_layers)."""
+        value = _get(self.raw, name, default)
+        if not isinstance(value, (list, tuple)) or any(
+            isinstance(x, bool) or not isinstance(x, int) for x in value
+        ):
+            raise InvalidConfig(f"config.json: {name} must be a list of integers, got {value!r}")
+        return tuple(value)
 
     @property
     def sliding_window(self) -> int | None:
@@ -161,6 +208,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id") if isinstance(cfg.get("bos_token_id"), int) else None,
             eos_token_id=eos,
             quantization_method=quant_method,
+            raw=MappingProxyType(dict(cfg)),
         )
 
 
@@ -184,7 +232,7 @@ def _architecture_of(cfg: dict[str, Any]) -> str:
     return archs[0]
 
 
-def _get(cfg: dict[str, Any], name: str, default: Any) -> Any:
+def _get(cfg: Mapping[str, Any], name: str, default: Any) -> Any:
     # null means "not set", as in transformers (e.g. num_key_value_heads: null → num_attention_heads).
     value = cfg.get(name)
     if value is None:

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import inspect
 import re
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .config import read_config_json
+from .backends import BackendRegistry
+from .config import ModelConfig, read_config_json
 from .errors import (
     InvalidArgument,
     InvalidConfig,
@@ -29,8 +32,13 @@ from .errors import (
     ModelNotReady,
     UnknownArchitecture,
 )
+from .load_plan import LoadPlan, make_load_plan, resolve_dtype
 from .model import LoadOptions, Model, ModelBuilder
 from .paths import resolve_model_dir
+
+# Called with the Load's plan before anything is built; raising refuses the Load (the worker checks
+# memory there).
+Admission = Callable[[LoadPlan], None]
 
 MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
@@ -91,18 +99,25 @@ class ModelRegistry:
         self.device = torch.device(device)
         self.model_roots = tuple(Path(r) for r in model_roots) if model_roots else ()
         self._architectures: dict[str, ModelBuilder] = {}
+        self._takes_plan: dict[str, bool] = {}
+        # Attention backends by name; filled by `architectures.register_builtin` (and plugins).
+        self.attention_backends: BackendRegistry[Any] = BackendRegistry()
         self._arch_lock = threading.RLock()
         self._models: dict[str, ModelEntry] = {}
         self._models_lock = threading.RLock()
 
     # -- architectures -------------------------------------------------------------------------
     def register_architecture(self, name: str, builder: ModelBuilder) -> None:
+        """`builder(model_dir, device, options)` builds a Model; one that also takes a `plan`
+        keyword gets the Load's LoadPlan (config, dtype, cache sizes, backend) instead of
+        re-deriving it."""
         if not isinstance(name, str) or not name:
             raise InvalidArgument("architecture name must be a non-empty string")
         if not callable(builder):
             raise InvalidArgument(f"builder for {name} is not callable")
         with self._arch_lock:
             self._architectures[name] = builder
+            self._takes_plan[name] = _takes_plan(builder)
 
     def get_builder(self, name: str) -> ModelBuilder | None:
         with self._arch_lock:
@@ -125,7 +140,9 @@ class ModelRegistry:
     def detect_architecture(self, model_dir: str | Path) -> str:
         """architectures[0] of config.json; it must be registered."""
         path = self.resolve_dir(model_dir)
-        cfg = read_config_json(path / "config.json")
+        return self._architecture_of(read_config_json(path / "config.json"), path)
+
+    def _architecture_of(self, cfg: dict[str, Any], path: Path) -> str:
         archs = cfg.get("architectures")
         if not isinstance(archs, list) or not archs:
             raise InvalidConfig(f'{path / "config.json"}: "architectures" is missing or empty')
@@ -143,15 +160,28 @@ class ModelRegistry:
         architecture: str | None = None,
         options: LoadOptions | None = None,
         *,
-        admission: Callable[[Path, str, LoadOptions], None] | None = None,
+        admission: Admission | None = None,
     ) -> LoadOutcome:
-        """Load (or join the load of) `model_id`. `admission(model_dir, architecture, options)` may
-        raise before anything is built (the worker checks memory there)."""
+        """Load (or join the load of) `model_id`. `admission(plan)` may raise before anything is
+        built (the worker checks memory there).
+
+        config.json is read and parsed once here; the options are normalized (dtype "auto" resolved,
+        backend name checked) before they become part of the load's spec."""
         validate_model_id(model_id)
         options = options or LoadOptions()
         path = self.resolve_dir(model_dir)
-        arch = architecture or self.detect_architecture(path)
+        raw = read_config_json(path / "config.json")
+        arch = architecture or self._architecture_of(raw, path)
         builder = self._require_builder(arch)
+        config = ModelConfig.from_hf(raw, arch)
+        device = torch.device(options.device) if options.device else self.device
+        backend = options.attention_backend
+        if self.attention_backends.names():
+            backend = self.attention_backends.check_name(backend)
+        quantized = bool(options.quantization) or raw.get("quantization_config") is not None
+        options = replace(
+            options, dtype=resolve_dtype(config, device, options.dtype, quantized), attention_backend=backend
+        )
         spec = LoadSpec(path, arch, options)
         with self._models_lock:
             existing = self._models.get(model_id)
@@ -170,21 +200,29 @@ class ModelRegistry:
             if existing.error is not None:
                 raise existing.error
             return LoadOutcome(existing, already_loaded=True, model=existing.model)
-        return LoadOutcome(entry, already_loaded=False, model=self._build(entry, builder, admission))
+        model = self._build(entry, builder, admission, config, device)
+        return LoadOutcome(entry, already_loaded=False, model=model)
 
     def _build(
         self,
         entry: ModelEntry,
         builder: ModelBuilder,
-        admission: Callable[[Path, str, LoadOptions], None] | None,
+        admission: Admission | None,
+        config: ModelConfig,
+        device: torch.device,
     ) -> Model:
         spec = entry.spec
-        device = torch.device(spec.options.device) if spec.options.device else self.device
         started = time.perf_counter()
         try:
+            plan = make_load_plan(
+                spec.model_dir, spec.architecture, config, spec.options, device, self.attention_backends
+            )
             if admission is not None:
-                admission(spec.model_dir, spec.architecture, spec.options)
-            model = builder(spec.model_dir, device, spec.options)
+                admission(plan)
+            if self._takes_plan.get(spec.architecture):
+                model = builder(spec.model_dir, device, spec.options, plan=plan)  # type: ignore[call-arg]
+            else:
+                model = builder(spec.model_dir, device, spec.options)
         except BaseException as exc:
             # The builder's finished frames hold the half-built model (weights, caches), and the
             # exception outlives this call (entry.error, a cycle through this frame): drop their
@@ -282,6 +320,14 @@ class ModelRegistry:
         return freed
 
 
+def _takes_plan(builder: ModelBuilder) -> bool:
+    try:
+        params = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError):  # some callables (builtins, C extensions) have no signature
+        return False
+    return any(p.name == "plan" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def _clear_frames(exc: BaseException) -> None:
     """Clear the locals of the finished frames of exc's traceback and of the errors it chains to."""
     seen: set[int] = set()
@@ -296,6 +342,4 @@ def _with_quant(options: LoadOptions | None, is_quant_model: bool) -> LoadOption
     options = options or LoadOptions()
     if options.is_quant_model == is_quant_model:
         return options
-    from dataclasses import replace
-
     return replace(options, is_quant_model=is_quant_model)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import CorruptCheckpoint, InvalidArgument, UnsafeCheckpoint, WeightsMismatch
-from .weights import WeightMapping
+from .weights import WeightMapping, WeightTarget
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -227,63 +227,112 @@ def _parameter_slots(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     return params, canonical
 
 
-def _owner_shard_sizes(module: nn.Module, param_name: str) -> tuple[int, ...] | None:
-    owner = module.get_submodule(param_name.rsplit(".", 1)[0]) if "." in param_name else module
+@dataclass(frozen=True)
+class _Layout:
+    """How a parameter is filled: stacked over experts (dim 0) or not, and its row shards (along
+    dim 0 of the per-expert slice; None: one tensor fills it)."""
+
+    stacked: bool
+    shard_sizes: tuple[int, ...] | None
+
+
+def _layout(module: nn.Module, param_name: str) -> _Layout:
+    owner_name, _, leaf = param_name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    stacked = getattr(owner, "expert_shard_sizes", None) or {}
+    if leaf in stacked:
+        sizes = stacked[leaf]
+        return _Layout(True, None if sizes is None else tuple(sizes))
     sizes = getattr(owner, "shard_sizes", None)
-    return None if sizes is None else tuple(sizes)
+    return _Layout(False, None if sizes is None else tuple(sizes))
 
 
-def _shard_sizes(module: nn.Module, param_name: str) -> tuple[int, ...]:
-    sizes = _owner_shard_sizes(module, param_name)
-    if sizes is None:
-        raise InvalidArgument(f"parameter {param_name} is not a fused projection")
-    return sizes
+def _covered_slots(target: WeightTarget, param: torch.Tensor, layout: _Layout) -> list[WeightTarget]:
+    """The required slots one tensor fills: itself, or — when it leaves the expert or the shard
+    open — every expert / shard (a checkpoint that already fuses qkv_proj or gate_up_proj, or
+    stores experts stacked)."""
+    if layout.stacked and target.expert is None:
+        experts: list[int | None] = list(range(param.shape[0]))
+    else:
+        experts = [target.expert]
+    if layout.shard_sizes is not None and target.shard is None:
+        shards: list[int | None] = list(range(len(layout.shard_sizes)))
+    else:
+        shards = [target.shard]
+    return [target._replace(expert=e, shard=sh) for e in experts for sh in shards]
+
+
+def _slot_shape(param: torch.Tensor, layout: _Layout, target: WeightTarget) -> tuple[int, ...]:
+    """The shape one checkpoint tensor must have to fill `target` of `param`."""
+    shape = tuple(param.shape[1:] if layout.stacked and target.expert is not None else param.shape)
+    if target.shard is not None and layout.shard_sizes is not None:
+        shape = (layout.shard_sizes[target.shard],) + shape[1:]
+    return shape
+
+
+def _required_slots(name: str, param: torch.Tensor, layout: _Layout) -> list[WeightTarget]:
+    """Every (expert, shard) of `param` a checkpoint tensor must fill."""
+    if layout.shard_sizes is not None:
+        rows_dim = 1 if layout.stacked else 0
+        rows = param.shape[rows_dim] if param.dim() > rows_dim else 0
+        if sum(layout.shard_sizes) != rows:
+            raise InvalidArgument(
+                f"parameter {name}: shard_sizes {list(layout.shard_sizes)} do not add up to its {rows} rows"
+            )
+    shards: list[int | None] = (
+        list(range(len(layout.shard_sizes))) if layout.shard_sizes is not None else [None]
+    )
+    experts: list[int | None] = list(range(param.shape[0])) if layout.stacked else [None]
+    return [WeightTarget(name, shard, expert) for expert in experts for shard in shards]
+
+
+def _slot_view(param: torch.Tensor, layout: _Layout, target: WeightTarget) -> torch.Tensor:
+    """The part of `param` that `target`'s tensor fills (a view)."""
+    view = param[target.expert] if target.expert is not None else param
+    if target.shard is not None and layout.shard_sizes is not None:
+        sizes = layout.shard_sizes
+        view = view.narrow(0, sum(sizes[: target.shard]), sizes[target.shard])
+    return view
 
 
 def plan_load(
     module: nn.Module, entries: dict[str, TensorEntry], mapping: WeightMapping, where: str = ""
-) -> list[tuple[TensorEntry, str, int | None]]:
+) -> list[tuple[TensorEntry, WeightTarget]]:
     """Match every checkpoint tensor to its destination; raise one error listing every problem.
 
-    Returns (tensor, canonical parameter name, shard) for every tensor to copy. A tied parameter is
-    required once; any of its names may provide it (all present ones are shape-checked, and the
-    first-registered name wins: in the usual layout that is embed_tokens, as in transformers).
+    Returns (tensor, target with the canonical parameter name) for every tensor to copy. A tied
+    parameter is required once; any of its names may provide it (all present ones are shape-checked,
+    and the first-registered name wins: in the usual layout that is embed_tokens, as in transformers).
+    A stacked parameter needs one tensor per expert (and shard); a missing one is named as the
+    checkpoint would name it.
     """
     params, canonical = _parameter_slots(module)
     tied: dict[str, list[str]] = {}
     for name, first in canonical.items():
         tied.setdefault(first, []).append(name)
-    required: set[tuple[str, int | None]] = set()
-    for name in tied:
-        sizes = _owner_shard_sizes(module, name)
-        if sizes is None:
-            required.add((name, None))
-            continue
-        rows = params[name].shape[0] if params[name].dim() else 0
-        if sum(sizes) != rows:
-            raise InvalidArgument(
-                f"parameter {name}: shard_sizes {list(sizes)} do not add up to its {rows} rows"
-            )
-        required.update((name, i) for i in range(len(sizes)))
-    # (canonical name, shard) → [(rank of the name among the tied names, tensor, parameter name)]
-    candidates: dict[tuple[str, int | None], list[tuple[int, TensorEntry, str]]] = {}
+    layouts = {name: _layout(module, name) for name in tied}
+    required: set[WeightTarget] = set()
+    for name, layout in layouts.items():
+        required.update(_required_slots(name, params[name], layout))
+    # canonical target → [(rank of the name among the tied names, tensor, parameter name)]
+    candidates: dict[WeightTarget, list[tuple[int, TensorEntry, str]]] = {}
     unexpected: list[str] = []
     mismatched: list[str] = []
-    present: set[tuple[str, int | None]] = set()  # slots with a tensor, even a wrong one: not "missing"
+    present: set[WeightTarget] = set()  # slots with a tensor, even a wrong one: not "missing"
     for entry in sorted(entries.values(), key=lambda e: e.name):
-        mapped = mapping.map(entry.name)
-        if mapped is None:
+        target = mapping.map(entry.name)
+        if target is None:
             continue
-        param_name, shard = mapped
-        key = (canonical.get(param_name, ""), shard)
-        if param_name not in params or key not in required:
+        key = target._replace(param=canonical.get(target.param, ""))
+        slots = (
+            _covered_slots(key, params[target.param], layouts[key.param]) if target.param in params else []
+        )
+        if not slots or any(slot not in required for slot in slots):
             unexpected.append(entry.name)
             continue
-        present.add(key)
-        param = params[param_name]
-        expected = tuple(param.shape)
-        if shard is not None:
-            expected = (_shard_sizes(module, key[0])[shard],) + expected[1:]
+        present.update(slots)
+        param = params[target.param]
+        expected = _slot_shape(param, layouts[key.param], key)
         if entry.shape != expected:
             mismatched.append(f"{entry.name} is {list(entry.shape)}, expected {list(expected)}")
             continue
@@ -293,26 +342,33 @@ def plan_load(
         ):
             mismatched.append(f"{entry.name} has dtype {entry.dtype}, expected {param.dtype}")
             continue
-        candidates.setdefault(key, []).append((tied[key[0]].index(param_name), entry, param_name))
-    plan: list[tuple[TensorEntry, str, int | None]] = []
-    for key, found in candidates.items():
+        for slot in slots:
+            candidates.setdefault(slot, []).append(
+                (tied[key.param].index(target.param), entry, target.param, key)
+            )
+    plan: dict[str, tuple[TensorEntry, WeightTarget]] = {}
+    for slot, found in candidates.items():
         by_param: dict[str, list[str]] = {}
-        for _, entry, param_name in found:
+        for _, entry, param_name, _ in found:
             by_param.setdefault(param_name, []).append(entry.name)
         clashes = [names for names in by_param.values() if len(names) > 1]
         if clashes:
-            target = key[0] if key[1] is None else f"{key[0]}[shard {key[1]}]"
-            mismatched.extend(f"{' and '.join(names)} all fill {target}" for names in clashes)
+            mismatched.extend(f"{' and '.join(names)} all fill {slot.describe()}" for names in clashes)
             continue
-        plan.append((min(found, key=lambda c: c[0])[1], key[0], key[1]))
+        _, entry, _, fills = min(found, key=lambda c: c[0])
+        plan[entry.name] = (entry, fills)
     missing = []
-    for name, shard in sorted(required - present, key=lambda k: (k[0], -1 if k[1] is None else k[1])):
-        text = mapping.checkpoint_name(name, shard)
-        others = tied[name][1:]
+    for target in sorted(required - present, key=_slot_order):
+        text = mapping.checkpoint_name(target)
+        others = tied[target.param][1:]
         missing.append(f"{text} (or tied {', '.join(others)})" if others else text)
     if missing or unexpected or mismatched:
         raise WeightsMismatch(missing=missing, unexpected=unexpected, mismatched=mismatched, where=where)
-    return sorted(plan, key=lambda item: item[0].name)
+    return sorted(plan.values(), key=lambda item: item[0].name)
+
+
+def _slot_order(t: WeightTarget) -> tuple[str, int, int]:
+    return (t.param, -1 if t.expert is None else t.expert, -1 if t.shard is None else t.shard)
 
 
 def _read_into(target: torch.Tensor, entry: TensorEntry, mm: mmap.mmap) -> None:
@@ -352,18 +408,15 @@ def load_weights(module: nn.Module, model_dir: Path, mapping: WeightMapping) -> 
     entries = index_checkpoint(model_dir)
     plan = plan_load(module, entries, mapping, where=str(model_dir))
     params, _ = _parameter_slots(module)
-    by_file: dict[Path, list[tuple[TensorEntry, str, int | None]]] = {}
+    by_file: dict[Path, list[tuple[TensorEntry, WeightTarget]]] = {}
     for item in plan:
         by_file.setdefault(item[0].file, []).append(item)
     total = 0
     for path, items in by_file.items():
         targets: list[tuple[TensorEntry, torch.Tensor]] = []
-        for entry, param_name, shard in sorted(items, key=lambda it: it[0].offset):
-            target = params[param_name]
-            if shard is not None:
-                sizes = _shard_sizes(module, param_name)
-                target = target.narrow(0, sum(sizes[:shard]), sizes[shard])
-            targets.append((entry, target))
+        for entry, target in sorted(items, key=lambda it: it[0].offset):
+            param = params[target.param]
+            targets.append((entry, _slot_view(param, _layout(module, target.param), target)))
         mapped = [(e, t) for e, t in targets if not _reads_directly(t, e)]
         with path.open("rb", buffering=0) as f:
             for entry, target in targets:

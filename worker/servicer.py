@@ -17,18 +17,15 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TypeVar
 
 import grpc
 import torch
 
-from registry import KvCacheOptions, LoadOptions, Model, ModelConfig, ModelRegistry
-from registry.cache_plan import plan_cache
+from registry import KvCacheOptions, LoadOptions, LoadPlan, Model, ModelRegistry
 from registry.errors import InvalidArgument, ModelNotReady, OutOfResources
-from registry.quantization.estimate import estimate_quantized_bytes
+from registry.paged_checks import check_token_count, resolve_query_lens
 from registry.registry import LoadOutcome, ModelEntry, ModelState, validate_model_id
-from registry.safetensors_loader import estimate_weight_bytes
 
 from . import __version__
 from . import devices as dev
@@ -44,7 +41,6 @@ T = TypeVar("T")
 log = logging.getLogger(LOGGER_NAME)
 
 LOAD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-ATTENTION_BACKENDS = ("auto", "torch", "flash_attn")
 STATE_TO_PB = {ModelState.LOADING: pb.LOADING, ModelState.READY: pb.READY, ModelState.UNLOADING: pb.UNLOADING}
 # Threads for model work: forwards on different models overlap, and a slow Load leaves room for them.
 EXECUTOR_THREADS = 8
@@ -228,16 +224,12 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
 
     def _load_blocking(self, request: pb.LoadRequest) -> LoadOutcome:
         device = dev.parse_device(request.device, "device") if request.device else self.default_device
-        backend = (request.attention_backend or "auto").strip().lower()
-        if backend not in ATTENTION_BACKENDS:
-            raise InvalidArgument(
-                f"attention_backend {request.attention_backend!r} is not known (valid: {', '.join(ATTENTION_BACKENDS)})"
-            )
+        backend = self.registry.attention_backends.check_name(request.attention_backend)
         # Resolve first: PERMISSION_DENIED / NOT_FOUND before anything inside the directory is read.
         path = self.registry.resolve_dir(request.model_dir)
         kv = request.kv_cache
         options = LoadOptions(
-            dtype=self._load_dtype(request.dtype, device, path, request.quantization),
+            dtype=self._load_dtype(request.dtype),
             device=str(device),
             is_quant_model=request.is_quant_model,
             quantization=request.quantization.strip().lower(),
@@ -268,18 +260,14 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             with self._reserve_lock:
                 self._reserved.pop(token, None)
 
-    def _load_dtype(self, text: str, device: torch.device, path: Path, quantization: str = "") -> torch.dtype:
-        """ "" → the worker's default; "auto" → config dtype on CUDA, float32 on CPU (bfloat16 for
-        quantized weights: the CPU int8/int4 kernels want bfloat16 activations)."""
+    def _load_dtype(self, text: str) -> torch.dtype | None:
+        """ "" → the worker's default; "auto" → None, which the registry's load plan resolves."""
         name = (text or self.settings.dtype).strip().lower()
         if name in LOAD_DTYPES:
             return LOAD_DTYPES[name]
         if name != "auto":
             raise InvalidArgument(f"dtype {text!r} is not one of auto, float32, float16, bfloat16")
-        if device.type != "cuda":
-            return torch.bfloat16 if quantization.strip() or _has_quantization_config(path) else torch.float32
-        config = ModelConfig.from_file(path / "config.json")
-        return LOAD_DTYPES.get(config.dtype or "", torch.float32)
+        return None
 
     def _held_bytes(self) -> int:
         total = 0
@@ -289,20 +277,12 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
                 total += model.weight_bytes + model.cache_spec.total_bytes
         return total
 
-    def _admit(self, token: object, model_dir: Path, architecture: str, options: LoadOptions) -> None:
+    def _admit(self, token: object, plan: LoadPlan) -> None:
         """Refuse a load that cannot fit, before anything is allocated (RESOURCE_EXHAUSTED)."""
-        device = torch.device(options.device) if options.device else self.default_device
-        config = ModelConfig.from_hf(_read_json(model_dir / "config.json"), architecture)
-        dtype = options.dtype or torch.float32
-        weights = estimate_weight_bytes(model_dir, dtype)
-        if options.quantization or _has_quantization_config(model_dir):
-            weights = estimate_quantized_bytes(model_dir, dtype, options.quantization)
+        device, model_dir = plan.device, plan.model_dir
         free = dev.free_bytes(device)
-        cache = plan_cache(
-            config, options.kv_cache, dtype, device, max(free - weights, 0) if device.type == "cuda" else None
-        )
-        need = weights + cache.total_bytes
-        what = f"{need} bytes (weights {weights} + KV cache {cache.total_bytes})"
+        need = plan.total_bytes
+        what = f"{need} bytes (weights {plan.weight_bytes} + KV cache {plan.cache.total_bytes})"
         with self._reserve_lock:
             reserved = sum(self._reserved.values())
             budget = self.settings.memory_budget_bytes
@@ -464,22 +444,12 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
                 f"len(query_lens) = {len(request.query_lens)} must equal len(block_tables) = {seqs}"
             )
         context_lens = list(request.context_lens)
-        if request.query_lens:
-            query_lens = list(request.query_lens)
-        else:
-            query_lens = context_lens if request.is_prefill else [1] * seqs
+        query_lens, defaulted = resolve_query_lens(context_lens, request.query_lens, request.is_prefill)
         if any(q < 1 for q in query_lens):
             bad = next(i for i, q in enumerate(query_lens) if q < 1)
             raise InvalidArgument(f"query_lens[{bad}] = {query_lens[bad]} must be >= 1")
-        if sum(query_lens) != n:
-            raise InvalidArgument(
-                f"the query lengths add up to {sum(query_lens)} tokens but input_tokens has {n}"
-                + (
-                    ""
-                    if request.query_lens
-                    else " (query_lens is empty, so it defaults to context_lens for prefill, 1 for decode)"
-                )
-            )
+        # The rest (ranges, blocks, slots) is checked once, by the model's prepare_paged_batch.
+        check_token_count("input_tokens", n, query_lens, defaulted)
         k = request.top_k
         all_rows = mode == pb.LOGITS_ALL
 
@@ -584,7 +554,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             ],
             default_device=str(self.default_device),
             default_dtype=default_dtype,
-            attention_backends=_available_backends(),
+            attention_backends=self.registry.attention_backends.available(*_machine_devices()),
             limits=pb.Limits(
                 max_message_bytes=s.max_message_bytes,
                 max_tokens_per_request=s.max_tokens_per_request,
@@ -697,25 +667,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _has_quantization_config(model_dir: Path) -> bool:
-    try:
-        return _read_json(model_dir / "config.json").get("quantization_config") is not None
-    except InvalidArgument:
-        return False  # the builder reports a bad config.json
-
-
-def _read_json(path: Path) -> dict:
-    from registry.config import read_config_json
-
-    return read_config_json(path)
-
-
-def _available_backends() -> list[str]:
-    try:
-        from architectures.backends import available_backends
-    except ImportError:
-        return ["torch"]
-    return available_backends()
+def _machine_devices() -> list[torch.device]:
+    """The device kinds of this machine, for the backends Info lists (dtype and block size are per Load)."""
+    return [torch.device("cuda")] if torch.cuda.is_available() else [torch.device("cpu")]
 
 
 __all__ = ["ModelWorkerServicer", "dtype_name"]

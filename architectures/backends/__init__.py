@@ -3,44 +3,33 @@
 - `torch`: gather + scaled_dot_product_attention; any device, dtype and block size; the reference.
 - `flash_attn`: the flash-attn package (FlashAttention-2) on CUDA in fp16/bf16 with a block size
   that is a multiple of 256.
-- `auto`: flash_attn where it can run, torch elsewhere.
+- `auto`: the available backend of highest priority (flash_attn where it can run, torch elsewhere).
 
-Nothing here imports flash_attn or touches CUDA at import time; the flash backend imports the
-package when it is selected.
+`register_builtin_backends` is the one list of backends: the worker's registry gets it through
+`architectures.register_builtin`, and `BACKENDS` (for direct use: tests, bench, builders called
+without a load plan) is filled by the same function. Adding a backend is one `register` line there
+(name, lazy factory, probe, priority). Nothing here imports flash_attn or touches CUDA at import
+time; a factory imports its package when its backend is selected.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
-
 import torch
 
-from registry.errors import InvalidArgument
+from registry.backends import BackendRegistry, BackendRequirements
 
-from .flash_backend import FlashAttnBackend, flash_attn_unavailable_reason
+from .flash_backend import FlashAttnBackend, flash_attn_probe, flash_attn_unavailable_reason
+from .protocol import AttentionBackend
 from .torch_backend import TorchBackend
 
-BACKEND_NAMES = ("auto", "torch", "flash_attn")
+
+def register_builtin_backends(backends: BackendRegistry[AttentionBackend]) -> None:
+    backends.register("torch", TorchBackend, priority=0)
+    backends.register("flash_attn", FlashAttnBackend, flash_attn_probe, priority=100)
 
 
-class AttentionBackend(Protocol):
-    """What `PagedContext` needs from a backend. `plan` runs once per call, `attend` once per layer,
-    after the layer's K/V are in the cache."""
-
-    name: str
-
-    def plan(self, cache: Any, batch: Any) -> Any: ...
-
-    def attend(
-        self,
-        cache: Any,
-        layer_idx: int,
-        q: torch.Tensor,
-        batch: Any,
-        plan: Any,
-        window: int | None,
-        scale: float,
-    ) -> torch.Tensor: ...
+BACKENDS: BackendRegistry[AttentionBackend] = BackendRegistry()
+register_builtin_backends(BACKENDS)
 
 
 def select_backend(
@@ -53,36 +42,22 @@ def select_backend(
 ) -> AttentionBackend:
     """The backend for a model at Load. `auto` (or an empty name) never fails; naming a backend that
     cannot run here raises InvalidArgument saying why."""
-    requested = (name or "auto").strip().lower()
-    if requested not in BACKEND_NAMES:
-        raise InvalidArgument(f"attention_backend {name!r} is not known (valid: {', '.join(BACKEND_NAMES)})")
-    device = torch.device(device)
-    if requested == "torch":
-        return TorchBackend()
-    reason = flash_attn_unavailable_reason(device, dtype, block_size, head_dim)
-    if reason is None:
-        return FlashAttnBackend()
-    if requested == "flash_attn":
-        raise InvalidArgument(f"attention_backend flash_attn cannot run: {reason}")
-    return TorchBackend()
+    return BACKENDS.select(name, BackendRequirements(torch.device(device), dtype, block_size, head_dim))
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
     """Backends that can run on this machine (for Info): torch always, flash_attn with CUDA and the
     package. Dtype and block size are per model and decided at Load."""
-    names = ["torch"]
-    cuda = torch.device(device) if device is not None else torch.device("cuda")
-    if cuda.type == "cuda" and flash_attn_unavailable_reason(cuda, torch.bfloat16, 256, None) is None:
-        names.append("flash_attn")
-    return names
+    return BACKENDS.available(torch.device(device) if device is not None else torch.device("cuda"))
 
 
 __all__ = [
-    "BACKEND_NAMES",
+    "BACKENDS",
     "AttentionBackend",
     "FlashAttnBackend",
     "TorchBackend",
     "available_backends",
     "flash_attn_unavailable_reason",
+    "register_builtin_backends",
     "select_backend",
 ]

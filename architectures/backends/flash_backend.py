@@ -20,12 +20,13 @@ import importlib
 import importlib.util
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from ..paged import PagedBatch, PagedKvCache
+from registry.backends import BackendRequirements
+
+from ..paged_batch import PagedBatch, PagedKvCache
 
 FLASH_BLOCK_MULTIPLE = 256  # FA2's paged KV requires page_block_size % 256 == 0
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -38,7 +39,7 @@ def _import_flash() -> tuple[Any, Any]:
 
 
 def flash_attn_unavailable_reason(
-    device: torch.device, dtype: torch.dtype, block_size: int, head_dim: int | None
+    device: torch.device, dtype: torch.dtype | None, block_size: int | None, head_dim: int | None
 ) -> str | None:
     """None when the flash backend can serve a model with these settings, else why not.
 
@@ -47,9 +48,9 @@ def flash_attn_unavailable_reason(
     """
     if device.type != "cuda":
         return f"it needs a CUDA device, and the model is on {device}"
-    if dtype not in FLASH_DTYPES:
+    if dtype is not None and dtype not in FLASH_DTYPES:
         return f"it needs float16 or bfloat16, and the model's dtype is {str(dtype).removeprefix('torch.')}"
-    if block_size % FLASH_BLOCK_MULTIPLE:
+    if block_size is not None and block_size % FLASH_BLOCK_MULTIPLE:
         return (
             f"kv_cache.block_size {block_size} is not a multiple of {FLASH_BLOCK_MULTIPLE} "
             "(FlashAttention-2's paged KV cache requires it)"
@@ -71,6 +72,11 @@ def flash_attn_unavailable_reason(
     if "block_table" not in inspect.signature(varlen).parameters:
         return "the installed flash-attn has no paged KV support in flash_attn_varlen_func (needs >= 2.6)"
     return None
+
+
+def flash_attn_probe(requirements: BackendRequirements) -> str | None:
+    r = requirements
+    return flash_attn_unavailable_reason(r.device, r.dtype, r.block_size, r.head_dim)
 
 
 @dataclass

@@ -9,13 +9,11 @@ into the query length, so SDPA sees n_kv_heads heads of G * L queries each.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from ..paged import PagedBatch, PagedKvCache
+from ..paged_batch import PagedBatch, PagedKvCache
 
 
 def _slots(table: torch.Tensor, index: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -212,3 +212,35 @@ def test_qwen2_biases_and_a_quantized_lm_head(tmp_path: Path) -> None:
         expected = reference(_ids()).logits
     got = model.forward(_ids())
     assert float((got - expected).abs().max()) <= 1e-3 * float(expected.abs().max())
+
+
+def test_checkpoint_with_fused_projections(written, tmp_path: Path) -> None:
+    """A checkpoint that stores q/k/v and gate/up already fused (Phi-3's layout), quantized: the same
+    model as the one that stores them apart."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    source, _ = written["gptq-4-g32-asym"]
+    tensors = load_file(source / "model.safetensors")
+    groups = {
+        "self_attn": (("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+        "mlp": (("gate_proj", "up_proj"), "gate_up_proj"),
+    }
+    for layer in range(2):
+        for block, (parts, fused) in groups.items():
+            prefix = f"model.layers.{layer}.{block}"
+            for suffix in ("qweight", "qzeros", "scales"):
+                tensors[f"{prefix}.{fused}.{suffix}"] = torch.cat(
+                    [tensors.pop(f"{prefix}.{p}.{suffix}") for p in parts], dim=1
+                )
+            g_idx = [tensors.pop(f"{prefix}.{p}.g_idx") for p in parts]
+            tensors[f"{prefix}.{fused}.g_idx"] = g_idx[0]
+    (tmp_path / "fused").mkdir()
+    save_file(tensors, str(tmp_path / "fused" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "fused" / "config.json").write_text(
+        json.dumps(json.loads((source / "config.json").read_text()))
+    )
+    fused = build(tmp_path / "fused", torch.device("cpu"), LoadOptions(dtype=torch.float32))
+    apart = build(source, torch.device("cpu"), LoadOptions(dtype=torch.float32))
+    assert torch.equal(fused.forward(_ids()), apart.forward(_ids()))

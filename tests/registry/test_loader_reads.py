@@ -10,11 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from registry import LLAMA_STYLE_MAPPING, CorruptCheckpoint
+from registry import CorruptCheckpoint
 from registry import safetensors_loader as loader
 from registry.safetensors_loader import TensorEntry, load_weights
 
-from .test_safetensors_loader import TinyLlama, assert_loaded, expected_parameters, hf_tensors, write_single
+from .test_safetensors_loader import (
+    LLAMA_STYLE_MAPPING,
+    TinyLlama,
+    assert_loaded,
+    expected_parameters,
+    hf_tensors,
+    write_single,
+)
 
 
 def _no_map(*args: object, **kwargs: object) -> mmap.mmap:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from registry import (
     InvalidConfig,
     KvCacheOptions,
     LoadOptions,
+    LoadPlan,
     ModelAlreadyExists,
     ModelDirNotFound,
     ModelNotFound,
@@ -166,7 +168,8 @@ def test_load_model_auto_and_access(reg: ModelRegistry, root: Path, tracker: Tra
     assert reg.load_model_auto("m1", "a") == TOY_ARCH
     model = reg.get_model("m1")
     assert isinstance(model, ToyModel) and tracker.calls == [
-        (root.resolve() / "a", torch.device("cpu"), LoadOptions())
+        # "auto" (dtype None) is resolved once, by the load plan: float32 on CPU
+        (root.resolve() / "a", torch.device("cpu"), LoadOptions(dtype=torch.float32))
     ]
     assert model.config.architecture == TOY_ARCH and model.config.vocab_size == 11
     (entry,) = reg.list_models()
@@ -187,6 +190,10 @@ def test_load_model_auto_and_access(reg: ModelRegistry, root: Path, tracker: Tra
 def test_load_model_by_architecture_uses_the_named_builder(reg: ModelRegistry, root: Path) -> None:
     other = Tracker()
     reg.register_architecture("OtherForCausalLM", toy_builder(other))
+    # is_quant_model is for quantized checkpoints (on a dense one the Load is refused).
+    config = json.loads((root / "a" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (root / "a" / "config.json").write_text(json.dumps(config))
     entry = reg.load_model_by_architecture("m1", root / "a", "OtherForCausalLM", is_quant_model=True)
     assert entry.architecture == "OtherForCausalLM" and entry.state is ModelState.READY
     assert len(other.calls) == 1 and other.calls[0][2].is_quant_model is True
@@ -271,14 +278,44 @@ def test_failed_load_leaves_the_registry_as_it_was(
 def test_failed_admission_builds_nothing(reg: ModelRegistry, root: Path, tracker: Tracker) -> None:
     seen = []
 
-    def admission(model_dir: Path, architecture: str, options: LoadOptions) -> None:
-        seen.append((model_dir, architecture, options))
+    def admission(plan: LoadPlan) -> None:
+        seen.append(plan)
         raise OutOfResources("would not fit")
 
     with pytest.raises(OutOfResources, match="would not fit"):
         reg.load("m1", "a", admission=admission)
-    assert seen == [(root.resolve() / "a", TOY_ARCH, LoadOptions())]
+    (plan,) = seen
+    assert (plan.model_dir, plan.architecture, plan.options) == (
+        root.resolve() / "a",
+        TOY_ARCH,
+        LoadOptions(dtype=torch.float32),
+    )
+    assert plan.config.architecture == TOY_ARCH and plan.dtype == torch.float32
+    assert plan.weight_bytes == 11 * 8 * 4  # the toy checkpoint's one float32 tensor
+    assert plan.total_bytes == plan.weight_bytes + plan.cache.total_bytes > plan.weight_bytes
     assert tracker.calls == [] and reg.list_models() == []
+
+
+def test_one_plan_per_load_reaches_a_builder_that_asks_for_it(
+    reg: ModelRegistry, root: Path, tracker: Tracker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import registry.registry as registry_module
+
+    reads: list[Path] = []
+    real_read = registry_module.read_config_json
+    monkeypatch.setattr(registry_module, "read_config_json", lambda p: reads.append(p) or real_read(p))
+    admitted: list[LoadPlan] = []
+    built: list[LoadPlan] = []
+
+    def build(model_dir: Path, device: torch.device, options: LoadOptions, *, plan: LoadPlan) -> ToyModel:
+        built.append(plan)
+        return ToyModel(plan.config, device, options, tracker)
+
+    reg.register_architecture("PlannedForCausalLM", build)
+    write_toy_dir(root / "p", architectures=["PlannedForCausalLM"])
+    reg.load("p1", "p", admission=admitted.append)
+    assert len(built) == 1 and built[0] is admitted[0]  # one plan, shared by admission and builder
+    assert reads == [root.resolve() / "p" / "config.json"]  # config.json read once per Load
 
 
 @pytest.mark.parametrize(

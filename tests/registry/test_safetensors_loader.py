@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from architectures.llama import LlamaForCausalLM
 from registry import (
-    LLAMA_STYLE_MAPPING,
     CorruptCheckpoint,
     FusedPart,
     InvalidArgument,
@@ -22,6 +22,7 @@ from registry import (
     UnsafeCheckpoint,
     WeightMapping,
     WeightsMismatch,
+    WeightTarget,
 )
 from registry.safetensors_loader import (
     INDEX_FILE,
@@ -30,6 +31,8 @@ from registry.safetensors_loader import (
     index_checkpoint,
     load_weights,
 )
+
+LLAMA_STYLE_MAPPING = LlamaForCausalLM.weight_mapping
 
 # Sizes: hidden 8, 4 query heads and 2 kv heads of head_dim 2, MLP 12, vocab 16, 2 layers.
 H, Q, KV, FF, V, L = 8, 8, 4, 12, 16, 2
@@ -332,14 +335,40 @@ def test_integer_tensor_for_a_float_parameter(tmp_path: Path) -> None:
         load_weights(TinyLlama(), write_single(tensors, tmp_path / "m"), LLAMA_STYLE_MAPPING)
 
 
+def test_checkpoint_with_fused_projections_fills_every_shard(tmp_path: Path) -> None:
+    # Phi-3 stores qkv_proj and gate_up_proj already fused: one tensor fills all shards at once.
+    tensors = hf_tensors(seed=36)
+    fused = dict(tensors)
+    for i in range(L):
+        a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        fused[f"{a}.qkv_proj.weight"] = torch.cat([fused.pop(f"{a}.{n}_proj.weight") for n in "qkv"])
+        fused[f"{m}.gate_up_proj.weight"] = torch.cat(
+            [fused.pop(f"{m}.{n}_proj.weight") for n in ("gate", "up")]
+        )
+    split, joined = TinyLlama(), TinyLlama()
+    load_weights(split, write_single(tensors, tmp_path / "split"), LLAMA_STYLE_MAPPING)
+    load_weights(joined, write_single(fused, tmp_path / "fused"), LLAMA_STYLE_MAPPING)
+    for (name, a), (_, b) in zip(split.state_dict().items(), joined.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    half = dict(fused)
+    half["model.layers.0.self_attn.qkv_proj.weight"] = torch.zeros(Q + KV, H)
+    with pytest.raises(
+        WeightsMismatch, match=rf"qkv_proj\.weight is \[{Q + KV}, {H}\], expected \[{Q + 2 * KV}, {H}\]"
+    ):
+        load_weights(TinyLlama(), write_single(half, tmp_path / "half"), LLAMA_STYLE_MAPPING)
+
+
 def test_two_tensors_filling_one_parameter(tmp_path: Path) -> None:
-    # A checkpoint that carries the fused tensor and its parts: with this mapping "qkv_proj" is a
-    # plain name for a fused parameter, which is not a valid destination.
+    # A checkpoint that carries the fused tensor and its parts fills shard 0 twice: refused.
     tensors = hf_tensors(seed=34)
     tensors["model.layers.0.self_attn.qkv_proj.weight"] = torch.zeros(Q + 2 * KV, H)
     with pytest.raises(WeightsMismatch) as info:
         load_weights(TinyLlama(), write_single(tensors, tmp_path / "m"), LLAMA_STYLE_MAPPING)
-    assert info.value.unexpected == ["model.layers.0.self_attn.qkv_proj.weight"]
+    a = "model.layers.0.self_attn"
+    assert (
+        f"{a}.q_proj.weight and {a}.qkv_proj.weight all fill {a}.qkv_proj.weight[shard 0]"
+        in info.value.mismatched
+    )
     # A mapping that sends two names to one slot is reported rather than letting the last one win.
     clash = WeightMapping(fused=LLAMA_STYLE_MAPPING.fused + (FusedPart("q_alt", "qkv_proj", 0),))
     tensors = hf_tensors(seed=34)
@@ -364,25 +393,41 @@ def test_wrong_shard_sizes_are_a_programming_error(tmp_path: Path) -> None:
 
 def test_llama_mapping_table() -> None:
     m = LLAMA_STYLE_MAPPING
-    assert m.map("model.layers.3.self_attn.q_proj.weight") == ("model.layers.3.self_attn.qkv_proj.weight", 0)
-    assert m.map("model.layers.3.self_attn.k_proj.bias") == ("model.layers.3.self_attn.qkv_proj.bias", 1)
-    assert m.map("model.layers.3.self_attn.v_proj.weight") == ("model.layers.3.self_attn.qkv_proj.weight", 2)
-    assert m.map("model.layers.0.mlp.gate_proj.weight") == ("model.layers.0.mlp.gate_up_proj.weight", 0)
-    assert m.map("model.layers.0.mlp.up_proj.weight") == ("model.layers.0.mlp.gate_up_proj.weight", 1)
-    assert m.map("model.layers.0.mlp.down_proj.weight") == ("model.layers.0.mlp.down_proj.weight", None)
-    assert m.map("model.layers.0.self_attn.o_proj.weight") == ("model.layers.0.self_attn.o_proj.weight", None)
+    assert m.map("model.layers.3.self_attn.q_proj.weight") == WeightTarget(
+        "model.layers.3.self_attn.qkv_proj.weight", 0
+    )
+    assert m.map("model.layers.3.self_attn.k_proj.bias") == WeightTarget(
+        "model.layers.3.self_attn.qkv_proj.bias", 1
+    )
+    assert m.map("model.layers.3.self_attn.v_proj.weight") == WeightTarget(
+        "model.layers.3.self_attn.qkv_proj.weight", 2
+    )
+    assert m.map("model.layers.0.mlp.gate_proj.weight") == WeightTarget(
+        "model.layers.0.mlp.gate_up_proj.weight", 0
+    )
+    assert m.map("model.layers.0.mlp.up_proj.weight") == WeightTarget(
+        "model.layers.0.mlp.gate_up_proj.weight", 1
+    )
+    assert m.map("model.layers.0.mlp.down_proj.weight") == WeightTarget(
+        "model.layers.0.mlp.down_proj.weight", None
+    )
+    assert m.map("model.layers.0.self_attn.o_proj.weight") == WeightTarget(
+        "model.layers.0.self_attn.o_proj.weight", None
+    )
     assert m.map("model.layers.0.self_attn.rotary_emb.inv_freq") is None
-    assert m.map("lm_head.weight") == ("lm_head.weight", None)
+    assert m.map("lm_head.weight") == WeightTarget("lm_head.weight", None)
     # Whole components only: a module merely containing "up_proj" in its name is not fused.
-    assert m.map("model.layers.0.mlp.setup_proj.weight") == ("model.layers.0.mlp.setup_proj.weight", None)
-    assert m.map("q_proj.weight") == ("qkv_proj.weight", 0)  # a top-level module matches too
+    assert m.map("model.layers.0.mlp.setup_proj.weight") == WeightTarget(
+        "model.layers.0.mlp.setup_proj.weight", None
+    )
+    assert m.map("q_proj.weight") == WeightTarget("qkv_proj.weight", 0)  # a top-level module matches too
     for name in (
         "model.layers.2.self_attn.k_proj.weight",
         "model.layers.2.mlp.up_proj.weight",
         "x.q_proj.bias",
     ):
-        param, shard = m.map(name)  # type: ignore[misc]
-        assert m.checkpoint_name(param, shard) == name
+        target = m.map(name)
+        assert target is not None and m.checkpoint_name(target) == name
 
 
 # -- refused and corrupt checkpoints -----------------------------------------------------------

@@ -63,6 +63,15 @@ def test_reflection_lists_every_service(client: ReflectionClient) -> None:
         "ResetCache",
         "SliceKvCache",
         "Info",
+        "UpdateWeights",
+        "UpdateWeightsFromStream",
+        "InitWeightsGroup",
+        "UpdateWeightsFromDistributed",
+        "DestroyWeightsGroup",
+        "ReleaseMemory",
+        "ResumeMemory",
+        "ExportKvBlocks",
+        "ImportKvBlocks",
     ]
 
 
