@@ -101,7 +101,9 @@ with torch.device("meta"):  # torch's one-time set-up (about 190 MB) happens bef
 before = rss()
 model = llama.build(pathlib.Path(sys.argv[1]), torch.device("cpu"), LoadOptions(quantization=sys.argv[2],
                     kv_cache=KvCacheOptions(max_seq_len=16, num_blocks=1, block_size=16)))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM: this image's high-water mark (ru_maxrss would include the forking parent's at fork time).
+with open("/proc/self/status") as f:
+    peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 print(before, peak, model.weight_bytes)
 """
 
