@@ -160,3 +160,15 @@ def test_refused_loads_name_the_problem(
     stub.Load(load_request("ok", "dense", kv_cache=SMALL_KV))
     assert stub.Forward(pb.ForwardRequest(model_id="ok", token_ids=[1, 2, 3])).logits.shape == [1, 128]
     stub.Unload(pb.UnloadRequest(model_id="ok"))
+
+
+def test_python_client_passes_quantization(server: RunningServer) -> None:
+    from worker.client import InvalidArgumentError, KvCacheConfig, ModelWorkerClient
+
+    client = ModelWorkerClient(server.target, timeout=60)
+    kv = KvCacheConfig(block_size=16, num_blocks=8, max_seq_len=32, max_batch_size=1)
+    result = client.load("c8", "dense", quantization="int8", kv_cache=kv)
+    assert result.model.quantization == "int8" and result.model.dtype == "bfloat16"
+    with pytest.raises(InvalidArgumentError, match="quantization 'int2' is not supported"):
+        client.load("c2", "dense", quantization="int2", kv_cache=kv)
+    client.unload("c8")
