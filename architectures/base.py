@@ -17,7 +17,6 @@ from torch import nn
 from registry import (
     BackendRequirements,
     CacheSpec,
-    InvalidConfig,
     InvalidRequest,
     KvLayout,
     LoadOptions,
@@ -28,12 +27,14 @@ from registry import (
     WeightMapping,
 )
 from registry.load_plan import make_load_plan
-from registry.safetensors_loader import load_checkpoint
+from registry.safetensors_loader import index_checkpoint, load_checkpoint
 
 from .backends import BACKENDS, AttentionBackend
 from .kv_cache import ContiguousContext, ContiguousKvCache, DenseContext
 from .layers import RotaryEmbedding
 from .paged import PagedContext, PagedKvCache, prepare_paged_batch
+from .quantize_build import SkippingMapping, fill_quantized_layers, plan_quantized_layers
+from .quantized_linear import resident_totals
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -65,20 +66,22 @@ def build_causal_lm(
     if plan is None:
         config = ModelConfig.from_file(model_dir / "config.json")
         plan = make_load_plan(model_dir, config.architecture, config, options, device, BACKENDS)
-    config, dtype = plan.config, plan.dtype
-    if options.is_quant_model or config.quantization_method:
-        raise InvalidConfig(
-            f"{model_dir}: quantized checkpoints (quantization_config: {config.quantization_method or 'none'}) "
-            "are not supported; import a GGUF with `modelworker import-gguf` to get dequantized weights"
-        )
+    config, dtype, scheme = plan.config, plan.dtype, plan.quantization
+    mapping = network_class.weight_mapping
     try:
         # Build on the meta device so no time goes into random initialisation, then materialise
         # uninitialised storage on the target device and fill it from the checkpoint.
         with torch.device("meta"):
             network = network_class(config)
+        if scheme is not None:  # quantized layers become placeholders that own only their bias
+            entries = index_checkpoint(model_dir)
+            slots = plan_quantized_layers(network, entries, mapping, scheme)
         network = network.to(dtype=dtype).to_empty(device=device)
         network.tie_weights(config)  # to_empty gives each module its own storage
-        loaded = load_checkpoint(network, model_dir, network_class.weight_mapping, options.load_mode)
+        if scheme is not None:
+            consumed = fill_quantized_layers(network, slots, entries, scheme, device, dtype)
+            mapping = SkippingMapping.around(mapping, consumed)
+        loaded = load_checkpoint(network, model_dir, mapping, options.load_mode)
         network.eval().requires_grad_(False)
         return CausalLM(network, plan, mapped_bytes=loaded.mapped_bytes)
     except Exception as exc:
@@ -98,7 +101,8 @@ class CausalLM(Model):
         self._device = device
         self._dtype = dtype
         self.rotary = RotaryEmbedding(config, device, dtype)
-        self._weight_bytes, self._num_parameters = _parameter_totals(network)
+        self._weight_bytes, self._num_parameters = resident_totals(network)
+        self._quantization = plan.quantization.label if plan.quantization is not None else ""
         self._mapped_bytes = mapped_bytes
         self._load_mode = plan.options.load_mode if mapped_bytes else "copy"
         if plan.attention_backend:
@@ -205,6 +209,10 @@ class CausalLM(Model):
     @property
     def attention_backend(self) -> str:
         return self.backend.name
+
+    @property
+    def quantization(self) -> str:
+        return self._quantization
 
     # -- validation ----------------------------------------------------------------------------
     def _check_tokens(self, ids: torch.Tensor, field: str = "input_ids") -> None:
@@ -396,12 +404,3 @@ class CausalLM(Model):
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
         return freed
-
-
-def _parameter_totals(network: nn.Module) -> tuple[int, int]:
-    """(bytes, count) over unique parameters (tied weights counted once)."""
-    total_bytes = total = 0
-    for p in network.parameters():  # parameters() already skips shared tensors
-        total += p.numel()
-        total_bytes += p.numel() * p.element_size()
-    return total_bytes, total

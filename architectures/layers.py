@@ -61,6 +61,9 @@ class GatedMLP(nn.Module):
         self.intermediate = intermediate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.gate_up_proj, nn.Linear):  # quantized: one fused matmul, then split
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
         n, w, b = self.intermediate, self.gate_up_proj.weight, self.gate_up_proj.bias
         gate = F.linear(x, w[:n], None if b is None else b[:n])
         up = F.linear(x, w[n:], None if b is None else b[n:])

@@ -30,6 +30,7 @@ class LoadOptions:
     dtype: torch.dtype | None = None  # None: config dtype on CUDA, float32 on CPU
     device: str | None = None  # None: the registry's device
     is_quant_model: bool = False
+    quantization: str = ""  # "" / "int8" / "int4" / "fp8": quantize a dense checkpoint while loading
     attention_backend: str = "auto"
     kv_cache: KvCacheOptions = field(default_factory=KvCacheOptions)
     enforce_eager: bool = False  # no CUDA graphs for decode steps
@@ -143,6 +144,10 @@ class Model(abc.ABC):
     def cuda_graph_bytes(self) -> int:
         """Device memory held by the captured graphs."""
         return 0
+
+    def quantization(self) -> str:
+        """How the weights are held, e.g. "gptq-int4-g128", "int8"; "" for dense."""
+        return ""
 
     @abc.abstractmethod
     def forward(

@@ -191,9 +191,10 @@ class ModelRegistry:
             backend = self.attention_backends.check_name(backend)
         if options.load_mode not in LOAD_MODES:
             raise InvalidArgument(f"load_mode {options.load_mode!r} is not one of {', '.join(LOAD_MODES)}")
+        quantized = bool(options.quantization) or raw.get("quantization_config") is not None
         options = replace(
             options,
-            dtype=resolve_dtype(config, device, options.dtype),
+            dtype=resolve_dtype(config, device, options.dtype, quantized),
             attention_backend=backend,
             # Only CPU parameters can be views of a mapped file.
             load_mode=options.load_mode if device.type == "cpu" else "copy",

@@ -287,6 +287,7 @@ class ModelInfo:
     mapped_weight_bytes: int = 0  # that part of weight_bytes (file-backed, shared page cache)
     weights_version: int = 0  # +1 per applied weight update
     released: tuple[str, ...] = ()  # memory tags ReleaseMemory freed (state "SLEEPING")
+    quantization: str = ""
 
 
 @dataclass(frozen=True)
@@ -664,9 +665,11 @@ def _load_request(
     device: str,
     kv_cache: KvCacheConfig | None,
     attention_backend: str,
+    quantization: str = "",
 ) -> pb.LoadRequest:
     kv = kv_cache or KvCacheConfig()
     return pb.LoadRequest(
+        quantization=quantization,
         model_id=model_id,
         model_dir=str(model_dir),
         architecture=architecture,
@@ -811,6 +814,7 @@ def _model_info(msg: pb.ModelInfo) -> ModelInfo:
         mapped_weight_bytes=msg.mapped_weight_bytes,
         weights_version=msg.weights_version,
         released=tuple(msg.released),
+        quantization=msg.quantization,
     )
 
 
@@ -951,11 +955,20 @@ class ModelWorkerClient(WeightsClientMethods, _ClientBase):
         kv_cache: KvCacheConfig | None = None,
         attention_backend: str = "",
         timeout: float | None = None,
+        quantization: str = "",
     ) -> LoadResult:
         """Load `model_dir` (inside a model root of the worker) as `model_id`. Empty strings and a
         zero KvCacheConfig mean the worker's defaults. The same spec again returns already_loaded."""
         request = _load_request(
-            model_id, model_dir, architecture, is_quant_model, dtype, device, kv_cache, attention_backend
+            model_id,
+            model_dir,
+            architecture,
+            is_quant_model,
+            dtype,
+            device,
+            kv_cache,
+            attention_backend,
+            quantization,
         )
         response = self._call("Load", self._stub, request, timeout)
         return LoadResult(_model_info(response.model), response.already_loaded)
@@ -1194,9 +1207,18 @@ class AsyncModelWorkerClient(AsyncWeightsClientMethods, _ClientBase):
         kv_cache: KvCacheConfig | None = None,
         attention_backend: str = "",
         timeout: float | None = None,
+        quantization: str = "",
     ) -> LoadResult:
         request = _load_request(
-            model_id, model_dir, architecture, is_quant_model, dtype, device, kv_cache, attention_backend
+            model_id,
+            model_dir,
+            architecture,
+            is_quant_model,
+            dtype,
+            device,
+            kv_cache,
+            attention_backend,
+            quantization,
         )
         response = await self._call("Load", self._stub, request, timeout)
         return LoadResult(_model_info(response.model), response.already_loaded)

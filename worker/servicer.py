@@ -256,6 +256,7 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
             dtype=self._load_dtype(request.dtype),
             device=str(device),
             is_quant_model=request.is_quant_model,
+            quantization=request.quantization.strip().lower(),
             attention_backend=backend,
             enforce_eager=request.enforce_eager,
             load_mode=self._load_mode(request.load_mode),
@@ -679,6 +680,7 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
         info.dtype = dtype_name(model.dtype)
         info.num_parameters = model.num_parameters
         info.weight_bytes = model.weight_bytes
+        info.quantization = model.quantization
         info.kv_cache_bytes = cache.total_bytes
         info.vocab_size = c.vocab_size
         info.hidden_size = c.hidden_size
