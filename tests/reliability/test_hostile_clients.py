@@ -91,7 +91,9 @@ def test_tokenless_large_calls_are_refused_before_decoding(
         assert codes == [Code.UNAUTHENTICATED] * 4
         # Decoding one request alone takes more than 64 MiB (the ids as a 4-byte array: 256 MB).
         assert peak - before <= 64 * MiB
-        assert after - before <= 16 * MiB
+        # What stays is the transport's and the allocator's retained buffers (seen +0 to +33 MiB on a
+        # busy machine), not requests: one decoded request alone is 256 MB (decoding kept +637 MiB).
+        assert after - before <= 64 * MiB
         reply = worker.stub.Forward(pb.ForwardRequest(model_id="mini", token_ids=[1, 2, 3]), metadata=auth)
         assert len(reply.next_token_ids) == 1
         assert worker.health() == health_pb2.HealthCheckResponse.SERVING
