@@ -15,7 +15,12 @@
 # runs on sm86) and Hopper (sm90); the runtime stage installs that wheel and nothing is compiled there.
 # torch 2.13.0's Linux wheel on PyPI is built with CUDA 13 (it pulls the nvidia-*-cu13 libraries), so
 # the toolkit that compiles flash-attn is CUDA 13 too: nvcc and torch must agree on the major version.
-# Change CUDA_VERSION, TORCH_VERSION and TORCH_INDEX_URL together.
+# CUDA 13 needs an NVIDIA driver >= 580 on the host (nvidia-smi's header shows it); with an older
+# driver torch sees no GPU. For R550/R570 hosts build the CUDA 12.8 image (driver >= 570):
+#   docker build --build-arg CUDA_VERSION=12.8.1 \
+#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t modelworker:cu128 .
+# (`make docker-build DOCKER_BUILD_ARGS="..."` passes the same). Change CUDA_VERSION, TORCH_VERSION
+# and TORCH_INDEX_URL together.
 
 ARG CUDA_VERSION=13.0.1
 ARG UBUNTU=ubuntu24.04
@@ -55,8 +60,9 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 ENV TORCH_CUDA_ARCH_LIST="8.0;8.6;9.0" \
     FLASH_ATTN_CUDA_ARCHS="80;90" \
     FLASH_ATTENTION_FORCE_BUILD=TRUE
-RUN --mount=type=cache,target=/root/.cache/pip \
-    MAX_JOBS="${MAX_JOBS}" pip wheel --no-build-isolation --no-deps --wheel-dir /wheels \
+# No pip cache here: pip keys a built wheel by the sdist's URL, not by the torch it was compiled
+# against, so after a TORCH_VERSION change a cached flash-attn wheel would not match this torch.
+RUN MAX_JOBS="${MAX_JOBS}" pip wheel --no-cache-dir --no-build-isolation --no-deps --wheel-dir /wheels \
         "flash-attn==${FLASH_ATTN_VERSION}"
 
 # grpc_health_probe, for exec probes and `docker run` health checks (Kubernetes has native gRPC probes).

@@ -9,7 +9,8 @@ call, which stores K/V where that kind of cache keeps them and computes attentio
   q [num_tokens, n_heads, head_dim], k/v [num_tokens, n_kv_heads, head_dim].
 
 The result has q's shape. `window` is the layer's sliding window (None: full causal attention): a
-query at position p sees keys at positions (p - window, p].
+query at position p sees keys at positions (p - window, p]. `softcap` (Gemma 2; None: off) caps the
+scaled scores at ±softcap with tanh before the softmax.
 """
 
 from __future__ import annotations
@@ -28,4 +29,5 @@ class AttentionContext(Protocol):
         v: torch.Tensor,
         window: int | None,
         scale: float,
+        softcap: float | None = None,
     ) -> torch.Tensor: ...

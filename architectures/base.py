@@ -31,12 +31,14 @@ from registry import (
 from registry.errors import IncompatibleLayout
 from registry.load_plan import make_load_plan
 from registry.parallel import attention_shard
-from registry.safetensors_loader import load_weights
+from registry.safetensors_loader import index_checkpoint, load_checkpoint
 
 from .backends import BACKENDS, AttentionBackend
 from .kv_cache import ContiguousContext, ContiguousKvCache, DenseContext
 from .layers import RotaryEmbedding
 from .paged import PagedContext, PagedKvCache, prepare_paged_batch
+from .quantize_build import SkippingMapping, fill_quantized_layers, plan_quantized_layers
+from .quantized_linear import resident_totals
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -68,46 +70,56 @@ def build_causal_lm(
     if plan is None:
         config = ModelConfig.from_file(model_dir / "config.json")
         plan = make_load_plan(model_dir, config.architecture, config, options, device, BACKENDS)
-    config, dtype = plan.config, plan.dtype
-    if options.is_quant_model or config.quantization_method:
-        raise InvalidConfig(
-            f"{model_dir}: quantized checkpoints (quantization_config: {config.quantization_method or 'none'}) "
-            "are not supported; import a GGUF with `modelworker import-gguf` to get dequantized weights"
-        )
+    config, dtype, scheme = plan.config, plan.dtype, plan.quantization
+    mapping = network_class.weight_mapping
     try:
         # Build on the meta device so no time goes into random initialisation, then materialise
         # uninitialised storage on the target device and fill it from the checkpoint.
         parallel = plan.parallel
         with torch.device("meta"):
             if parallel.enabled:
-                _check_shardable(network_class, config, parallel.world_size)
+                _check_shardable(network_class, config, parallel.world_size, quantized=scheme is not None)
                 network = network_class(config, parallel)  # type: ignore[call-arg]
             else:
                 network = network_class(config)
+        if scheme is not None:  # quantized layers become placeholders that own only their bias
+            entries = index_checkpoint(model_dir)
+            slots = plan_quantized_layers(network, entries, mapping, scheme)
         network = network.to(dtype=dtype).to_empty(device=device)
         network.tie_weights(config)  # to_empty gives each module its own storage
-        load_weights(network, model_dir, network_class.weight_mapping)
+        if scheme is not None:
+            consumed = fill_quantized_layers(network, slots, entries, scheme, device, dtype)
+            mapping = SkippingMapping.around(mapping, consumed)
+        loaded = load_checkpoint(network, model_dir, mapping, options.load_mode)
         network.eval().requires_grad_(False)
-        return CausalLM(network, plan)
+        return CausalLM(network, plan, mapped_bytes=loaded.mapped_bytes)
     except Exception as exc:
+        # The cached blocks are released by the registry once the half-built model is dropped
+        # (empty_cache here would run while this frame still holds the weights).
         if is_out_of_memory(exc):
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
             raise OutOfResources(f"out of memory on {device} while loading {model_dir}: {exc}") from None
         raise
 
 
-def _check_shardable(network_class: CausalLMNetwork, config: ModelConfig, world_size: int) -> None:
+def _check_shardable(
+    network_class: CausalLMNetwork, config: ModelConfig, world_size: int, *, quantized: bool = False
+) -> None:
     """INVALID_ARGUMENT before anything is built when this network cannot be split over the ranks."""
     if not getattr(network_class, "supports_tensor_parallel", False):
         raise InvalidConfig(
             f"{config.architecture} does not support tensor parallelism (asked for {world_size} ranks)"
         )
+    if quantized:  # quantized layers are not sharded yet
+        raise InvalidConfig(
+            f"quantized {config.architecture} does not support tensor parallelism yet "
+            f"(asked for {world_size} ranks); load it dense or with tensor_parallel_size 1"
+        )
     attention_shard(config.num_attention_heads, config.num_key_value_heads, world_size, 0)
 
 
 class CausalLM(Model):
-    def __init__(self, network: nn.Module, plan: LoadPlan) -> None:
+    def __init__(self, network: nn.Module, plan: LoadPlan, *, mapped_bytes: int = 0) -> None:
+        """`mapped_bytes`: the part of the weights that are views of the memory-mapped checkpoint."""
         config, device, dtype, spec = plan.config, plan.device, plan.dtype, plan.cache
         self.config = config
         self.parallel = plan.parallel
@@ -121,7 +133,10 @@ class CausalLM(Model):
         self._device = device
         self._dtype = dtype
         self.rotary = RotaryEmbedding(config, device, dtype)
-        self._weight_bytes, self._num_parameters = _parameter_totals(network)
+        self._weight_bytes, self._num_parameters = resident_totals(network)
+        self._quantization = plan.quantization.label if plan.quantization is not None else ""
+        self._mapped_bytes = mapped_bytes
+        self._load_mode = plan.options.load_mode if mapped_bytes else "copy"
         if plan.attention_backend:
             self.backend: AttentionBackend = plan.create_backend()  # type: ignore[assignment]
         else:  # a registry without backends (only architectures registered): the built-in ones
@@ -154,13 +169,16 @@ class CausalLM(Model):
     # -- CUDA graphs ---------------------------------------------------------------------------
     def _graphs_apply(self, options: LoadOptions) -> bool:
         """Graphs on CUDA with the triton backend (its kernels read every length from the device),
-        unless the Load asked for eager mode; not with dynamic RoPE (its table depends on the call)."""
+        unless the Load asked for eager mode; not with dynamic RoPE or LongRoPE (their table depends on
+        the call), nor MoE networks (their expert grouping reads counts on the host)."""
         return (
             self._device.type == "cuda"
             and self.backend.name == "triton"
             and not options.enforce_eager
             and not self.rotary.dynamic
             and not self.parallel.enabled  # collectives are not captured
+            and self.rotary.long_from is None
+            and getattr(self.network, "cuda_graph_safe", True)
         )
 
     def _capture_graphs(self) -> None:
@@ -214,12 +232,24 @@ class CausalLM(Model):
         return self._weight_bytes
 
     @property
+    def mapped_weight_bytes(self) -> int:
+        return self._mapped_bytes
+
+    @property
+    def load_mode(self) -> str:
+        return self._load_mode
+
+    @property
     def cache_spec(self) -> CacheSpec:
         return self._cache_spec
 
     @property
     def attention_backend(self) -> str:
         return self.backend.name
+
+    @property
+    def quantization(self) -> str:
+        return self._quantization
 
     # -- validation ----------------------------------------------------------------------------
     def _check_tokens(self, ids: torch.Tensor, field: str = "input_ids") -> None:
@@ -327,7 +357,10 @@ class CausalLM(Model):
         query_lens=None,
         *,
         all_logits: bool = False,
+        logits_indices: Sequence[int] | None = None,
     ) -> torch.Tensor:
+        """logits_indices: rows of the concatenated tokens to score (speculative verification), instead
+        of the last token of each sequence or every token."""
         self._require_loaded()
         batch = prepare_paged_batch(
             self.paged,
@@ -344,6 +377,10 @@ class CausalLM(Model):
         if self.graphs is not None and self.graphs.can_replay(batch):
             return self.graphs.replay(batch)
         hidden = self._run(batch.input_tokens, batch.positions, PagedContext(self.paged, batch, self.backend))
+        if logits_indices is not None:
+            return self._logits(
+                hidden[torch.as_tensor(logits_indices, dtype=torch.long, device=hidden.device)]
+            )
         return self._logits(hidden if all_logits else hidden[batch.last_token_indices])
 
     # -- caches --------------------------------------------------------------------------------
@@ -435,6 +472,11 @@ class CausalLM(Model):
                 key, value = key[:, :, :, first : first + count], value[:, :, :, first : first + count]
         write_blocks(self.paged, dst_block_ids, key, value)
 
+    def kv_cache_tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the KV caches (registry.memory releases and restores their storages)."""
+        self._require_loaded()
+        return [*self.contiguous.k, *self.contiguous.v, *self.paged.k, *self.paged.v]
+
     def release(self) -> int:
         freed = self._weight_bytes + self._cache_spec.total_bytes if self.network is not None else 0
         self.network = None
@@ -445,12 +487,3 @@ class CausalLM(Model):
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
         return freed
-
-
-def _parameter_totals(network: nn.Module) -> tuple[int, int]:
-    """(bytes, count) over unique parameters (tied weights counted once)."""
-    total_bytes = total = 0
-    for p in network.parameters():  # parameters() already skips shared tensors
-        total += p.numel()
-        total_bytes += p.numel() * p.element_size()
-    return total_bytes, total

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from .lazy_zeros import zeros as lazy_zeros
+from .softcap import attention
 
 
 def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -22,6 +24,7 @@ def dense_attention(
     q_start: int,
     window: int | None,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q [B, H, Sq, D] at key indices [q_start, q_start + Sq); k/v [B, Hkv, Sk, D] → [B, H, Sq, D].
 
@@ -30,21 +33,23 @@ def dense_attention(
     sq, sk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if window is None and q_start == 0 and sq == sk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        return attention(q, k, v, None, scale, softcap, is_causal=True, enable_gqa=gqa)
     if window is None and sq == 1:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+        return attention(q, k, v, None, scale, softcap, enable_gqa=gqa)
     q_pos = torch.arange(q_start, q_start + sq, device=q.device)
     k_pos = torch.arange(sk, device=q.device)
     mask = window_mask(q_pos, k_pos, window)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return attention(q, k, v, mask, scale, softcap, enable_gqa=gqa)
 
 
 class DenseContext:
     """Stateless causal attention over the call's own tokens; no cache is touched."""
 
-    def attend(self, layer_idx, q, k, v, window, scale):
+    def attend(self, layer_idx, q, k, v, window, scale, softcap=None):
         # [B, S, H, D] → [B, H, S, D] and back
-        out = dense_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, window, scale)
+        out = dense_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, window, scale, softcap
+        )
         return out.transpose(1, 2)
 
 
@@ -66,8 +71,8 @@ class ContiguousKvCache:
         device: torch.device,
     ) -> None:
         shape = (max_batch_size, num_kv_heads, max_seq_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [lazy_zeros(shape, dtype, device) for _ in range(num_layers)]
+        self.v = [lazy_zeros(shape, dtype, device) for _ in range(num_layers)]
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.filled = [0] * max_batch_size
@@ -90,7 +95,7 @@ class ContiguousContext:
         self.cache = cache
         self.start_pos = start_pos
 
-    def attend(self, layer_idx, q, k, v, window, scale):
+    def attend(self, layer_idx, q, k, v, window, scale, softcap=None):
         batch, seq = q.shape[0], q.shape[1]
         end = self.start_pos + seq
         k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
@@ -103,5 +108,6 @@ class ContiguousContext:
             self.start_pos,
             window,
             scale,
+            softcap,
         )
         return out.transpose(1, 2)

@@ -61,6 +61,9 @@ class GatedMLP(nn.Module):
         self.intermediate = intermediate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.gate_up_proj, nn.Linear):  # quantized: one fused matmul, then split
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
         n, w, b = self.intermediate, self.gate_up_proj.weight, self.gate_up_proj.bias
         gate = F.linear(x, w[:n], None if b is None else b[:n])
         up = F.linear(x, w[n:], None if b is None else b[n:])
@@ -91,6 +94,8 @@ def rope_inv_freq(
         return _llama3_inv_freq(1.0 / (theta**exponents), scaling, max_positions), 1.0
     if kind == "yarn":
         return _yarn_inv_freq(head_dim, theta, scaling, max_positions)
+    if kind == "longrope":
+        return _longrope_inv_freq(head_dim, theta, scaling, max_positions, seq_len)
     raise ValueError(f"unsupported rope type {kind!r}")  # ModelConfig already refuses these
 
 
@@ -137,37 +142,73 @@ def _yarn_inv_freq(dim: int, base: float, s: RopeScaling, max_positions: int) ->
     return interpolation * (1 - keep) + extrapolation * keep, float(attention_factor)
 
 
-class RotaryEmbedding:
-    """cos/sin for any positions. Static scalings use a table over every position; `dynamic`
-    recomputes its frequencies from the longest position of the call, as the reference does."""
+def _longrope_inv_freq(
+    dim: int, base: float, s: RopeScaling, max_positions: int, seq_len: int | None
+) -> tuple[torch.Tensor, float]:
+    """Phi-3 LongRoPE: frequencies divided by the short factors up to the pretrained length and by
+    the long ones beyond it (chosen per call from its longest position, as the reference does)."""
+    original = s.original_max_position_embeddings or max_positions
+    factor = s.factor
+    attention_factor = s.attention_factor
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    long = seq_len is not None and seq_len > original
+    ext = torch.tensor(s.long_factor if long else s.short_factor, dtype=torch.float32)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    return 1.0 / (ext * base**exponents), float(attention_factor)
 
-    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+
+class RotaryEmbedding:
+    """cos/sin for the positions of a call, over the rotary part of head_dim (`partial_rotary_factor`),
+    computed per call (no table over every position: a config with millions of positions costs
+    nothing until they are used). Static scalings keep their frequencies; `dynamic` recomputes them
+    from the longest position of the call, and `longrope` picks its short or long factors from it, as
+    the reference does. `theta`/`scaling` override the config's (Gemma 3's local layers)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        theta: float | None = None,
+        scaling: RopeScaling | None = None,
+    ) -> None:
         self.config = config
         self.dtype = dtype
         self.device = device
-        self.dynamic = config.rope_scaling.rope_type == "dynamic"
+        self.theta = config.rope_theta if theta is None else theta
+        self.scaling = config.rope_scaling if scaling is None else scaling
+        self.rotary_dim = int(config.head_dim * self.scaling.partial_rotary_factor)
+        self.dynamic = self.scaling.rope_type == "dynamic"
+        self.long_from: int | None = None  # longrope: calls reaching this length use the long factors
         if not self.dynamic:
-            self.cos, self.sin = self._table(config.position_limit, None)
+            self._freqs = self._frequencies(None)
+        if self.scaling.rope_type == "longrope":
+            self.long_from = self.scaling.original_max_position_embeddings or config.max_position_embeddings
+            self._long_freqs = self._frequencies(self.long_from + 1)
 
-    def _table(self, length: int, seq_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _frequencies(self, seq_len: int | None) -> tuple[torch.Tensor, float]:
         c = self.config
         inv_freq, attn_scale = rope_inv_freq(
-            c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings, seq_len
+            self.rotary_dim, self.theta, self.scaling, c.max_position_embeddings, seq_len
         )
-        freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * attn_scale).to(device=self.device, dtype=self.dtype)
-        sin = (emb.sin() * attn_scale).to(device=self.device, dtype=self.dtype)
-        return cos, sin
+        return inv_freq.to(self.device), attn_scale
 
     def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [...] → cos, sin [..., 1, head_dim] (broadcast over heads)."""
+        """positions [...] → cos, sin [..., 1, rotary_dim] (broadcast over heads)."""
         if self.dynamic:
             longest = int(positions.max()) + 1 if positions.numel() else 1
-            cos, sin = self._table(longest, longest)
+            inv_freq, attn_scale = self._frequencies(longest)
+        elif self.long_from is not None and positions.numel() and int(positions.max()) + 1 > self.long_from:
+            inv_freq, attn_scale = self._long_freqs
         else:
-            cos, sin = self.cos, self.sin
-        return cos[positions].unsqueeze(-2), sin[positions].unsqueeze(-2)
+            inv_freq, attn_scale = self._freqs
+        freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [..., rotary_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * attn_scale).to(self.dtype)
+        sin = (emb.sin() * attn_scale).to(self.dtype)
+        return cos.unsqueeze(-2), sin.unsqueeze(-2)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -176,4 +217,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+    """x [..., head_dim]; cos/sin [..., rotary_dim]: partial rotary turns the first rotary_dim."""
+    d = cos.shape[-1]
+    if d == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot, rest = x[..., :d], x[..., d:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)

@@ -14,11 +14,14 @@ import torch
 from torch import nn
 
 from registry import FusedPart, LoadOptions, LoadPlan, ModelConfig, WeightMapping
+from registry.config import RopeScaling
+from registry.errors import InvalidConfig
 from registry.parallel import SINGLE, ParallelContext, attention_shard, even_range
 
 from .attention import AttentionContext
 from .base import CausalLM, build_causal_lm
 from .layers import FusedLinear, GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+from .moe import MoeSpec, SparseMoeBlock
 from .parallel_layers import ParallelLMHead, RowParallelLinear, VocabParallelEmbedding, column_parallel_fused
 
 # Checkpoint q/k/v and gate/up are row shards of our fused projections.
@@ -38,9 +41,6 @@ LLAMA_WEIGHT_MAPPING = WeightMapping(
 class DecoderVariant:
     """How a Llama-family network departs from Llama: each flag switches one small piece of the
     shared layers below, so a variant is a few lines (a `variant_for` override), never a copied file.
-
-    Attention logit softcapping (Gemma 2) needs the attention contexts and backends to apply it and
-    is not a flag yet.
     """
 
     qkv_bias: bool = False  # Qwen2: biases on q/k/v (config.attention_bias adds one on o_proj too)
@@ -49,6 +49,13 @@ class DecoderVariant:
     sandwich_norms: bool = False  # Gemma 2/3: norms after attention and MLP too (four per layer)
     embedding_scale: bool = False  # Gemma: embeddings × sqrt(hidden_size)
     final_logit_softcap: float | None = None  # Gemma 2: logits = cap * tanh(logits / cap)
+    attn_logit_softcap: float | None = None  # Gemma 2: scores = cap * tanh(scores / cap), in every backend
+    query_pre_attn_scalar: float | None = None  # Gemma: softmax scale = this ** -0.5 (None: head_dim)
+    # Per-layer windows when the architecture derives them itself (Gemma's 4.x configs: alternating
+    # or 5:1 patterns without layer_types); None: config.layer_sliding_windows.
+    layer_windows: tuple[int | None, ...] | None = None
+    local_rope_theta: float | None = None  # Gemma 3: windowed layers use their own RoPE base
+    moe: MoeSpec | None = None  # Qwen-MoE, Mixtral: the sparse MLP block on moe.sparse_layers
 
 
 class LlamaAttention(nn.Module):
@@ -84,8 +91,10 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, variant.norm_offset)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, variant.norm_offset)
         self.qk_norm = variant.qk_norm
-        self.window = config.layer_sliding_windows[layer_idx]
-        self.scale = self.head_dim**-0.5
+        windows = variant.layer_windows or config.layer_sliding_windows
+        self.window = windows[layer_idx]
+        self.scale = (variant.query_pre_attn_scalar or self.head_dim) ** -0.5
+        self.softcap = variant.attn_logit_softcap
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
@@ -99,7 +108,10 @@ class LlamaAttention(nn.Module):
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         v = v.view(*lead, self.num_kv_heads, self.head_dim)
-        out = ctx.attend(self.layer_idx, q, k, v, self.window, self.scale)
+        if self.softcap is None:
+            out = ctx.attend(self.layer_idx, q, k, v, self.window, self.scale)
+        else:
+            out = ctx.attend(self.layer_idx, q, k, v, self.window, self.scale, softcap=self.softcap)
         return self.o_proj(out.reshape(*lead, self.q_size))
 
 
@@ -118,16 +130,23 @@ class LlamaDecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(hidden, eps, offset)
             self.post_feedforward_layernorm = RMSNorm(hidden, eps, offset)
         self.sandwich = variant.sandwich_norms
-        self.mlp = make_mlp(config, parallel)
+        moe = variant.moe
+        if moe is not None and layer_idx in moe.sparse_layers:
+            self.mlp_name = moe.module_name
+            setattr(self, moe.module_name, SparseMoeBlock(config.hidden_size, config.hidden_act, moe))
+        else:
+            self.mlp_name = "mlp"
+            self.mlp = make_mlp(config, parallel)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
     ) -> torch.Tensor:
+        mlp = getattr(self, self.mlp_name)  # Mixtral's checkpoint calls it block_sparse_moe
         if self.sandwich:
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, ctx))
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return x + self.post_feedforward_layernorm(mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
@@ -144,17 +163,36 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, variant.norm_offset)
         self.embedding_scale = config.hidden_size**0.5 if variant.embedding_scale else None
+        self.config = config
+        self.local_rope_theta = variant.local_rope_theta
+        self._local_rotary: RotaryEmbedding | None = None
+
+    def local_rotary(self, rotary: RotaryEmbedding) -> RotaryEmbedding:
+        """Gemma 3's RoPE of the windowed layers: its own base, no scaling, same device and dtype."""
+        local = self._local_rotary
+        if local is None or local.device != rotary.device or local.dtype != rotary.dtype:
+            local = RotaryEmbedding(
+                self.config, rotary.device, rotary.dtype, theta=self.local_rope_theta, scaling=RopeScaling()
+            )
+            self._local_rotary = local
+        return local
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, ctx: AttentionContext
     ) -> torch.Tensor:
         """input_ids/positions [...] → final hidden states [..., hidden] (after the last norm)."""
         cos, sin = rotary(positions)
+        local = None
+        if self.local_rope_theta is not None:
+            local = self.local_rotary(rotary)(positions)
         x = self.embed_tokens(input_ids)
         if self.embedding_scale is not None:  # the scale rounded to the model dtype, as the reference does
             x = x * torch.tensor(self.embedding_scale, dtype=x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, ctx)
+            if local is not None and layer.self_attn.window is not None:
+                x = layer(x, *local, ctx)
+            else:
+                x = layer(x, cos, sin, ctx)
         return self.norm(x)
 
 
@@ -166,6 +204,13 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, parallel: ParallelContext = SINGLE) -> None:
         super().__init__()
         self.variant = self.variant_for(config)
+        if parallel.enabled and self.variant.moe is not None:  # experts are not sharded yet
+            raise InvalidConfig(
+                f"{config.architecture} (mixture of experts) does not support tensor parallelism yet "
+                f"(asked for {parallel.world_size} ranks); load it with tensor_parallel_size 1"
+            )
+        # The MoE block syncs expert counts to the host each call: no CUDA graph capture.
+        self.cuda_graph_safe = self.variant.moe is None
         self.model = LlamaModel(config, self.variant, parallel)
         if parallel.enabled:
             self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, parallel)

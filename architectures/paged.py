@@ -59,6 +59,7 @@ class PagedContext(Generic[PlanT]):
         v: torch.Tensor,
         window: int | None,
         scale: float,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         n = self.batch.num_tokens
         c = self.cache
@@ -71,7 +72,11 @@ class PagedContext(Generic[PlanT]):
                 f"k/v have shapes {list(k.shape)}/{list(v.shape)}; expected [{n}, {c.num_kv_heads}, {c.head_dim}]"
             )
         self.store(layer_idx, k, v)
-        return self.backend.attend(self.cache, layer_idx, q, self.batch, self.plan, window, scale)
+        if softcap is None:  # backends written before softcapping need not take the argument
+            return self.backend.attend(self.cache, layer_idx, q, self.batch, self.plan, window, scale)
+        return self.backend.attend(
+            self.cache, layer_idx, q, self.batch, self.plan, window, scale, softcap=softcap
+        )
 
 
 __all__ = ["IntsLike", "PagedBatch", "PagedContext", "PagedKvCache", "prepare_paged_batch"]

@@ -29,6 +29,8 @@ import torch
 from registry.errors import InvalidArgument, InvalidRequest, OutOfResources
 from registry.paged_checks import check_token_count, resolve_query_lens
 
+from .lazy_zeros import zeros as lazy_zeros
+
 IntsLike = torch.Tensor | Sequence[int]
 
 
@@ -68,8 +70,8 @@ class PagedKvCache:
         self.device = torch.device(device)
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         try:
-            self._k = torch.zeros(shape, dtype=dtype, device=self.device)
-            self._v = torch.zeros(shape, dtype=dtype, device=self.device)
+            self._k = lazy_zeros(shape, dtype, self.device)
+            self._v = lazy_zeros(shape, dtype, self.device)
         except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
             if isinstance(exc, RuntimeError) and not isinstance(exc, torch.cuda.OutOfMemoryError):
                 if "can't allocate memory" not in str(exc):

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from . import inprocess, kv_transfer, serving
+from . import inprocess, kv_transfer, moe, quantized, sampling, serving
+from . import weights as weight_updates
 from .common import (
     FRESH_PAGES_ENV,
     CpuSnapshot,
@@ -43,7 +44,7 @@ from .models import (
 from .reasons import REASONS
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ITEMS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+ITEMS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         b = Bench(args.quick, threads, report, new_registry([m.root for m in models]), models)
         roots = [m.root for m in models]
         worker = load_worker = kv_worker = None
-        if items & {5, 7, 8, 9}:
+        if items & {5, 7, 8, 9, 10, 11}:
             worker = serving.WorkerProcess(roots, threads, tmp / "worker.log")
         if 9 in items:  # the receiving end of the KV transfers
             kv_worker = serving.WorkerProcess(roots, threads, tmp / "kv-worker.log")
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                     w.wait_ready()
             b.bandwidth = read_bandwidth(GiB, reps=5)
             run_items(b, items, worker, load_worker, kv_worker)
+            if 12 in items:
+                print("12. tiny MoE prefill and decode...", flush=True)
+                moe.moe(b, tmp / "moe-models")
         finally:
             for w in (worker, load_worker, kv_worker):
                 if w is not None:
@@ -175,6 +179,7 @@ def run_items(
         (3, "decode step", inprocess.decode),
         (4, "batched decode", inprocess.batched_decode),
         (6, "roofline", inprocess.roofline),
+        (13, "quantized decode", quantized.quantized_decode),
     )
     for number, title, fn in steps:
         if number in items:
@@ -198,6 +203,14 @@ def run_items(
         assert worker is not None and kv_worker is not None
         print("9. KV block transfer...", flush=True)
         kv_transfer.kv_transfer(b, worker, kv_worker)
+    if 10 in items:
+        assert worker is not None
+        print("10. sampling on the worker...", flush=True)
+        sampling.run(b, worker)
+    if 11 in items:
+        assert worker is not None
+        print("11. weight updates and memory release...", flush=True)
+        weight_updates.updates(b, worker)
 
 
 if __name__ == "__main__":

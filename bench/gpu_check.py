@@ -1,7 +1,9 @@
 """`make gpu-check`: the checks to run on a lent GPU machine, in one go.
 
-1. prints the card, torch, CUDA and flash-attn versions;
-2. runs the repository's GPU tests (`pytest -m gpu`);
+1. prints the card, torch, CUDA and flash-attn versions ("not installed" when it is absent: the
+   flash_attn backend is then NOT tested, and the last line says so);
+2. runs the repository's GPU tests (`pytest -m gpu` over the files that hold gpu-marked tests only,
+   so a machine without the test-only packages of other files can still run them);
 3. for each attention backend that can run here and each half dtype, measures the paged attention's
    max error against a float64 reference (1B-class head layout: 32 query heads, 8 KV heads,
    head_dim 64; prefill, decode, prefix-cached prefill, mixed batch, a sliding window) and the decode
@@ -9,7 +11,11 @@
    8 KV heads, intermediate 8192, vocab 32000) built directly on the device, no checkpoint read;
 4. prints a markdown table and writes it under bench/results/.
 
-Without CUDA it says so and exits 0 at once. Exit status: 1 if the GPU tests or a measurement failed.
+Without a GPU it says so and exits 0 at once; when `nvidia-smi` lists a GPU that torch cannot use
+(a CUDA build newer than the driver, a CPU build of torch) it fails loudly (exit 1). Exit status: 1 if
+the GPU tests or a measurement failed, or `--require-flash` and flash-attn is not usable.
+`make gpu-check GPU_CHECK_PYTHON=/path/to/python` runs it with an existing environment, installing
+nothing (GPU machines may have no network).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import math
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -223,15 +231,59 @@ def _flash_version() -> str:
         return "not installed"
 
 
+def nvidia_smi_gpus() -> list[str] | None:
+    """`nvidia-smi -L` lines (one per GPU the driver sees); None when nvidia-smi is absent or fails."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return [line.strip() for line in out.stdout.splitlines() if line.strip().startswith("GPU ")]
+
+
+def unusable_gpu_reason(
+    driver_gpus: list[str] | None, torch_sees_cuda: bool, env: dict[str, str]
+) -> str | None:
+    """Why the driver's GPUs are not usable from torch, or None (no GPU, torch sees it, or the
+    environment hides it on purpose with an empty CUDA_VISIBLE_DEVICES)."""
+    if torch_sees_cuda or not driver_gpus:
+        return None
+    if env.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return None
+    built = torch.version.cuda
+    hint = (
+        "torch is a CPU build: install a CUDA build (make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128)"
+        if not built
+        else f"torch is built for CUDA {built}; the driver may be older than that CUDA needs "
+        "(CUDA 13: driver >= 580; CUDA 12.8: >= 570), see nvidia-smi's header"
+    )
+    return f"nvidia-smi sees {len(driver_gpus)} GPU(s) ({driver_gpus[0]}) but torch.cuda.is_available() is False: {hint}"
+
+
+def gpu_test_files(root: Path = REPO / "tests") -> list[Path]:
+    """Test files that hold gpu-marked tests; only these are collected."""
+    return sorted(p for p in root.rglob("test_*.py") if "mark.gpu" in p.read_text(encoding="utf-8"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n")[0])
     parser.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")
     parser.add_argument("--iters", type=int, default=20, help="timed decode steps per batch size")
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--require-flash", action="store_true", help="fail when flash-attn is not usable")
     args = parser.parse_args(argv)
 
     print("# modelworker gpu-check")
+    print(f"python {sys.executable}", flush=True)
     if not torch.cuda.is_available():
+        problem = unusable_gpu_reason(nvidia_smi_gpus(), False, dict(os.environ))
+        if problem is not None:
+            print(f"FAILED: {problem}", file=sys.stderr)
+            return 1
         print("no CUDA: skipping the GPU checks (pytest -m gpu, flash_attn, decode timings)")
         return 0
     device = torch.device("cuda")
@@ -240,20 +292,23 @@ def main(argv: list[str] | None = None) -> int:
     header = [
         f"card: {card} (sm_{major}{minor}, {torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB)",
         f"torch {torch.__version__}, CUDA {torch.version.cuda}, flash-attn {_flash_version()}",
+        f"nvidia-smi: {'; '.join(nvidia_smi_gpus() or ['not found'])}",
     ]
     print("\n".join(header), flush=True)
 
     tests = "skipped"
     test_rc = 0
     if not args.skip_tests:
-        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", "tests"]
+        files = [str(p.relative_to(REPO)) for p in gpu_test_files()]
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", *files]
         print(f"$ {' '.join(cmd[1:])}", flush=True)
         test_rc = subprocess.run(cmd, cwd=REPO).returncode
         tests = "passed" if test_rc == 0 else f"FAILED (pytest exit {test_rc})"
         print(f"gpu tests: {tests}", flush=True)
 
-    from architectures.backends import available_backends
+    from architectures.backends import available_backends, flash_attn_unavailable_reason
 
+    flash_reason = flash_attn_unavailable_reason(device, torch.bfloat16, BLOCK_SIZE, 64)
     rows = measure(device, (torch.bfloat16, torch.float16), available_backends(device), iters=args.iters)
     table = format_table(card, rows)
     print()
@@ -277,7 +332,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"\nwritten to {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
     failed = test_rc != 0 or any(r.failure for r in rows) or hot_path_failed
+    flash = "tested" if flash_reason is None else f"NOT TESTED ({_flash_summary(flash_reason)})"
+    print(f"\nresult: {'FAILED' if failed else 'passed'}; flash_attn backend {flash}")
+    if flash_reason is not None and args.require_flash:
+        return 1
     return 1 if failed else 0
+
+
+def _flash_summary(reason: str) -> str:
+    return "not installed" if "not installed" in reason else reason
 
 
 if __name__ == "__main__":

@@ -75,8 +75,10 @@ def new_registry(roots: list[Path]) -> ModelRegistry:
     return registry
 
 
-def load_ours(registry: ModelRegistry, model_id: str, model: BenchModel, kv: KvCacheOptions) -> Model:
-    options = LoadOptions(dtype=torch.float32, device="cpu", kv_cache=kv)
+def load_ours(
+    registry: ModelRegistry, model_id: str, model: BenchModel, kv: KvCacheOptions, load_mode: str = "mmap"
+) -> Model:
+    options = LoadOptions(dtype=torch.float32, device="cpu", kv_cache=kv, load_mode=load_mode)
     registry.load_model_auto(model_id, model.path, False, options)
     return registry.get_model(model_id)
 

@@ -22,8 +22,12 @@ REASONS: dict[str, str] = {
     "load-floor": _LOAD_ASSEMBLY,
     "load-grpc-floor": _LOAD_ASSEMBLY + ", the RPC and the admission check",
     f"load-reference-{SMOL}": (
-        "transformers computes on the mapped file (no copy); we copy into memory we own "
-        "(no SIGBUS if the file is rewritten) and pay fresh pages ≈ the read floor"
+        "both compute on the mapped file; our Load still copies the fused q/k/v (66 MB, not adjacent in "
+        "the file) and builds the model and the 8192-position RoPE table in Python"
+    ),
+    f"load-mmap-{SMOL}": (
+        "the fused q/k/v copy (66 MB: k, o, q, v lie in that order in the file), building 272 modules "
+        "on the meta device + to_empty, and the RoPE table over every position"
     ),
     f"load-reference-{TINY}": "fixed cost of building the model (see the in-process Load)",
     f"prefill-128-{SMOL}": _PREFILL,

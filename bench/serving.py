@@ -158,6 +158,7 @@ def memory(b: Bench, worker: WorkerProcess, model_id: str) -> None:
     peak = max(after["VmHWM"], sampler.peak) - idle["VmRSS"]
     need_text = (
         f"{need / MB:.0f} MB = weights {info.weight_bytes / MB:.0f} + KV {info.kv_cache_bytes / MB:.0f}"
+        f" ({info.load_mode}: {info.mapped_weight_bytes / MB:.0f} MB of the weights mapped from the file)"
     )
     b.report.add(
         Row(
@@ -240,6 +241,9 @@ def _load(b: Bench, worker: WorkerProcess, model: BenchModel) -> None:
     def unload(_: object) -> None:
         b.registry.unload_model(model_id)
 
+    def ours_copy() -> Any:
+        return load_ours(b.registry, model_id, model, LOAD_KV, load_mode="copy")
+
     def remote() -> Any:
         return worker.client.load(model_id, model.path, kv_cache=kv_config(LOAD_KV))
 
@@ -255,6 +259,7 @@ def _load(b: Bench, worker: WorkerProcess, model: BenchModel) -> None:
     cases = [
         Case("floor", lambda: read_floor(files)),
         Case("ours", ours, cleanup=unload),
+        Case("ours_copy", ours_copy, cleanup=unload),
         Case("grpc", remote, cleanup=remote_unload),
         Case("ours_first", ours_first, cleanup=unload),
         Case("ref_first", reference_first, collect=True),
@@ -299,6 +304,17 @@ def _load(b: Bench, worker: WorkerProcess, model: BenchModel) -> None:
                 key="load-grpc-tiny",
             )
         )
+    b.report.add(
+        Row(
+            f"1. Load (mmap) vs transformers from_pretrained, {model.label}",
+            s["ours"].fmt(unit),
+            f"{s['ref_lazy'].fmt(unit)} (our --load-mode copy: {s['ours_copy'].fmt(unit)})",
+            ratio(s["ours"], s["ref_lazy"]),
+            Goal(1.0, strict=True),
+            key=f"load-mmap-{model.label}",
+            spread=(s["ours"], s["ref_lazy"]),
+        )
+    )
     b.report.add(
         Row(
             f"1. Load + first token vs transformers from_pretrained + first token, {model.label}",

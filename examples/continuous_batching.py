@@ -11,8 +11,12 @@ which sequences run in each step, which cache blocks hold which tokens, and whic
   (query_len 1) and, in the same call, the prompts admitted in this step (query_len = the tokens
   not yet in the cache, which is fewer than context_len when a prefix was found in the cache). A
   prompt longer than the step's token budget is prefilled in chunks over several steps.
-- Sampling is greedy: the worker's `next_token_ids` (argmax of each sequence's last position), so
-  no logits travel (logits_mode "none").
+- Sampling happens on the worker: greedy by default (argmax), or `SamplingParams` (temperature,
+  top-p, top-k, a seed per sequence), so no logits travel (logits_mode "none").
+- Speculative decoding (`num_speculative_tokens` > 0): an n-gram proposer (prompt lookup: the tokens
+  that followed the latest earlier occurrence of the sequence's last n tokens) drafts up to k tokens
+  per decoding sequence; the worker verifies them in the same call (`num_draft_tokens`) and returns
+  the accepted drafts plus one token. Rejected drafts' K/V stay in their slots and are overwritten.
 - A sequence that reaches its `max_new_tokens` (or `eos_token_id`) frees its blocks, which the next
   prompts reuse. When blocks run out, the newest sequence is preempted: its blocks are freed and it
   is recomputed later (its prompt blocks are usually still in the prefix cache), or, with
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import random
 import sys
@@ -45,7 +50,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from worker.client import KvBlocks, ModelInfo, ModelWorkerClient, ModelWorkerClientError
+from worker.client import KvBlocks, ModelInfo, ModelWorkerClient, ModelWorkerClientError, SamplingParams
 
 # SmolLM2 token ids of a few prompts (the first four share an 18-token prefix: "A short list of
 # facts about the planets of the solar system, one per line.\n"), used when no --prompt is given.
@@ -191,6 +196,8 @@ class RunStats:
     prompt_tokens: int = 0
     prompt_tokens_computed: int = 0  # prefill work done (recomputation after preemption included)
     generated_tokens: int = 0
+    draft_tokens: int = 0  # proposed by the n-gram proposer and sent for verification
+    accepted_draft_tokens: int = 0
     preemptions: int = 0
     max_running: int = 0
     num_blocks: int = 0
@@ -207,6 +214,10 @@ class RunStats:
     transferred_bytes: int = 0  # K/V bytes moved from the prefill worker
     elapsed_seconds: float = 0.0
     worker_compute_seconds: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -226,7 +237,21 @@ class Batch:
     """One step's ForwardPaged call: which sequences run and how many new tokens each brings."""
 
     seqs: list[Request]
-    query_lens: list[int]
+    query_lens: list[int]  # drafts included
+    drafts: list[list[int]]  # the last len(drafts[i]) query tokens of sequence i are drafts
+
+
+def propose_ngram(tokens: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
+    """Prompt lookup: the up-to-k tokens that followed the latest earlier occurrence of the last n
+    tokens (n = max_ngram down to min_ngram); [] when no such suffix occurred before."""
+    if k <= 0:
+        return []
+    for n in range(min(max_ngram, len(tokens) - 1), min_ngram - 1, -1):
+        suffix = list(tokens[-n:])
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if list(tokens[start : start + n]) == suffix:
+                return list(tokens[start + n : start + n + k])
+    return []
 
 
 class RemotePrefill:
@@ -284,6 +309,8 @@ class Scheduler:
         num_blocks: int,
         eos_token_id: int | None = None,
         log: Callable[[str], None] | None = None,
+        sampling: SamplingParams | None = None,
+        num_speculative_tokens: int = 0,
         preempt: str = "recompute",
         prefill: RemotePrefill | None = None,
     ) -> None:
@@ -292,6 +319,8 @@ class Scheduler:
         self.preempt_mode = preempt
         self.prefill = prefill
         self.client = client
+        self.sampling = sampling
+        self.num_speculative_tokens = num_speculative_tokens
         self.model_id = model.id
         self.block_size = model.kv_block_size
         self.blocks = BlockManager(num_blocks, self.block_size)
@@ -360,6 +389,7 @@ class Scheduler:
     def schedule(self) -> Batch:
         seqs: list[Request] = []
         query_lens: list[int] = []
+        drafts: list[list[int]] = []
         budget = self.max_batch_tokens
         in_flight: set[bytes] = set()
 
@@ -368,6 +398,8 @@ class Scheduler:
             if seq not in self.running or budget == 0:
                 continue  # preempted below on behalf of an older sequence, or no budget left
             q = min(len(seq.tokens) - seq.num_computed, budget)
+            draft = self._propose(seq, budget) if q == len(seq.tokens) - seq.num_computed == 1 else []
+            q += len(draft)
             while not self._grow(seq, seq.num_computed + q):
                 self._preempt(self.running[-1])
                 if seq not in self.running:
@@ -375,8 +407,9 @@ class Scheduler:
             if seq in self.running:
                 seqs.append(seq)
                 query_lens.append(q)
+                drafts.append(draft)
                 budget -= q
-                in_flight.update(self._completed_hashes(seq, q))
+                in_flight.update(self._completed_hashes(seq, q - len(draft)))
 
         # 2. Admit waiting prompts while there is budget, a seat and memory; prefix hits are free.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -388,6 +421,7 @@ class Scheduler:
                 if q:  # a swapped-in sequence continues in this step
                     seqs.append(seq)
                     query_lens.append(q)
+                    drafts.append([])
                     budget -= q
                     in_flight.update(self._completed_hashes(seq, q))
                 continue
@@ -411,9 +445,26 @@ class Scheduler:
             self.running.append(seq)
             seqs.append(seq)
             query_lens.append(q)
+            drafts.append([])
             budget -= q
             in_flight.update(self._completed_hashes(seq, q))
-        return Batch(seqs, query_lens)
+        return Batch(seqs, query_lens, drafts)
+
+    def _propose(self, seq: Request, budget: int) -> list[int]:
+        """Drafts for a decoding sequence: never past its max_new_tokens (the last token is never fed
+        back) nor the step's token budget."""
+        room = min(self.num_speculative_tokens, seq.max_new_tokens - len(seq.generated) - 1, budget - 1)
+        # A single matching token predicts poorly; two or more are worth a verification.
+        return propose_ngram(seq.tokens, room, min_ngram=2)
+
+    def _sampling(self, seqs: list[Request]) -> list[SamplingParams] | None:
+        """One SamplingParams per sequence; a seed becomes seed + the prompt's index, so each
+        sequence has its own reproducible stream whatever it is batched with."""
+        if self.sampling is None:
+            return None
+        if self.sampling.seed is None:
+            return [self.sampling] * len(seqs)
+        return [dataclasses.replace(self.sampling, seed=self.sampling.seed + seq.index) for seq in seqs]
 
     def _admit_with_blocks(self, seq: Request, budget: int) -> int | None:
         """Admit a sequence whose K/V comes from elsewhere: its swapped-out blocks, or a prefill on the
@@ -471,10 +522,11 @@ class Scheduler:
         positions: list[int] = []
         slot_mapping: list[int] = []
         context_lens: list[int] = []
-        for seq, q in zip(batch.seqs, batch.query_lens, strict=True):
-            # The new tokens are the last q of the sequence's context: [num_computed, num_computed + q).
+        for seq, q, draft in zip(batch.seqs, batch.query_lens, batch.drafts, strict=True):
+            # The new tokens are the last q of the sequence's context: [num_computed, num_computed + q),
+            # its known tokens, then its drafts.
             for i in range(seq.num_computed, seq.num_computed + q):
-                input_tokens.append(seq.tokens[i])
+                input_tokens.append(seq.tokens[i] if i < len(seq.tokens) else draft[i - len(seq.tokens)])
                 positions.append(i)
                 slot_mapping.append(seq.blocks[i // bs] * bs + i % bs)
             context_lens.append(seq.num_computed + q)
@@ -491,24 +543,46 @@ class Scheduler:
             # or a mix of prompts and decodes needs it.
             query_lens=batch.query_lens if is_prefill else None,
             logits_mode="none",
+            sampling=self._sampling(batch.seqs),
+            num_draft_tokens=[len(d) for d in batch.drafts] if any(batch.drafts) else None,
         )
         self._account(batch, result.compute_seconds)
 
-        for seq, q, next_token in zip(batch.seqs, batch.query_lens, result.next_token_ids, strict=True):
+        for seq, q, draft, out in zip(
+            batch.seqs, batch.query_lens, batch.drafts, result.outputs, strict=True
+        ):
+            # Valid K/V: the known tokens and the accepted drafts (rejected ones are overwritten later).
+            computed = q - len(draft) + out.num_accepted_drafts
+            caught_up = seq.num_computed + q - len(draft) == len(seq.tokens)
+            if caught_up:  # not a prompt chunk: the emitted tokens are new
+                seq.tokens.extend(out.token_ids)
+            self.stats.draft_tokens += len(draft)
+            self.stats.accepted_draft_tokens += out.num_accepted_drafts
             # Publish the blocks this step filled, so later prompts can share them.
-            for j, key in enumerate(self._completed_hashes(seq, q), start=seq.num_computed // bs):
+            for j, key in enumerate(self._completed_hashes(seq, computed), start=seq.num_computed // bs):
                 self.blocks.register(seq.blocks[j], key)
-            seq.num_computed += q
-            if seq.num_computed < len(seq.tokens):
+            seq.num_computed += computed
+            if not caught_up:
                 continue  # a prompt chunk: the token after it is already known
-            self._append(seq, next_token)
+            emitted = list(out.token_ids)
+            if self.eos_token_id in emitted:
+                emitted = emitted[: emitted.index(self.eos_token_id) + 1]
+            emitted = emitted[: seq.max_new_tokens - (len(seq.generated) - len(out.token_ids))]
+            del seq.tokens[len(seq.tokens) - len(out.token_ids) + len(emitted) :]
+            self.stats.generated_tokens += len(emitted)
+            if len(seq.generated) >= seq.max_new_tokens or emitted[-1] == self.eos_token_id:
+                self.running.remove(seq)
+                self.blocks.release(seq.blocks)
+                seq.blocks = []
+                seq.finished_step = self.stats.steps
+                self.finished.append(seq)
         self.stats.steps += 1
 
     def _account(self, batch: Batch, compute_seconds: float) -> None:
         s = self.stats
         decodes = sum(
-            q == 1 and seq.num_computed + 1 == len(seq.tokens) and len(seq.tokens) > len(seq.prompt)
-            for seq, q in zip(batch.seqs, batch.query_lens, strict=True)
+            q - len(d) == 1 and seq.num_computed + 1 == len(seq.tokens) and len(seq.tokens) > len(seq.prompt)
+            for seq, q, d in zip(batch.seqs, batch.query_lens, batch.drafts, strict=True)
         )
         if decodes == len(batch.seqs):
             s.decode_steps += 1
@@ -516,7 +590,7 @@ class Scheduler:
             s.mixed_steps += 1
         else:
             s.prefill_steps += 1
-        s.prompt_tokens_computed += sum(batch.query_lens) - decodes
+        s.prompt_tokens_computed += sum(batch.query_lens) - decodes - sum(len(d) for d in batch.drafts)
         s.max_running = max(s.max_running, len(self.running))
         s.worker_compute_seconds += compute_seconds
         self._used_sum += self.blocks.num_used
@@ -562,12 +636,15 @@ def run(
     preempt: str = "recompute",
     prefill_client: ModelWorkerClient | None = None,
     prefill_model_id: str | None = None,
+    sampling: SamplingParams | None = None,
+    num_speculative_tokens: int = 0,
 ) -> RunResult:
-    """Generate greedily for every prompt with continuous batching; returns the generated tokens in
-    prompt order and the run's statistics. `num_blocks` uses fewer blocks than the worker has (to
-    see reuse and preemption on a small budget); `log` gets one line per step. `preempt`: "recompute"
-    or "swap" (blocks to host memory and back). `prefill_client`: prefill prompts on that worker
-    (model `prefill_model_id`, default `model_id`) and decode here."""
+    """Generate for every prompt with continuous batching; returns the generated tokens in prompt
+    order and the run's statistics. `num_blocks` uses fewer blocks than the worker has (to see reuse
+    and preemption on a small budget); `log` gets one line per step. `preempt`: "recompute" or "swap"
+    (blocks to host memory and back). `prefill_client`: prefill prompts on that worker (model
+    `prefill_model_id`, default `model_id`) and decode here. `sampling`: None is greedy;
+    `num_speculative_tokens`: n-gram drafts per decoding sequence and step (0: none)."""
     model = find_model(client, model_id)
     prefill = None
     if prefill_client is not None:
@@ -593,6 +670,8 @@ def run(
         num_blocks=num_blocks,
         eos_token_id=eos_token_id,
         log=log,
+        sampling=sampling,
+        num_speculative_tokens=num_speculative_tokens,
         preempt=preempt,
         prefill=prefill,
     )
@@ -667,6 +746,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-batch-tokens", type=int, default=256)
     parser.add_argument("--num-blocks", type=int, help="use at most this many of the worker's blocks")
     parser.add_argument("--eos", type=int, help="stop a sequence at this token id")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="seed of prompt i: SEED + i (reproducible sampling)")
+    parser.add_argument(
+        "--speculative", type=int, default=0, metavar="K", help="n-gram (prompt lookup) drafts per step"
+    )
     parser.add_argument(
         "--preempt", choices=("recompute", "swap"), default="recompute",
         help="a preempted sequence is recomputed, or its blocks wait in host memory (export/import)",
@@ -708,6 +794,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 num_blocks=args.num_blocks,
                 eos_token_id=args.eos,
                 log=print if args.verbose else None,
+                sampling=SamplingParams(
+                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+                )
+                if args.temperature > 0
+                else None,
+                num_speculative_tokens=args.speculative,
                 preempt=args.preempt,
                 prefill_client=prefill_client,
                 prefill_model_id=args.prefill_model,
@@ -732,6 +824,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"another sequence), {s.prefix_hit_blocks} shared from the prefix cache; {s.preemptions} preemptions; "
         f"prompt tokens computed {s.prompt_tokens_computed} of {s.prompt_tokens}"
     )
+    if args.speculative:
+        print(
+            f"speculative decoding: {s.accepted_draft_tokens} of {s.draft_tokens} n-gram drafts accepted "
+            f"({s.acceptance_rate:.1%})"
+        )
     if s.swaps_out or s.remote_prefills:
         print(
             f"KV transfer: {s.swaps_out} swaps out / {s.swaps_in} in ({s.swapped_bytes} bytes to host); "

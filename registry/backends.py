@@ -7,6 +7,10 @@ Registering one more backend is one call:
 
     backends.register("triton", factory=TritonBackend, probe=triton_unavailable_reason, priority=50)
 
+A backend may also prefer a KV block size (`block_size=`): a Load that names none gets the preference
+of the backend it would run (flash_attn: 256, its paged cache needs a multiple of 256), else the
+cache plan's small default (`preferred_block_size`).
+
 A factory is called only when its backend is selected, so importing a backend's package (flash_attn,
 triton) happens then, never at start-up. A probe answers None when the backend can run with the
 given requirements, else a sentence saying why not; it must not import heavy packages before the
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 import torch
@@ -55,6 +59,8 @@ class BackendEntry(Generic[B]):
     # Where `auto` may pick it (default: wherever it can run); a backend that runs somewhere only as a
     # test mode (triton on the CPU under its interpreter) is named explicitly there, never picked.
     auto_probe: Probe | None = None
+    # The KV block size a Load that names none gets when this backend runs it; None: no preference.
+    block_size: int | None = None
 
     def auto_reason(self, requirements: BackendRequirements) -> str | None:
         return (self.auto_probe or self.probe)(requirements)
@@ -73,14 +79,19 @@ class BackendRegistry(Generic[B]):
         *,
         priority: int = 0,
         auto_probe: Probe | None = None,
+        block_size: int | None = None,
     ) -> None:
         key = name.strip().lower() if isinstance(name, str) else ""
         if not key or key == AUTO:
             raise InvalidArgument(f"attention backend name {name!r} must be a non-empty name other than auto")
         if not callable(factory) or not callable(probe):
             raise InvalidArgument(f"attention backend {key}: factory and probe must be callable")
+        if block_size is not None and (
+            isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
+        ):
+            raise InvalidArgument(f"attention backend {key}: block_size must be a positive integer or None")
         with self._lock:
-            self._entries[key] = BackendEntry(key, factory, probe, priority, auto_probe)
+            self._entries[key] = BackendEntry(key, factory, probe, priority, auto_probe, block_size)
 
     def names(self) -> tuple[str, ...]:
         """Registered backends, in registration order (without `auto`)."""
@@ -113,6 +124,19 @@ class BackendRegistry(Generic[B]):
             if entry.auto_reason(requirements) is None:
                 return entry.name
         raise InvalidArgument(f"no attention backend can run on {requirements.device}")
+
+    def preferred_block_size(self, name: str, requirements: BackendRequirements) -> int | None:
+        """The block size preferred by the backend `name` would get with the block size left open
+        (`requirements.block_size` is ignored): a named backend's own, even where it cannot run (its
+        probe then says why, not a block size it never asked for); for `auto`, the preference of the
+        backend `auto` would pick. None: no preference (or no backend can run)."""
+        key = self.check_name(name)
+        if key == AUTO:
+            try:
+                key = self.resolve(AUTO, replace(requirements, block_size=None))
+            except InvalidArgument:
+                return None
+        return self._entry(key).block_size
 
     def create(self, name: str) -> B:
         return self._entry(name).factory()

@@ -16,9 +16,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from .config_checks import check_config_numbers, parse_json_int
 from .errors import InvalidConfig
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+ROPE_TYPE_ALIASES = {"su": "longrope"}  # Phi-3 checkpoints of the 4.x era
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 _MISSING = object()
@@ -41,6 +43,11 @@ class RopeScaling:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
+    # longrope (Phi-3): per-frequency divisors below / beyond original_max_position_embeddings
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+    # Share of head_dim that is rotated (Phi-3, some Phi/StableLM configs); the rest passes through.
+    partial_rotary_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -160,13 +167,27 @@ class ModelConfig:
             head_dim = _int(cfg, "head_dim")
         if head_dim % 2:
             raise InvalidConfig(f"config.json: head_dim must be even for rotary embeddings, got {head_dim}")
-        act = _str(cfg, "hidden_act", "silu")
+        # Gemma names its activation `hidden_activation` (and may keep a stale `hidden_act`).
+        act = _str(cfg, "hidden_activation", "") or _str(cfg, "hidden_act", "silu")
         if act not in SUPPORTED_ACTIVATIONS:
             raise InvalidConfig(
                 f"config.json: hidden_act {act!r} is not supported (supported: {', '.join(SUPPORTED_ACTIVATIONS)})"
             )
         max_pos = _int(cfg, "max_position_embeddings", 2048)
         rope_theta, rope_scaling = _parse_rope(cfg)
+        rotary_dim = int(head_dim * rope_scaling.partial_rotary_factor)
+        if rotary_dim % 2 or rotary_dim == 0:
+            raise InvalidConfig(
+                f"config.json: partial_rotary_factor {rope_scaling.partial_rotary_factor} gives an odd or "
+                f"empty rotary dimension {rotary_dim} of head_dim {head_dim}"
+            )
+        for key in ("short_factor", "long_factor"):
+            factors = getattr(rope_scaling, key)
+            if factors is not None and len(factors) != rotary_dim // 2:
+                raise InvalidConfig(
+                    f"config.json: rope {key} has {len(factors)} entries, expected {rotary_dim // 2} "
+                    f"(half the rotary dimension {rotary_dim})"
+                )
         # 5.x writes `dtype` (possibly null) and may keep a legacy `torch_dtype`: the one that is set counts.
         field = "dtype" if cfg.get("dtype") is not None else "torch_dtype"
         dtype = cfg.get(field)
@@ -185,7 +206,7 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         if isinstance(eos, list):
             eos = tuple(eos)
-        return cls(
+        config = cls(
             architecture=arch,
             model_type=_str(cfg, "model_type", ""),
             vocab_size=_int(cfg, "vocab_size"),
@@ -210,6 +231,8 @@ class ModelConfig:
             quantization_method=quant_method,
             raw=MappingProxyType(dict(cfg)),
         )
+        check_config_numbers(config, cfg)
+        return config
 
 
 def read_config_json(path: Path) -> dict[str, Any]:
@@ -217,9 +240,9 @@ def read_config_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InvalidConfig(f"{path}: config.json not found in the model directory")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidConfig(f"{path}: not valid JSON ({exc})") from None
+        data = json.loads(path.read_text(encoding="utf-8"), parse_int=parse_json_int)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # too deep, too many digits
+        raise InvalidConfig(f"{path}: not valid JSON ({str(exc)[:200] or type(exc).__name__})") from None
     if not isinstance(data, dict):
         raise InvalidConfig(f"{path}: the top level must be a JSON object")
     return data
@@ -284,6 +307,11 @@ def _parse_rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling]:
     if params is not None and not isinstance(params, dict):
         raise InvalidConfig(f"config.json: {field} must be an object or null, got {params!r}")
     params = dict(params or {})
+    if isinstance(params.get("full_attention"), dict):
+        # 5.x Gemma 3: one entry per layer type; the global (full attention) one is the model's
+        # rope, and the architecture reads `sliding_attention` itself.
+        field += ".full_attention"
+        params = dict(params["full_attention"])
     theta = params.pop("rope_theta", None)
     if theta is None:
         theta = cfg.get("rope_theta", 10000.0)
@@ -291,6 +319,7 @@ def _parse_rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling]:
         raise InvalidConfig(f"config.json: rope_theta must be a positive number, got {theta!r}")
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
+    rope_type = ROPE_TYPE_ALIASES.get(rope_type, rope_type)
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise InvalidConfig(
             f"config.json: {field}.rope_type {rope_type!r} is not supported "
@@ -314,6 +343,13 @@ def _parse_rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling]:
             kwargs[key] = float(value)
     if params.get("original_max_position_embeddings") is not None:
         kwargs["original_max_position_embeddings"] = _int(params, "original_max_position_embeddings")
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if partial is not None:
+        if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
+            raise InvalidConfig(f"config.json: partial_rotary_factor must be in (0, 1], got {partial!r}")
+        kwargs["partial_rotary_factor"] = float(partial)
+    if rope_type == "longrope":
+        _parse_longrope(cfg, params, field, kwargs)
     if params.get("truncate") is not None:
         if not isinstance(params["truncate"], bool):  # bool("false") would be True
             raise InvalidConfig(
@@ -325,12 +361,33 @@ def _parse_rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling]:
     return float(theta), RopeScaling(**kwargs)
 
 
+def _parse_longrope(cfg: dict[str, Any], params: dict[str, Any], field: str, kwargs: dict[str, Any]) -> None:
+    """Phi-3 LongRoPE: short/long factor lists (one per rotary frequency) and the pretrained length
+    (in the rope dict or, 4.x, at the top level); `factor` defaults to max / original positions."""
+    for key in ("short_factor", "long_factor"):
+        value = params.get(key)
+        if (
+            not isinstance(value, list)
+            or not value
+            or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in value)
+        ):
+            raise InvalidConfig(
+                f"config.json: {field}.{key} must be a non-empty list of numbers, got {value!r}"
+            )
+        kwargs[key] = tuple(float(x) for x in value)
+    if "original_max_position_embeddings" not in kwargs:
+        kwargs["original_max_position_embeddings"] = _int(cfg, "original_max_position_embeddings")
+    if "factor" not in kwargs:
+        max_pos = _int(cfg, "max_position_embeddings", 2048)
+        kwargs["factor"] = max_pos / kwargs["original_max_position_embeddings"]
+
+
 def _layer_windows(cfg: dict[str, Any], layers: int) -> tuple[int | None, ...]:
     window = cfg.get("sliding_window")
+    if "use_sliding_window" in cfg and not _bool(cfg, "use_sliding_window", False):
+        window = None  # Qwen2-MoE writes sliding_window 0 next to use_sliding_window false
     if window is not None:
         window = _int(cfg, "sliding_window")
-    if "use_sliding_window" in cfg and not _bool(cfg, "use_sliding_window", False):
-        window = None
     layer_types = cfg.get("layer_types")
     if layer_types is not None:
         if not isinstance(layer_types, list) or len(layer_types) != layers:

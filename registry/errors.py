@@ -109,3 +109,7 @@ class FailedPrecondition(ModelWorkerError):
 
 class IncompatibleLayout(FailedPrecondition):
     """Imported KV blocks come from a cache of another shape or dtype (model, block size, dtype)."""
+
+
+class ModelSleeping(FailedPrecondition):
+    """The model's weights or KV cache are released (ReleaseMemory); ResumeMemory first."""

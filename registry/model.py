@@ -30,9 +30,13 @@ class LoadOptions:
     dtype: torch.dtype | None = None  # None: config dtype on CUDA, float32 on CPU
     device: str | None = None  # None: the registry's device
     is_quant_model: bool = False
+    quantization: str = ""  # "" / "int8" / "int4" / "fp8": quantize a dense checkpoint while loading
     attention_backend: str = "auto"
     kv_cache: KvCacheOptions = field(default_factory=KvCacheOptions)
     enforce_eager: bool = False  # no CUDA graphs for decode steps
+    # "mmap": CPU parameters whose bytes are the checkpoint's are views of the mapped file (see
+    # registry.safetensors_loader.load_checkpoint); "copy": every parameter owns its memory.
+    load_mode: str = "mmap"
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,17 @@ class Model(abc.ABC):
     def attention_backend(self) -> str: ...
 
     @property
+    def load_mode(self) -> str:
+        """ "mmap" when some weights are views of the memory-mapped checkpoint, else "copy"."""
+        return "copy"
+
+    @property
+    def mapped_weight_bytes(self) -> int:
+        """The part of weight_bytes held as file-backed pages (page cache, shared); the rest is the
+        process's own memory."""
+        return 0
+
+    @property
     def cuda_graph_batch_sizes(self) -> list[int]:
         """Decode batch sizes replayed from CUDA graphs (empty: every call runs eagerly)."""
         return []
@@ -129,6 +144,11 @@ class Model(abc.ABC):
     def cuda_graph_bytes(self) -> int:
         """Device memory held by the captured graphs."""
         return 0
+
+    @property
+    def quantization(self) -> str:
+        """How the weights are held, e.g. "gptq-int4-g128", "int8"; "" for dense."""
+        return ""
 
     @abc.abstractmethod
     def forward(
@@ -164,7 +184,9 @@ class Model(abc.ABC):
         all_logits: bool = False,
     ) -> torch.Tensor:
         """Tokens of all sequences concatenated ([num_tokens]) → logits [num_seqs, vocab]
-        (last query token of each sequence), or [num_tokens, vocab] when all_logits."""
+        (last query token of each sequence), or [num_tokens, vocab] when all_logits. Speculative
+        verification passes `logits_indices=` (rows of the tokens to score) when the model takes it
+        (the built-in architectures do)."""
 
     @abc.abstractmethod
     def reset_kv_cache(self) -> None: ...

@@ -30,12 +30,14 @@ from .errors import (
     ModelAlreadyExists,
     ModelNotFound,
     ModelNotReady,
+    ModelSleeping,
     UnknownArchitecture,
 )
 from .load_plan import LoadPlan, make_load_plan, resolve_dtype
 from .model import LoadOptions, Model, ModelBuilder
 from .parallel import SINGLE
 from .paths import resolve_model_dir
+from .safetensors_loader import LOAD_MODES
 
 # Called with the Load's plan before anything is built; raising refuses the Load (the worker checks
 # memory there).
@@ -48,6 +50,8 @@ class ModelState(enum.Enum):
     LOADING = "LOADING"
     READY = "READY"
     UNLOADING = "UNLOADING"
+    # Weights and/or KV cache released (registry.memory); forwards are refused until resumed.
+    SLEEPING = "SLEEPING"
 
 
 def validate_model_id(model_id: str) -> str:
@@ -80,6 +84,13 @@ class ModelEntry:
     # Set when the load finished, successfully or not; concurrent loads of the same spec wait on it.
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    # +1 per applied weight update (registry.weight_update); 0 is the checkpoint Load read.
+    weights_version: int = 0
+    # Where the current weights can be read again (the Load's or the last UpdateWeights' directory);
+    # None after an update from a stream or a broadcast, whose tensors exist nowhere on disk.
+    weights_source: Path | None = None
+    # What ReleaseMemory freed (a registry.memory.ReleasedMemory) while the entry is SLEEPING.
+    released: object | None = None
 
     @property
     def architecture(self) -> str:
@@ -181,8 +192,15 @@ class ModelRegistry:
         backend = options.attention_backend
         if self.attention_backends.names():
             backend = self.attention_backends.check_name(backend)
+        if options.load_mode not in LOAD_MODES:
+            raise InvalidArgument(f"load_mode {options.load_mode!r} is not one of {', '.join(LOAD_MODES)}")
+        quantized = bool(options.quantization) or raw.get("quantization_config") is not None
         options = replace(
-            options, dtype=resolve_dtype(config, device, options.dtype), attention_backend=backend
+            options,
+            dtype=resolve_dtype(config, device, options.dtype, quantized),
+            attention_backend=backend,
+            # Only CPU parameters can be views of a mapped file.
+            load_mode=options.load_mode if device.type == "cpu" else "copy",
         )
         spec = LoadSpec(path, arch, options)
         with self._models_lock:
@@ -241,8 +259,10 @@ class ModelRegistry:
                 if self._models.get(entry.model_id) is entry:
                     del self._models[entry.model_id]
             entry.done.set()
+            release_cached_device_memory(device)
             raise
         entry.model = model
+        entry.weights_source = spec.model_dir
         entry.load_seconds = time.perf_counter() - started
         entry.loaded_at = time.time()
         entry.state = ModelState.READY
@@ -286,14 +306,20 @@ class ModelRegistry:
         return entry.model
 
     @contextlib.contextmanager
-    def get_model_mut(self, model_id: str, timeout: float | None = None) -> Iterator[Model]:
-        """Exclusive access to a READY model for the duration of the block."""
+    def get_model_mut(
+        self, model_id: str, timeout: float | None = None, *, allow_sleeping: bool = False
+    ) -> Iterator[Model]:
+        """Exclusive access to a READY model (or a SLEEPING one with allow_sleeping) for the block."""
         entry = self.get_entry(model_id)
         if not entry.lock.acquire(timeout=-1 if timeout is None else timeout):
             raise ModelNotReady(f"model {model_id!r} is busy")
         try:
             # Re-check under the lock: an unload may have completed while we waited.
-            if entry.state is not ModelState.READY or entry.model is None:
+            if entry.state is ModelState.SLEEPING and entry.model is not None and not allow_sleeping:
+                raise ModelSleeping(
+                    f"model {model_id!r} is sleeping (memory released by ReleaseMemory); call ResumeMemory first"
+                )
+            if entry.state not in (ModelState.READY, ModelState.SLEEPING) or entry.model is None:
                 if entry.state is ModelState.LOADING:
                     raise ModelNotReady(f"model {model_id!r} is loading")
                 raise ModelNotFound(f"model {model_id!r} is not loaded")
@@ -312,7 +338,10 @@ class ModelRegistry:
         entry = self.get_entry(model_id)
         entry.done.wait()  # an Unload issued during a Load waits for it
         with self._models_lock:
-            if self._models.get(model_id) is not entry or entry.state is not ModelState.READY:
+            if self._models.get(model_id) is not entry or entry.state not in (
+                ModelState.READY,
+                ModelState.SLEEPING,
+            ):
                 raise ModelNotFound(f"model {model_id!r} is not loaded")
             entry.state = ModelState.UNLOADING
         with entry.lock:
@@ -326,6 +355,14 @@ class ModelRegistry:
                     if self._models.get(model_id) is entry:
                         del self._models[model_id]
         return freed
+
+
+def release_cached_device_memory(device: torch.device) -> None:
+    """After a failed build, once the half-built model is dropped: the blocks it held sit free in
+    torch's caching allocator, which the driver (and so admission, through mem_get_info) still
+    counts as used; hand them back so that a retry fits."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _takes_plan(builder: ModelBuilder) -> bool:

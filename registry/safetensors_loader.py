@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
+import stat
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import torch
 from torch import nn
@@ -80,18 +82,67 @@ def _read_index(index: Path) -> dict[str, str]:
     return weight_map
 
 
+def open_regular(path: Path, buffering: int = -1) -> BinaryIO:
+    """Open a weights file for reading only if it is a regular file: a FIFO, a device or a socket
+    would block the reading thread forever (O_NONBLOCK so the open itself cannot block; the check on
+    the open descriptor, so the file cannot be swapped in between)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise InvalidArgument(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise InvalidArgument(
+                f"{path}: is not a regular file ({_file_kind(mode)}); weights must be plain files"
+            )
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISDIR, "a directory")):  # fmt: skip
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def _refuse_irregular(paths: list[Path]) -> None:
+    """Before anything is opened: every weights file is a regular file (stat follows symlinks)."""
+    for path in paths:
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue  # reported by the open, with its reason
+        if not stat.S_ISREG(mode):
+            raise InvalidArgument(
+                f"{path}: is not a regular file ({_file_kind(mode)}); weights must be plain files"
+            )
+
+
 def _checkpoint_layout(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
+    files, weight_map = _find_checkpoint(model_dir)
+    _refuse_irregular(files)
+    return files, weight_map
+
+
+def _find_checkpoint(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
     index = model_dir / INDEX_FILE
     if index.is_file():
         weight_map = _read_index(index)
         shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (model_dir / s).is_file()]
+        missing = [s for s in shards if not (model_dir / s).exists()]
         if missing:
             raise CorruptCheckpoint(
                 f"{index}: shard file(s) named in the index are missing: {', '.join(missing)}"
             )
         return [model_dir / s for s in shards], weight_map
-    if (model_dir / SINGLE_FILE).is_file():
+    if (model_dir / SINGLE_FILE).exists():
         return [model_dir / SINGLE_FILE], None
     found = sorted(model_dir.glob("*.safetensors"))
     if found:
@@ -121,7 +172,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     """Parse and check one safetensors header without reading tensor data."""
     try:
         size = path.stat().st_size
-        with path.open("rb") as f:
+        with open_regular(path) as f:
             head = f.read(8)
             if len(head) < 8:
                 raise CorruptCheckpoint(f"{path}: truncated (file is {size} bytes, no header)")
@@ -177,7 +228,19 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
                 f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has {size} (truncated)"
             )
         entries[name] = TensorEntry(name, path, dtype, shape, data_start + begin, nbytes)
+    _refuse_overlaps(path, entries)
     return entries
+
+
+def _refuse_overlaps(path: Path, entries: dict[str, TensorEntry]) -> None:
+    """The format gives each tensor its own bytes of the data section: overlapping ones are refused."""
+    spans = sorted((e.offset, e.offset + e.nbytes, e.name) for e in entries.values() if e.nbytes)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:], strict=False):
+        if begin < end:
+            raise CorruptCheckpoint(
+                f"{path}: tensors {first!r} and {second!r} overlap in the data section "
+                f"(bytes [{begin}, {end}) belong to both)"
+            )
 
 
 def index_checkpoint(model_dir: Path) -> dict[str, TensorEntry]:
@@ -487,16 +550,108 @@ def _read_direct(target: torch.Tensor, entry: TensorEntry, f: BinaryIO, narrows:
         done += n
 
 
+LOAD_MODES = ("mmap", "copy")
+
+
+class WeightsLoaded(NamedTuple):
+    """What a load took from the checkpoint: every byte used, and how many of them stay file-backed
+    (parameters that are views of the memory-mapped file, shared with the page cache)."""
+
+    total_bytes: int
+    mapped_bytes: int
+
+
+def _mappable_runs(
+    module: nn.Module, plan: list[tuple[TensorEntry, WeightTarget]]
+) -> dict[str, list[TensorEntry]]:
+    """Parameters (canonical name → their tensors in file order) that can be the file's own bytes: on
+    the CPU, the checkpoint's dtype, contiguous, and filled by tensors of one file that lie back to back
+    in the parameter's row order (a plain weight; gate/up, which safetensors' sorted names store
+    adjacently; stacked experts written in order). Anything else is copied."""
+    params, _ = _parameter_slots(module)
+    by_param: dict[str, list[tuple[TensorEntry, torch.Tensor]]] = {}
+    for entry, target in plan:
+        layout = _layout(module, target.param)
+        if layout.slices is not None or layout.experts is not None:
+            continue  # a tensor-parallel rank holds part of the tensor: copied, never mapped
+        view = _slot_view(params[target.param], layout, target)
+        by_param.setdefault(target.param, []).append((entry, view))
+    runs: dict[str, list[TensorEntry]] = {}
+    for name, items in by_param.items():
+        param = params[name]
+        if param.device.type != "cpu" or not param.is_contiguous() or param.numel() == 0:
+            continue
+        items.sort(key=lambda it: it[1].storage_offset())
+        first = items[0][0]
+        itemsize = param.element_size()
+        if first.offset % itemsize or sum(e.nbytes for e, _ in items) != param.numel() * itemsize:
+            continue
+        base = param.storage_offset()
+        if all(
+            e.file == first.file
+            and e.dtype == param.dtype
+            and v.is_contiguous()
+            and e.offset - first.offset == (v.storage_offset() - base) * itemsize
+            for e, v in items
+        ):
+            runs[name] = [e for e, _ in items]
+    return runs
+
+
+def _map_file(path: Path) -> mmap.mmap:
+    # ACCESS_COPY (MAP_PRIVATE): writable, as torch.frombuffer wants, and a write (an in-place weight
+    # update) copies that page for this process only, never touching the file. Unwritten pages are
+    # the page cache's, shared with every process that maps the file.
+    with path.open("rb", buffering=0) as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+
 @torch.no_grad()
-def load_weights(module: nn.Module, model_dir: Path, mapping: WeightMapping) -> int:
-    """Load every weight of `model_dir` into `module` strictly; returns the bytes read."""
+def load_weights(module: nn.Module, model_dir: Path, mapping: WeightMapping, mode: str = "copy") -> int:
+    """Load every weight of `model_dir` into `module` strictly; returns the bytes taken."""
+    return load_checkpoint(module, model_dir, mapping, mode).total_bytes
+
+
+@torch.no_grad()
+def load_checkpoint(
+    module: nn.Module, model_dir: Path, mapping: WeightMapping, mode: str = "copy"
+) -> WeightsLoaded:
+    """Load every weight of `model_dir` into `module` strictly.
+
+    mode "mmap": a parameter whose bytes are the file's bytes (see `_mappable_runs`) becomes a view of
+    a private memory map of the file instead of a copy — no read at Load, pages come in on first use
+    and are shared with other processes mapping the same file. The file must then never change in
+    place: replace a checkpoint by writing a new file and renaming it over the old one (the mapping
+    keeps the old inode alive); truncating or rewriting a mapped file in place makes the worker fail
+    (SIGBUS) or serve the new bytes. Everything else (dtype conversion, q/k/v fused from separate
+    tensors, GPU targets) is copied as in mode "copy".
+    """
+    if mode not in LOAD_MODES:
+        raise InvalidArgument(f"load mode {mode!r} is not one of {', '.join(LOAD_MODES)}")
     entries = index_checkpoint(model_dir)
     plan = plan_load(module, entries, mapping, where=str(model_dir))
     params, _ = _parameter_slots(module)
+    mapped_bytes = 0
+    if mode == "mmap":
+        runs = _mappable_runs(module, plan)
+        maps: dict[Path, mmap.mmap] = {}
+        for name, run in runs.items():
+            param = params[name]
+            mm = maps.get(run[0].file)
+            if mm is None:
+                mm = maps[run[0].file] = _map_file(run[0].file)
+            # The parameter object stays (tied names keep sharing it); only its storage changes.
+            param.data = torch.frombuffer(
+                mm, dtype=param.dtype, count=param.numel(), offset=run[0].offset
+            ).view(param.shape)
+            mapped_bytes += param.numel() * param.element_size()
+        maps.clear()  # each map lives as long as the parameters viewing it
+        mapped_names = {e.name for run in runs.values() for e in run}
+        plan = [item for item in plan if item[0].name not in mapped_names]
     by_file: dict[Path, list[tuple[TensorEntry, WeightTarget]]] = {}
     for item in plan:
         by_file.setdefault(item[0].file, []).append(item)
-    total = 0
+    total = mapped_bytes
     for path, items in by_file.items():
         targets: list[tuple[TensorEntry, torch.Tensor, Narrows]] = []
         for entry, target in sorted(items, key=lambda it: it[0].offset):
@@ -504,7 +659,7 @@ def load_weights(module: nn.Module, model_dir: Path, mapping: WeightMapping) -> 
             for view, narrows in _slice_copies(param, _layout(module, target.param), target):
                 targets.append((entry, view, narrows))
         mapped = [(e, t, n) for e, t, n in targets if not _reads_directly(t, e, n)]
-        with path.open("rb", buffering=0) as f:
+        with open_regular(path, buffering=0) as f:
             for entry, target, narrows in targets:
                 if _reads_directly(target, entry, narrows):
                     _read_direct(target, entry, f, narrows)
@@ -524,4 +679,4 @@ def load_weights(module: nn.Module, model_dir: Path, mapping: WeightMapping) -> 
                 mm.close()
             except BufferError:  # a view still alive somewhere; the map closes when it dies
                 pass
-    return total
+    return WeightsLoaded(total, mapped_bytes)

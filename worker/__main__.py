@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .logs import LOGGER_NAME, configure_logging, fields
-from .settings import LOG_FORMATS, LOG_LEVELS, Settings, SettingsError, build_settings
+from .settings import LOG_FORMATS, LOG_LEVELS, Settings, SettingsError, build_settings, effective_threads
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -64,10 +64,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--node-rank", help="this host's index; hosts > 0 serve no gRPC (default 0)")
     serve.add_argument("--master-addr", help="rank 0's address for the group (default 127.0.0.1)")
     serve.add_argument("--master-port", help="rendezvous port (default: a free one on one host)")
+    serve.add_argument(
+        "--load-mode", help="mmap | copy: CPU weights mapped from the checkpoint or read in (default mmap)"
+    )
+    serve.add_argument(
+        "--threads", help="torch intra-op threads (default: $OMP_NUM_THREADS, else the usable cores)"
+    )
+    serve.add_argument(
+        "--max-call-bytes", help="cap on one ForwardPaged call's working memory (default 4GiB)"
+    )
+    serve.add_argument("--load-threads", help="threads that run Loads, apart from forwards (default 2)")
     for name, func in GGUF_COMMANDS.items():
         sub.add_parser(
             name, help=f"see `modelworker {name} --help` (registry.gguf_import.{func})", add_help=False
         )
+    return parser
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
     return parser
 
 
@@ -97,8 +114,12 @@ async def _serve(settings: Settings) -> int:
 
         server.metrics.registry.register(RankMemoryCollector(group.local_ranks))
         group.on_failure(lambda: asyncio.run_coroutine_threadsafe(server.refuse_calls(), loop))
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    # SIGHUP and SIGQUIT drain like SIGTERM (no call is cut short by a closing terminal or a stray
+    # signal); SIGUSR1/SIGUSR2 are logged and ignored.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        loop.add_signal_handler(sig, _on_stop_signal, sig, stop)
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        loop.add_signal_handler(sig, lambda s=sig: log.warning("ignoring %s", signal.Signals(s).name))
     await server.start(serving=not settings.preload)
     exit_code = 0
     preload: asyncio.Future[bool] | None = None
@@ -120,7 +141,16 @@ async def _serve(settings: Settings) -> int:
     await server.stop()
     if group is not None:
         group.shutdown()
+    if server.left_work_running:  # threads that may never end: do not let interpreter exit join them
+        logging.shutdown()
+        os._exit(exit_code)
     return exit_code
+
+
+def _on_stop_signal(sig: int, stop: asyncio.Event) -> None:
+    if not stop.is_set():
+        log.info("received %s; draining", signal.Signals(sig).name)
+    stop.set()
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -132,6 +162,9 @@ def serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     # The effective settings, once, at start (operations asks "what is it running with?"; token masked).
     log.info("starting modelworker %s", __version__, extra=fields(**settings.redacted()))
+    import torch
+
+    torch.set_num_threads(effective_threads(settings.threads))
     if settings.node_rank > 0:  # another host of a tensor-parallel group: its ranks, no gRPC
         from .tensor_parallel import serve_followers
 
@@ -167,7 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         return run_gguf_command(argv[0], argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would blame the top-level parser; the usage that helps is the subcommand's
+        sub = _subparser(parser, args.command)
+        sub.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "serve":
         return serve(args)
     parser.print_help(sys.stderr)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
@@ -29,6 +29,13 @@ import grpc.aio
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .client_weights import (
+    AsyncWeightsClientMethods,
+    ReleaseMemoryResult,
+    ResumeMemoryResult,
+    UpdateWeightsResult,
+    WeightsClientMethods,
+)
 from .pb.modelworker.v1 import worker_pb2 as pb
 from .pb.modelworker.v1 import worker_pb2_grpc as pb_grpc
 
@@ -60,14 +67,20 @@ __all__ = [
     "NotFoundError",
     "OutOfRangeError",
     "PermissionDeniedError",
+    "ReleaseMemoryResult",
     "ResourceExhaustedError",
+    "ResumeMemoryResult",
+    "SamplingParams",
+    "SequenceOutput",
     "TlsConfig",
+    "TokenLogprob",
     "TopK",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
     "UnknownError",
     "UnloadResult",
+    "UpdateWeightsResult",
     "WorkerInfo",
     "decode_tensor",
     "error_class_for",
@@ -83,6 +96,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # the worker's default cap
 _RESPONSE_HEADROOM = 1024 * 1024  # the worker may send max_message_bytes plus framing
 
 _LOGITS_MODES: dict[str, int] = {"last": pb.LOGITS_LAST, "all": pb.LOGITS_ALL, "none": pb.LOGITS_NONE}
+_LOGPROBS_MODES: dict[str, int] = {"raw": pb.LOGPROBS_RAW, "processed": pb.LOGPROBS_PROCESSED}
 _LOGITS_DTYPES: dict[str, int] = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
 # Wire dtype → little-endian numpy dtype of its bytes (bfloat16 travels as its 16 raw bits).
 _WIRE_NUMPY: dict[int, str] = {
@@ -241,7 +255,7 @@ class KvCacheConfig:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A model as the worker reports it. `state` is "LOADING", "READY" or "UNLOADING"; the sizes
+    """A model as the worker reports it. `state` is "LOADING", "READY", "SLEEPING" or "UNLOADING"; the sizes
     are zero while a model is still loading."""
 
     id: str
@@ -269,6 +283,11 @@ class ModelInfo:
     is_quant_model: bool
     load_seconds: float
     loaded_at: dt.datetime | None
+    load_mode: str = ""  # "mmap": part of the weights are views of the mapped checkpoint; "copy"
+    mapped_weight_bytes: int = 0  # that part of weight_bytes (file-backed, shared page cache)
+    weights_version: int = 0  # +1 per applied weight update
+    released: tuple[str, ...] = ()  # memory tags ReleaseMemory freed (state "SLEEPING")
+    quantization: str = ""
 
 
 @dataclass(frozen=True)
@@ -292,6 +311,44 @@ class TopK:
 
 
 @dataclass(frozen=True)
+class SamplingParams:
+    """How the worker picks a sequence's next token (README "Sampling on the worker"). The defaults
+    are off: temperature 0 is greedy; top_p 1, min_p 0, top_k 0 and repetition_penalty 1 filter
+    nothing. A seeded sequence draws the same token alone or in any batch."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    prompt_token_ids: Sequence[int] = ()
+    output_token_ids: Sequence[int] = ()
+    logprobs: int = 0  # 0..20 top candidates reported with each emitted token
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    rank: int  # 1 = most likely
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass(frozen=True)
+class SequenceOutput:
+    """What one sequence emitted: accepted drafts, then one more token (a single token without
+    drafts); `logprobs` has one entry per emitted token when logprobs > 0 was asked."""
+
+    token_ids: list[int]
+    num_accepted_drafts: int
+    logprobs: list[TokenLogprob]
+
+
+@dataclass(frozen=True)
 class ForwardResult:
     """`logits`: [rows, vocab] (None with logits_mode "none"); numpy float32 by default, a torch
     tensor in `logits_dtype` with as_torch=True. `next_token_ids`: the argmax at each sequence's last
@@ -302,6 +359,8 @@ class ForwardResult:
     next_token_ids: list[int]
     top_k: list[TopK]
     compute_seconds: float
+    weights_version: int = 0  # the weights that computed this result
+    outputs: list[SequenceOutput] = field(default_factory=list)  # one per sequence
 
 
 @dataclass(frozen=True)
@@ -606,9 +665,11 @@ def _load_request(
     device: str,
     kv_cache: KvCacheConfig | None,
     attention_backend: str,
+    quantization: str = "",
 ) -> pb.LoadRequest:
     kv = kv_cache or KvCacheConfig()
     return pb.LoadRequest(
+        quantization=quantization,
         model_id=model_id,
         model_dir=str(model_dir),
         architecture=architecture,
@@ -690,6 +751,34 @@ def _forward_paged_request(
     return request
 
 
+def _add_sampling(
+    request: pb.ForwardRequest | pb.ForwardPagedRequest,
+    sampling: SamplingParams | Sequence[SamplingParams] | None,
+    logprobs_mode: Literal["raw", "processed"],
+    num_draft_tokens: Sequence[int] | None = None,
+) -> None:
+    """sampling: one for every sequence, or one per sequence; None keeps the argmax."""
+    request.logprobs_mode = _enum(_LOGPROBS_MODES, logprobs_mode, "logprobs_mode")
+    if sampling is not None:
+        for p in [sampling] if isinstance(sampling, SamplingParams) else sampling:
+            msg = request.sampling.add(
+                temperature=p.temperature,
+                top_k=p.top_k,
+                top_p=p.top_p,
+                min_p=p.min_p,
+                repetition_penalty=p.repetition_penalty,
+                presence_penalty=p.presence_penalty,
+                frequency_penalty=p.frequency_penalty,
+                prompt_token_ids=[int(t) for t in p.prompt_token_ids],
+                output_token_ids=[int(t) for t in p.output_token_ids],
+                logprobs=p.logprobs,
+            )
+            if p.seed is not None:
+                msg.seed = p.seed
+    if num_draft_tokens is not None:
+        request.num_draft_tokens.extend(int(d) for d in num_draft_tokens)
+
+
 # -- response decoders -----------------------------------------------------------------------------
 def _model_info(msg: pb.ModelInfo) -> ModelInfo:
     loaded_at = None
@@ -721,6 +810,11 @@ def _model_info(msg: pb.ModelInfo) -> ModelInfo:
         is_quant_model=msg.is_quant_model,
         load_seconds=msg.load_seconds,
         loaded_at=loaded_at,
+        load_mode=msg.load_mode,
+        mapped_weight_bytes=msg.mapped_weight_bytes,
+        weights_version=msg.weights_version,
+        released=tuple(msg.released),
+        quantization=msg.quantization,
     )
 
 
@@ -732,6 +826,20 @@ def _forward_result(msg: pb.ForwardResponse | pb.ForwardPagedResponse, as_torch:
         next_token_ids=list(msg.next_token_ids),
         top_k=[TopK(list(t.token_ids), list(t.logprobs)) for t in msg.top_k],
         compute_seconds=msg.compute_seconds,
+        weights_version=msg.weights_version,
+        outputs=[
+            SequenceOutput(
+                list(o.token_ids),
+                o.num_accepted_drafts,
+                [
+                    TokenLogprob(
+                        lp.token_id, lp.logprob, lp.rank, list(lp.top_token_ids), list(lp.top_logprobs)
+                    )
+                    for lp in o.logprobs
+                ],
+            )
+            for o in msg.outputs
+        ],
     )
 
 
@@ -795,7 +903,7 @@ class _ClientBase:
 
 
 # -- the blocking client ---------------------------------------------------------------------------
-class ModelWorkerClient(_ClientBase):
+class ModelWorkerClient(WeightsClientMethods, _ClientBase):
     """A blocking client of one worker.
 
     `timeout`: the default deadline of every call in seconds (None: no deadline); each method's
@@ -847,11 +955,20 @@ class ModelWorkerClient(_ClientBase):
         kv_cache: KvCacheConfig | None = None,
         attention_backend: str = "",
         timeout: float | None = None,
+        quantization: str = "",
     ) -> LoadResult:
         """Load `model_dir` (inside a model root of the worker) as `model_id`. Empty strings and a
         zero KvCacheConfig mean the worker's defaults. The same spec again returns already_loaded."""
         request = _load_request(
-            model_id, model_dir, architecture, is_quant_model, dtype, device, kv_cache, attention_backend
+            model_id,
+            model_dir,
+            architecture,
+            is_quant_model,
+            dtype,
+            device,
+            kv_cache,
+            attention_backend,
+            quantization,
         )
         response = self._call("Load", self._stub, request, timeout)
         return LoadResult(_model_info(response.model), response.already_loaded)
@@ -871,14 +988,18 @@ class ModelWorkerClient(_ClientBase):
         logits_mode: LogitsMode = "last",
         logits_dtype: LogitsDType = "float32",
         top_k: int = 0,
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        logprobs_mode: Literal["raw", "processed"] = "raw",
         as_torch: bool = False,
         timeout: float | None = None,
     ) -> ForwardResult:
         """A forward pass without paging. `token_ids`: one sequence (1-D) or equal-length rows (2-D).
-        use_cache=False is stateless; use_cache=True writes the contiguous cache rows at start_pos."""
+        use_cache=False is stateless; use_cache=True writes the contiguous cache rows at start_pos.
+        `sampling`: one SamplingParams for every row or one per row (None: argmax)."""
         request = _forward_request(
             model_id, token_ids, positions, use_cache, start_pos, logits_mode, logits_dtype, top_k
         )
+        _add_sampling(request, sampling, logprobs_mode)
         return _forward_result(self._call("Forward", self._stub, request, timeout), as_torch)
 
     def forward_paged(
@@ -895,10 +1016,15 @@ class ModelWorkerClient(_ClientBase):
         logits_mode: LogitsMode = "last",
         logits_dtype: LogitsDType = "float32",
         top_k: int = 0,
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        logprobs_mode: Literal["raw", "processed"] = "raw",
+        num_draft_tokens: Sequence[int] | None = None,
         as_torch: bool = False,
         timeout: float | None = None,
     ) -> ForwardResult:
-        """A forward pass over the paged KV cache (see README "Driving the worker from a scheduler")."""
+        """A forward pass over the paged KV cache (see README "Driving the worker from a scheduler").
+        `sampling`: one SamplingParams for every sequence or one per sequence (None: argmax);
+        `num_draft_tokens`: per sequence, how many of its last query tokens are drafts to verify."""
         request = _forward_paged_request(
             model_id,
             input_tokens,
@@ -912,6 +1038,7 @@ class ModelWorkerClient(_ClientBase):
             logits_dtype,
             top_k,
         )
+        _add_sampling(request, sampling, logprobs_mode, num_draft_tokens)
         return _forward_result(self._call("ForwardPaged", self._stub, request, timeout), as_torch)
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
@@ -1031,7 +1158,7 @@ class ModelWorkerClient(_ClientBase):
 
 
 # -- the asyncio client ----------------------------------------------------------------------------
-class AsyncModelWorkerClient(_ClientBase):
+class AsyncModelWorkerClient(AsyncWeightsClientMethods, _ClientBase):
     """The asyncio twin of `ModelWorkerClient`: the same methods and arguments, awaited. Create and
     use it inside one running event loop; `await client.close()` or `async with`."""
 
@@ -1080,9 +1207,18 @@ class AsyncModelWorkerClient(_ClientBase):
         kv_cache: KvCacheConfig | None = None,
         attention_backend: str = "",
         timeout: float | None = None,
+        quantization: str = "",
     ) -> LoadResult:
         request = _load_request(
-            model_id, model_dir, architecture, is_quant_model, dtype, device, kv_cache, attention_backend
+            model_id,
+            model_dir,
+            architecture,
+            is_quant_model,
+            dtype,
+            device,
+            kv_cache,
+            attention_backend,
+            quantization,
         )
         response = await self._call("Load", self._stub, request, timeout)
         return LoadResult(_model_info(response.model), response.already_loaded)
@@ -1102,12 +1238,15 @@ class AsyncModelWorkerClient(_ClientBase):
         logits_mode: LogitsMode = "last",
         logits_dtype: LogitsDType = "float32",
         top_k: int = 0,
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        logprobs_mode: Literal["raw", "processed"] = "raw",
         as_torch: bool = False,
         timeout: float | None = None,
     ) -> ForwardResult:
         request = _forward_request(
             model_id, token_ids, positions, use_cache, start_pos, logits_mode, logits_dtype, top_k
         )
+        _add_sampling(request, sampling, logprobs_mode)
         return _forward_result(await self._call("Forward", self._stub, request, timeout), as_torch)
 
     async def forward_paged(
@@ -1124,6 +1263,9 @@ class AsyncModelWorkerClient(_ClientBase):
         logits_mode: LogitsMode = "last",
         logits_dtype: LogitsDType = "float32",
         top_k: int = 0,
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        logprobs_mode: Literal["raw", "processed"] = "raw",
+        num_draft_tokens: Sequence[int] | None = None,
         as_torch: bool = False,
         timeout: float | None = None,
     ) -> ForwardResult:
@@ -1140,6 +1282,7 @@ class AsyncModelWorkerClient(_ClientBase):
             logits_dtype,
             top_k,
         )
+        _add_sampling(request, sampling, logprobs_mode, num_draft_tokens)
         return _forward_result(await self._call("ForwardPaged", self._stub, request, timeout), as_torch)
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:

@@ -12,6 +12,8 @@ import torch
 
 from registry.errors import InvalidArgument
 
+from .gpu_memory import gpu_memory
+
 _DEVICE_RE = re.compile(r"cpu|cuda(?::(\d+))?")
 
 
@@ -79,16 +81,23 @@ def cpu_memory() -> DeviceMemory:
     return DeviceMemory("cpu", description, total, free)
 
 
-def cuda_memory(index: int) -> DeviceMemory:
-    free, total = torch.cuda.mem_get_info(index)
-    return DeviceMemory(f"cuda:{index}", torch.cuda.get_device_name(index), int(total), int(free))
+def cuda_memory(index: int, *, create_context: bool = False) -> DeviceMemory:
+    """A GPU's memory. Unless `create_context` (a Load onto it is about to make one anyway), a device
+    this process has not used is read through NVML, so Info and scrapes create no CUDA context."""
+    name = torch.cuda.get_device_name(index)
+    if create_context:
+        free, total = torch.cuda.mem_get_info(index)
+        return DeviceMemory(f"cuda:{index}", name, int(total), int(free))
+    mem = gpu_memory(index)
+    if mem.source.startswith("unknown"):
+        name = f"{name} (free memory {mem.source})"
+    return DeviceMemory(f"cuda:{index}", name, mem.total_bytes, mem.free_bytes)
 
 
 def free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
-        return cuda_memory(
-            device.index if device.index is not None else torch.cuda.current_device()
-        ).free_bytes
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return cuda_memory(index, create_context=True).free_bytes
     return cpu_memory().free_bytes
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -17,10 +18,26 @@ def fields(**values: Any) -> dict[str, dict[str, Any]]:
     return {FIELDS_ATTR: values}
 
 
+# Characters that could forge or hide a line in a text log: C0/C1 controls, DEL, line separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    c = match.group()
+    if c in "\n\r\t":
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}[c]
+    return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every control character written as an escape (\\n, \\x1b, \\u2028)."""
+    return _CONTROL.sub(_escape, text)
+
+
 def _format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6f}".rstrip("0").rstrip(".") if value else "0"
-    text = str(value)
+    text = escape_controls(str(value))
     return json.dumps(text) if (not text or any(c in text for c in ' "=')) else text
 
 
@@ -29,7 +46,13 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        # The message's own values (a model id, a path) are escaped too; a traceback keeps its lines.
+        msg, args = record.msg, record.args
+        record.msg, record.args = escape_controls(record.getMessage()), None
+        try:
+            line = super().format(record)
+        finally:
+            record.msg, record.args = msg, args
         extra = getattr(record, FIELDS_ATTR, None)
         if extra:
             tail = " ".join(f"{k}={_format_value(v)}" for k, v in extra.items() if v is not None)

@@ -23,13 +23,15 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from registry.registry import ModelEntry
 
 from . import devices
+from .gpu_memory import has_context
 from .logs import LOGGER_NAME
+from .metrics_http import start_metrics_http
 from .observer import WorkerObserver
 
 log = logging.getLogger(LOGGER_NAME + ".metrics")
@@ -39,6 +41,9 @@ log = logging.getLogger(LOGGER_NAME + ".metrics")
 # prefill. gRPC calls span both (ListModels .. Load).
 LOAD_BUCKETS = (
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 300.0, 450.0, 600.0,
+)  # fmt: skip
+UPDATE_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )  # fmt: skip
 UNLOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 FORWARD_BUCKETS = (
@@ -155,8 +160,18 @@ class PrometheusObserver(WorkerObserver):
             registry=registry,
         )
         self._kv_directions: dict[str, set[str]] = {}  # model id -> directions it has series for
+        self.weight_update_seconds = Histogram(
+            "modelworker_weight_update_seconds",
+            "Time of an applied weight update (receive or read, check, copy), by model and source "
+            "(disk | stream | distributed:gloo | distributed:nccl).",
+            ["model", "source"],
+            buckets=UPDATE_BUCKETS,
+            registry=registry,
+        )
         # model id -> the (rpc, phase) pairs it has series for, so unload can remove exactly those.
         self._loaded: dict[str, set[tuple[str, str]]] = {}
+        # model id -> the weight-update sources it has series for.
+        self._updated: dict[str, set[str]] = {}
 
     @_never_raise
     def model_loaded(self, entry: ModelEntry) -> None:
@@ -189,6 +204,21 @@ class PrometheusObserver(WorkerObserver):
         for direction in self._kv_directions.pop(model_id, ()):
             _remove(self.kv_transfer_bytes, model_id, direction)
             _remove(self.kv_transfer_seconds, model_id, direction)
+        for source in self._updated.pop(model_id, ()):
+            _remove(self.weight_update_seconds, model_id, source)
+
+    @_never_raise
+    def weights_updated(self, model_id: str, source: str, seconds: float) -> None:
+        if model_id not in self._loaded:  # unloaded meanwhile: no series for it
+            return
+        self._updated.setdefault(model_id, set()).add(source)
+        self.weight_update_seconds.labels(model_id, source).observe(seconds)
+
+    @_never_raise
+    def memory_resident(self, model_id: str, weight_bytes: int, kv_cache_bytes: int) -> None:
+        if model_id in self._loaded:
+            self.weight_bytes.labels(model_id).set(weight_bytes)
+            self.kv_cache_bytes.labels(model_id).set(kv_cache_bytes)
 
     @_never_raise
     def lock_waited(self, model_id: str, seconds: float) -> None:
@@ -227,7 +257,7 @@ class DeviceMemoryCollector:
     cpu: total, available (MemAvailable) and process_resident (this process's RSS); cuda:N: total,
     free (driver view, all processes), allocated and reserved (this process's torch allocator). CUDA
     is only asked once this process has initialized it: a scrape of a CPU worker never creates a CUDA
-    context.
+    context, and devices the worker does not use are read through NVML (worker/gpu_memory.py).
     """
 
     NAME = "modelworker_device_memory_bytes"
@@ -251,8 +281,9 @@ class DeviceMemoryCollector:
                     mem = devices.cuda_memory(index)
                     family.add_metric([mem.name, "total"], mem.total_bytes)
                     family.add_metric([mem.name, "free"], mem.free_bytes)
-                    family.add_metric([mem.name, "allocated"], torch.cuda.memory_allocated(index))
-                    family.add_metric([mem.name, "reserved"], torch.cuda.memory_reserved(index))
+                    if has_context(index):  # this process's allocator; none where it has no context
+                        family.add_metric([mem.name, "allocated"], torch.cuda.memory_allocated(index))
+                        family.add_metric([mem.name, "reserved"], torch.cuda.memory_reserved(index))
         except Exception:  # a scrape must still return the other metrics
             log.exception("reading device memory for metrics failed")
         return [family]
@@ -465,7 +496,7 @@ class MetricsHttpServer:
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
         try:
-            self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
+            self._httpd, self._thread = start_metrics_http(registry, host, port)
         except OSError as exc:
             raise OSError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
         self.port: int = self._httpd.server_address[1]

@@ -29,5 +29,12 @@ class WorkerObserver:
         """An ExportKvBlocks or ImportKvBlocks succeeded. direction: export | import; nbytes: K and V
         bytes moved; seconds: from the call's start to the last chunk sent or the blocks written."""
 
+    def weights_updated(self, model_id: str, source: str, seconds: float) -> None:
+        """A weight update was applied. source: disk | stream | distributed:<backend>; seconds:
+        from the call's start (reading or receiving the tensors included) to the last copy."""
+
+    def memory_resident(self, model_id: str, weight_bytes: int, kv_cache_bytes: int) -> None:
+        """ReleaseMemory or ResumeMemory changed what the model holds: the bytes resident now."""
+
 
 NULL_OBSERVER = WorkerObserver()

@@ -40,6 +40,19 @@ _SERVICE_PREFIX = f"/{SERVICE_NAME}/"
 _HEALTH_PREFIX = f"/{HEALTH_SERVICE_NAME}/"
 # Headroom over max_message_bytes for a response's framing (sizes are checked before the work).
 SEND_HEADROOM_BYTES = 1024 * 1024
+# Connections that hold a file descriptor without doing anything are closed: a TCP connection that
+# has not finished the HTTP/2 (or TLS) handshake after 10 s (gRPC's default is 120 s), one idle for
+# 5 minutes, and a peer that stops answering keepalive pings.
+CONNECTION_OPTIONS = [
+    ("grpc.server_handshake_timeout_ms", 10_000),
+    ("grpc.max_connection_idle_ms", 300_000),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+# After the grace period, unloading gets this long before the process exits with work still running.
+UNLOAD_SECONDS_AFTER_GRACE = 5.0
 
 
 def build_registry(settings: Settings) -> ModelRegistry:
@@ -53,28 +66,22 @@ def build_registry(settings: Settings) -> ModelRegistry:
 def _deny(
     handler: grpc.RpcMethodHandler, method: str, code: grpc.StatusCode, message: str
 ) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that fails with `code` (and logs the failed call)."""
+    """A handler that fails with `code` (and logs the failed call) without reading the request: a
+    request-streaming handler that never iterates, with a deserializer that keeps nothing, so a
+    refused call's message (up to max_message_bytes) is neither decoded nor held."""
 
-    async def fail(context: grpc.aio.ServicerContext) -> None:
+    async def stream_request(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         log_call(method.rsplit("/", 1)[-1], code, 0.0, request_id_of(context), message=message)
         await context.abort(code, message)
 
-    async def unary_request(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await fail(context)
-
-    async def stream_request(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-        await fail(context)
-
-    kwargs = dict(
-        request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-    )
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(stream_request, **kwargs)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(stream_request, **kwargs)
+    kwargs = dict(request_deserializer=_discard, response_serializer=handler.response_serializer)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(unary_request, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(unary_request, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(stream_request, **kwargs)
+    return grpc.stream_unary_rpc_method_handler(stream_request, **kwargs)
+
+
+def _discard(data: bytes) -> None:
+    return None
 
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
@@ -194,6 +201,7 @@ class WorkerServer:
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", send_limit),
                 ("grpc.so_reuseport", 0),
+                *CONNECTION_OPTIONS,
             ],
         )
         pb_grpc.add_ModelWorkerServicer_to_server(self.servicer, self.server)
@@ -203,6 +211,9 @@ class WorkerServer:
         )
         self.port = 0
         self._stopped = False
+        # Set by stop() when threads were still busy at its hard bound (a Load stuck on a file, a
+        # forward longer than the grace period): the process should exit without waiting for them.
+        self.left_work_running = False
 
     @property
     def address(self) -> str:
@@ -293,8 +304,18 @@ class WorkerServer:
         if not await self.gate.wait_idle(grace):
             log.warning("grace period over; cancelling calls", extra=fields(inflight=self.gate.inflight))
         await self.server.stop(max(grace - (time.monotonic() - started), 0.0))
-        unloaded = await self.servicer.unload_all()
-        self.servicer.close()
+        # A hard bound: the unloads wait for threads still running a model, which may never end.
+        unloading = asyncio.ensure_future(self.servicer.unload_all())
+        done, _ = await asyncio.wait([unloading], timeout=UNLOAD_SECONDS_AFTER_GRACE)
+        unloaded = unloading.result() if done else []
+        if not done:
+            self.left_work_running = True
+            unloading.cancel()
+            log.warning(
+                "threads still busy after the grace period; exiting without waiting for them",
+                extra=fields(waited_s=round(time.monotonic() - started, 3)),
+            )
+        self.servicer.close(wait=not self.left_work_running)
         if self.metrics_http is not None:  # last, so a scrape still works while draining
             self.metrics_http.stop()
         log.info(

@@ -22,26 +22,32 @@ from typing import TypeVar
 import grpc
 import torch
 
+from architectures.sampling import Sampler, SequenceSample, verification_rows
 from registry import KvCacheOptions, LoadOptions, LoadPlan, Model, ModelRegistry
+from registry.config_checks import check_checkpoint_shapes
 from registry.errors import InvalidArgument, ModelNotReady, OutOfResources
 from registry.paged_checks import check_token_count, resolve_query_lens
 from registry.registry import LoadOutcome, ModelEntry, ModelState, validate_model_id
+from registry.safetensors_loader import index_checkpoint
 
-from . import __version__, kv_transfer
+from . import __version__, kv_transfer, sampling_codec
 from . import devices as dev
+from . import request_limits as limits
 from .logs import LOGGER_NAME, fields
 from .observer import NULL_OBSERVER, WorkerObserver
 from .pb.modelworker.v1 import worker_pb2 as pb
 from .pb.modelworker.v1 import worker_pb2_grpc as pb_grpc
-from .settings import Settings
+from .settings import LOAD_MODES, Settings
 from .status import is_out_of_memory, map_exception, note, rpc_method
 from .tensors import encode_tensor, fill_top_k, logits_dtype, logits_mode, logits_response_bytes, top_k
+from .weights_service import WeightsServicerMixin, released_tags
 
 T = TypeVar("T")
 log = logging.getLogger(LOGGER_NAME)
 
 LOAD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 STATE_TO_PB = {ModelState.LOADING: pb.LOADING, ModelState.READY: pb.READY, ModelState.UNLOADING: pb.UNLOADING}
+STATE_TO_PB[ModelState.SLEEPING] = pb.SLEEPING
 # Threads for model work: forwards on different models overlap, and a slow Load leaves room for them.
 EXECUTOR_THREADS = 8
 
@@ -63,7 +69,7 @@ def _phase_paged(is_prefill: bool, query_lens: list[int], context_lens: list[int
     return "mixed" if any(decoding) else "prefill"
 
 
-class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
+class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
     def __init__(
         self,
         registry: ModelRegistry,
@@ -76,6 +82,8 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         self.observer = observer
         self.default_device = dev.resolve_default_device(settings.device)
         self._executor = executor or ThreadPoolExecutor(EXECUTOR_THREADS, thread_name_prefix="model")
+        # Loads run apart: a Load stuck reading a file cannot take the threads forwards need.
+        self._load_executor = ThreadPoolExecutor(settings.load_threads, thread_name_prefix="load")
         # One lock per model id while any call holds or waits for it; the entry goes when the last
         # user is done, so ids that come and go do not accumulate.
         self._locks: dict[str, asyncio.Lock] = {}
@@ -83,15 +91,19 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         # Bytes admitted for loads still building, so concurrent loads cannot both take the same memory.
         self._reserved: dict[object, int] = {}
         self._reserve_lock = threading.Lock()
+        self.sampler = Sampler()  # unseeded draws of every model
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=False)
+    def close(self, wait: bool = True) -> None:
+        """Stop the executors; wait=False leaves threads still running (a stuck Load) behind."""
+        self.destroy_weights_groups()
+        self._executor.shutdown(wait=wait, cancel_futures=not wait)
+        self._load_executor.shutdown(wait=wait, cancel_futures=not wait)
 
     # -- running model work ------------------------------------------------------------------
-    async def _in_thread(self, fn: Callable[[], T]) -> T:
+    async def _in_thread(self, fn: Callable[[], T], executor: ThreadPoolExecutor | None = None) -> T:
         """Run fn in the executor; a cancelled caller leaves the thread to finish."""
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, functools.partial(_inference, fn))
+        future = loop.run_in_executor(executor or self._executor, functools.partial(_inference, fn))
         future.add_done_callback(_consume)
         return await asyncio.shield(future)
 
@@ -149,7 +161,11 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         def body() -> T:
             with self.registry.get_model_mut(model_id) as model:
                 try:
-                    return fn(model)
+                    result = fn(model)
+                    if isinstance(result, (pb.ForwardResponse, pb.ForwardPagedResponse)):
+                        # The weights that computed it: read under the lock an update also takes.
+                        result.weights_version = self.registry.get_entry(model_id).weights_version
+                    return result
                 except Exception as exc:
                     if not is_out_of_memory(exc):
                         raise
@@ -168,7 +184,9 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             raise InvalidArgument("model_dir is empty")
         started = time.perf_counter()
         try:
-            outcome, info = await self._in_thread(lambda: self._load_and_describe(request))
+            outcome, info = await self._in_thread(
+                lambda: self._load_and_describe(request), self._load_executor
+            )
         except Exception as exc:
             self.observer.model_load_failed(
                 request.model_id,
@@ -197,7 +215,13 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         alive after an Unload. info is None if the model was gone before a joining Load looked."""
         outcome = self._load_blocking(request)
         model = outcome.model
-        info = self._model_info(outcome.entry, model) if model is not None else None
+        try:
+            info = self._model_info(outcome.entry, model) if model is not None else None
+        except ValueError as exc:  # a number out of a field's range: never leave it READY (ListModels)
+            if not outcome.already_loaded:
+                del model
+                self.registry.unload_model(request.model_id)
+            raise InvalidArgument(f"model {request.model_id!r} cannot be described: {exc}") from None
         return LoadOutcome(outcome.entry, outcome.already_loaded), info
 
     async def preload(self, model_id: str, model_dir: str) -> ModelEntry:
@@ -205,7 +229,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         request = pb.LoadRequest(model_id=model_id, model_dir=model_dir)
         validate_model_id(model_id)
         started = time.perf_counter()
-        outcome = await self._in_thread(lambda: self._load_blocking(request))
+        outcome = await self._in_thread(lambda: self._load_blocking(request), self._load_executor)
         entry = outcome.entry
         if not outcome.already_loaded:
             self.observer.model_loaded(entry)
@@ -232,8 +256,10 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             dtype=self._load_dtype(request.dtype),
             device=str(device),
             is_quant_model=request.is_quant_model,
+            quantization=request.quantization.strip().lower(),
             attention_backend=backend,
             enforce_eager=request.enforce_eager,
+            load_mode=self._load_mode(request.load_mode),
             kv_cache=KvCacheOptions(
                 block_size=kv.block_size,
                 num_blocks=kv.num_blocks,
@@ -260,6 +286,13 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             with self._reserve_lock:
                 self._reserved.pop(token, None)
 
+    def _load_mode(self, text: str) -> str:
+        """ "" → the worker's --load-mode; else mmap or copy."""
+        mode = (text or self.settings.load_mode).strip().lower()
+        if mode not in LOAD_MODES:
+            raise InvalidArgument(f"load_mode {text!r} is not one of {', '.join(LOAD_MODES)}")
+        return mode
+
     def _load_dtype(self, text: str) -> torch.dtype | None:
         """ "" → the worker's default; "auto" → None, which the registry's load plan resolves."""
         name = (text or self.settings.dtype).strip().lower()
@@ -280,6 +313,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
     def _admit(self, token: object, plan: LoadPlan) -> None:
         """Refuse a load that cannot fit, before anything is allocated (RESOURCE_EXHAUSTED)."""
         device, model_dir = plan.device, plan.model_dir
+        check_checkpoint_shapes(plan.config, index_checkpoint(model_dir))  # before anything is allocated
         free = dev.free_bytes(device)
         need = plan.total_bytes
         what = f"{need} bytes (weights {plan.weight_bytes} + KV cache {plan.cache.total_bytes})"
@@ -344,6 +378,22 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
                 f"request has {sequences} sequences; this worker's cap is {s.max_batch_size}"
             )
 
+    def _check_paged_call(
+        self, model: Model, request: pb.ForwardPagedRequest, tokens: int, rows: int
+    ) -> None:
+        """Block tables within the cache and the call's working memory within bounds, from sizes only."""
+        lengths = [len(t.block_ids) for t in request.block_tables]
+        limits.check_block_tables(lengths, model.cache_spec.num_blocks)
+        estimate = limits.paged_call_bytes(
+            model, tokens, len(lengths), sum(lengths), max(lengths), max(rows, 1)
+        )
+        budget = self.settings.memory_budget_bytes
+        left = None
+        if budget:
+            with self._reserve_lock:
+                left = budget - self._held_bytes() - sum(self._reserved.values())
+        limits.check_call_memory(estimate, self.settings.max_call_bytes, left)
+
     def _check_response_size(
         self, rows: int, vocab: int, dtype: torch.dtype, k: int, k_rows: int, seqs: int
     ) -> None:
@@ -369,6 +419,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         out_dtype = logits_dtype(request.logits_dtype)
         batch = request.batch_size or 1
         n = len(request.token_ids)
+        limits.check_dense_batch(n, batch)
         self._check_caps(n, batch)
         if n == 0:
             raise InvalidArgument("token_ids is empty")
@@ -381,10 +432,13 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             )
         k = request.top_k
         all_rows = mode == pb.LOGITS_ALL
+        sampling = sampling_codec.sampling_params(request.sampling, batch, "batch row")
+        processed = sampling_codec.processed_logprobs(request.logprobs_mode)
 
         def run(model: Model) -> pb.ForwardResponse:
             vocab = model.config.vocab_size
             self._check_top_k(k, vocab)
+            sampling_codec.check_token_ids(request.sampling, vocab, "batch row")
             rows = {pb.LOGITS_ALL: n, pb.LOGITS_LAST: batch, pb.LOGITS_NONE: 0}[mode]
             self._check_response_size(rows, vocab, out_dtype, k, rows or batch, batch)
             ids = torch.tensor(list(request.token_ids), dtype=torch.long).view(batch, seq_len)
@@ -404,12 +458,14 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
                 )
             else:
                 logits = model.forward(ids, positions, all_logits=all_rows)
-            _synchronize(model.device)
-            compute = time.perf_counter() - started
             # logits: [batch, seq, vocab] when all_rows, else [batch, vocab] (last positions)
             last = logits[:, -1] if all_rows else logits
             rows_out = logits.reshape(n, vocab) if all_rows else logits
-            return _forward_reply(pb.ForwardResponse(), rows_out, last, mode, out_dtype, k, compute)
+            context = [request.start_pos + seq_len] * batch
+            samples = self.sampler.sample(last, sampling, context, processed_logprobs=processed)
+            _synchronize(model.device)
+            compute = time.perf_counter() - started  # the forward and the sampling
+            return _forward_reply(pb.ForwardResponse(), rows_out, last, mode, out_dtype, k, compute, samples)
 
         response = await self._on_model(model_id, run)
         phase = _phase_dense(request.use_cache, request.start_pos, seq_len)
@@ -452,12 +508,20 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         check_token_count("input_tokens", n, query_lens, defaulted)
         k = request.top_k
         all_rows = mode == pb.LOGITS_ALL
+        sampling = sampling_codec.sampling_params(request.sampling, seqs, "sequence")
+        processed = sampling_codec.processed_logprobs(request.logprobs_mode)
+        num_drafts = sampling_codec.draft_counts(request.num_draft_tokens, query_lens)
+        drafts = sampling_codec.draft_tokens(request.input_tokens, query_lens, num_drafts)
+        # Verification scores every draft position: only those rows (or all of them for LOGITS_ALL).
+        verify = {"logits_indices": verification_rows(query_lens, num_drafts)} if any(num_drafts) else {}
 
         def run(model: Model) -> pb.ForwardPagedResponse:
             vocab = model.config.vocab_size
             self._check_top_k(k, vocab)
+            sampling_codec.check_token_ids(request.sampling, vocab, "sequence")
             rows = {pb.LOGITS_ALL: n, pb.LOGITS_LAST: seqs, pb.LOGITS_NONE: 0}[mode]
             self._check_response_size(rows, vocab, out_dtype, k, rows or seqs, seqs)
+            self._check_paged_call(model, request, n, rows)
             started = time.perf_counter()
             logits = model.forward_paged(
                 torch.tensor(list(request.input_tokens), dtype=torch.long),
@@ -468,16 +532,25 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
                 request.is_prefill,
                 list(request.query_lens) or None,
                 all_logits=all_rows,
+                **({} if all_rows else verify),
             )
-            _synchronize(model.device)
-            compute = time.perf_counter() - started
             if all_rows:
                 # [num_tokens, vocab]; each sequence's last query token ends its run of query_lens.
                 ends = torch.tensor(query_lens, device=logits.device).cumsum(0) - 1
                 last = logits[ends]
+                scored = logits[verify["logits_indices"]] if verify else last
+            elif verify:  # [sum(d + 1), vocab]: each sequence's rows end with its last query token
+                scored = logits
+                last = logits[torch.tensor([d + 1 for d in num_drafts], device=logits.device).cumsum(0) - 1]
             else:
-                last = logits  # [num_seqs, vocab]
-            return _forward_reply(pb.ForwardPagedResponse(), logits, last, mode, out_dtype, k, compute)
+                last = scored = logits  # [num_seqs, vocab]
+            samples = self.sampler.sample(scored, sampling, context_lens, drafts, processed)
+            _synchronize(model.device)
+            compute = time.perf_counter() - started  # the forward and the sampling
+            returned = logits if all_rows else last
+            return _forward_reply(
+                pb.ForwardPagedResponse(), returned, last, mode, out_dtype, k, compute, samples
+            )
 
         response = await self._on_model(model_id, run)
         phase = _phase_paged(request.is_prefill, query_lens, context_lens)
@@ -500,6 +573,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         model_id = validate_model_id(request.model_id)
 
         def run(model: Model) -> pb.SliceKvCacheResponse:
+            limits.check_slice(model, request.start_pos, request.length)
             c, spec = model.config, model.cache_spec
             size = (
                 2
@@ -554,6 +628,10 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         default_dtype = s.dtype
         if default_dtype == "auto" and self.default_device.type != "cuda":
             default_dtype = "float32"
+        # Off the event loop: the device probes ask the driver (NVML) and may import flash_attn.
+        devices, backends = await asyncio.to_thread(
+            lambda: (dev.all_devices(), self.registry.attention_backends.available(*_machine_devices()))
+        )
         return pb.InfoResponse(
             version=__version__,
             devices=[
@@ -563,11 +641,11 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
                     total_memory_bytes=d.total_bytes,
                     free_memory_bytes=d.free_bytes,
                 )
-                for d in dev.all_devices()
+                for d in devices
             ],
             default_device=str(self.default_device),
             default_dtype=default_dtype,
-            attention_backends=self.registry.attention_backends.available(*_machine_devices()),
+            attention_backends=backends,
             limits=pb.Limits(
                 max_message_bytes=s.max_message_bytes,
                 max_tokens_per_request=s.max_tokens_per_request,
@@ -576,6 +654,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             model_roots=[os.path.realpath(r) for r in self.registry.model_roots],
             architectures=self.registry.list_architectures(),
             world_size=s.tensor_parallel_size,
+            threads=torch.get_num_threads(),
         )
 
     # -- encoding ------------------------------------------------------------------------------
@@ -591,6 +670,8 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
             state=STATE_TO_PB[entry.state],
             is_quant_model=spec.options.is_quant_model,
             attention_backend=spec.options.attention_backend,
+            weights_version=entry.weights_version,
+            released=released_tags(entry),
         )
         model = model if model is not None else entry.model
         if model is None:
@@ -600,6 +681,7 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         info.dtype = dtype_name(model.dtype)
         info.num_parameters = model.num_parameters
         info.weight_bytes = model.weight_bytes
+        info.quantization = model.quantization
         info.kv_cache_bytes = cache.total_bytes
         info.vocab_size = c.vocab_size
         info.hidden_size = c.hidden_size
@@ -617,6 +699,8 @@ class ModelWorkerServicer(pb_grpc.ModelWorkerServicer):
         info.cuda_graph_batch_sizes.extend(model.cuda_graph_batch_sizes)
         info.cuda_graph_bytes = model.cuda_graph_bytes
         info.tensor_parallel_size = getattr(model, "tensor_parallel_size", 1)
+        info.load_mode = model.load_mode
+        info.mapped_weight_bytes = model.mapped_weight_bytes
         info.load_seconds = entry.load_seconds
         info.loaded_at.FromNanoseconds(int(entry.loaded_at * 1e9))
         return info
@@ -646,11 +730,13 @@ def _forward_reply(
     out_dtype: torch.dtype,
     k: int,
     compute: float,
+    samples: list[SequenceSample],
 ) -> pb.ForwardResponse | pb.ForwardPagedResponse:
     """rows: the logits rows the mode returns [rows, vocab]; last: each sequence's last row [seqs, vocab].
-    Both float32; next_token_ids and top_k come from float32 whatever the wire dtype is."""
+    Both float32; top_k comes from float32 whatever the wire dtype is. samples: what each sequence
+    emitted (next_token_ids is the last of them, the argmax without sampling)."""
     response.compute_seconds = compute
-    response.next_token_ids.extend(last.argmax(dim=-1).tolist())
+    sampling_codec.fill_outputs(response, samples)
     if mode != pb.LOGITS_NONE:
         encode_tensor(rows.to(out_dtype), response.logits)
     if k:

@@ -25,6 +25,7 @@ ENV_PREFIX = "MODELWORKER_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+LOAD_MODES = ("mmap", "copy")
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _SIZE_RE = re.compile(r"(\d+)\s*(?:([kmgt])(i)?)?b?", re.IGNORECASE)
 
@@ -62,6 +63,15 @@ class Settings:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 0
+    # mmap: CPU weights whose bytes are the checkpoint's stay views of the mapped file (checkpoints
+    # must then be replaced by rename, never rewritten in place); copy: every weight is read in.
+    load_mode: str = "mmap"
+    # torch intra-op threads; 0: $OMP_NUM_THREADS when set, else the cores this process may use.
+    threads: int = 0
+    # Working memory one ForwardPaged call may need (RESOURCE_EXHAUSTED above it).
+    max_call_bytes: int = 4096 * MiB
+    # Threads that run Loads (apart from the forwards' threads, so a stuck Load cannot starve them).
+    load_threads: int = 2
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -102,7 +112,12 @@ def parse_bytes(text: str | int) -> int:
 def _parse_int(text: str | int) -> int:
     if isinstance(text, bool):
         raise ValueError(f"expected an integer, got {text!r}")
-    return text if isinstance(text, int) else int(str(text).strip())
+    if isinstance(text, int):
+        return text
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None
 
 
 def _parse_float(text: str | float) -> float:
@@ -191,6 +206,10 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "node_rank": _parse_int,
     "master_addr": lambda v: _parse_str(v).strip(),
     "master_port": _parse_int,
+    "load_mode": _parse_lower,
+    "threads": _parse_int,
+    "max_call_bytes": parse_bytes,
+    "load_threads": _parse_int,
 }
 
 # Environment names that are not simply MODELWORKER_<FIELD>.
@@ -240,6 +259,14 @@ def _validate(s: Settings) -> None:
         fail("node_rank", f"must be in [0, nnodes = {s.nnodes}), got {s.node_rank}")
     if not 0 <= s.master_port <= 65535 or (s.nnodes > 1 and s.master_port == 0):
         fail("master_port", f"must be in [1, 65535] with several hosts (0: a free port), got {s.master_port}")
+    if s.load_mode not in LOAD_MODES:
+        fail("load_mode", f"must be one of {', '.join(LOAD_MODES)}, got {s.load_mode!r}")
+    if s.threads < 0:
+        fail("threads", f"must be >= 0 (0: the cores this process may use), got {s.threads}")
+    if s.max_call_bytes < 1:
+        fail("max_call_bytes", f"must be >= 1, got {s.max_call_bytes}")
+    if not 1 <= s.load_threads <= 64:
+        fail("load_threads", f"must be in [1, 64], got {s.load_threads}")
     if (s.tls_cert is None) != (s.tls_key is None):
         fail("tls_cert/tls_key", "both are needed for TLS")
     if s.tls_client_ca is not None and s.tls_cert is None:
@@ -248,6 +275,20 @@ def _validate(s: Settings) -> None:
         path = getattr(s, name)
         if path is not None and not path.is_file():
             fail(name, f"{path} is not a readable file")
+
+
+def effective_threads(threads: int, env: Mapping[str, str] | None = None) -> int:
+    """The torch intra-op thread count for `threads` (0: $OMP_NUM_THREADS when it is a positive
+    integer, else the cores this process may run on — its affinity, not the machine's count)."""
+    if threads:
+        return threads
+    omp = (os.environ if env is None else env).get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def read_toml(path: Path) -> dict[str, Any]:

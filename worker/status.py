@@ -42,7 +42,19 @@ KIND_TO_CODE: dict[str, grpc.StatusCode] = {
 REQUEST_ID_KEY = "x-request-id"
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # Methods whose successful calls are logged too (they change what the worker holds).
-ALWAYS_LOGGED = frozenset({"Load", "Unload"})
+ALWAYS_LOGGED = frozenset(
+    {
+        "Load",
+        "Unload",
+        "UpdateWeights",
+        "UpdateWeightsFromStream",
+        "UpdateWeightsFromDistributed",
+        "InitWeightsGroup",
+        "DestroyWeightsGroup",
+        "ReleaseMemory",
+        "ResumeMemory",
+    }
+)
 
 # Extra fields a servicer method adds to its call's log line (e.g. already_loaded, freed_bytes).
 _call_fields: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
@@ -77,6 +89,25 @@ def map_exception(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, ""
 
 
+# Longest status message sent (the log line keeps the whole one): a long list of weights must not
+# push the trailers past the client's metadata limit (16 KB), which turns the code into RESOURCE_EXHAUSTED.
+MAX_STATUS_MESSAGE_CHARS = 1024
+
+
+def cap_message(message: str, limit: int = MAX_STATUS_MESSAGE_CHARS) -> str:
+    """`message` cut to about `limit` characters at a list separator, saying how many items are left."""
+    if len(message) <= limit:
+        return message
+    head = message[: limit - 80]
+    cut = max(head.rfind(", "), head.rfind("; "))
+    if cut > limit // 2:
+        head = head[:cut]
+    rest = message[len(head) :]
+    items = rest.count(", ") + rest.count("; ")
+    what = f"{items} more" if items else f"{len(rest)} more characters"
+    return f"{head} ... and {what} (the worker log has the whole message)"
+
+
 def request_id_of(context: grpc.aio.ServicerContext | None) -> str:
     """The client's x-request-id when it sent a sane one, else a fresh id."""
     if context is not None:
@@ -97,9 +128,8 @@ def log_call(
     **extra: Any,
 ) -> None:
     ok = code is grpc.StatusCode.OK
-    level = logging.INFO if ok or code is not grpc.StatusCode.INTERNAL else logging.ERROR
     log.log(
-        level,
+        log_level_of(code),
         "%s %s",
         method,
         "ok" if ok else "failed",
@@ -114,6 +144,18 @@ def log_call(
             **extra,
         ),
     )
+
+
+# A failed call is the client's problem (WARNING) unless the worker failed (ERROR); OK and a call the
+# client cancelled are routine (INFO).
+_ERROR_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS})
+_INFO_CODES = frozenset({grpc.StatusCode.OK, grpc.StatusCode.CANCELLED})
+
+
+def log_level_of(code: grpc.StatusCode) -> int:
+    if code in _INFO_CODES:
+        return logging.INFO
+    return logging.ERROR if code in _ERROR_CODES else logging.WARNING
 
 
 Req = TypeVar("Req")
@@ -156,7 +198,7 @@ def rpc_method(name: str) -> Callable[[Handler], Handler]:
                     **extra,
                 )
                 context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-                await context.abort(code, message)
+                await context.abort(code, cap_message(message))
             finally:
                 _call_fields.reset(token)
             if name in ALWAYS_LOGGED:

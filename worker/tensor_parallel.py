@@ -403,6 +403,18 @@ class TensorParallelModel(Model):
     def tensor_parallel_size(self) -> int:
         return self.group.world_size
 
+    @property
+    def load_mode(self) -> str:
+        return self.local.load_mode
+
+    @property
+    def mapped_weight_bytes(self) -> int:
+        return self.local.mapped_weight_bytes
+
+    @property
+    def quantization(self) -> str:
+        return self.local.quantization
+
     def __getattr__(self, name: str) -> Any:
         """Metadata of the local shard (cuda_graph_bytes, ...). A method not routed above would run on
         rank 0 alone and wait forever in its collectives: it is absent instead."""

@@ -2,7 +2,8 @@
 
 - `torch`: gather + scaled_dot_product_attention; any device, dtype and block size; the reference.
 - `flash_attn`: the flash-attn package (FlashAttention-2) on CUDA in fp16/bf16 with a block size
-  that is a multiple of 256.
+  that is a multiple of 256; a Load that names no block size gets 256 where flash_attn runs (the
+  backend's preferred block size; elsewhere the default is 16).
 - `triton`: our Triton kernels (triton_kernels.py): CUDA in fp16/bf16/fp32, any block size; on the
   CPU only when named, under TRITON_INTERPRET=1 (the tests' proof of the kernels).
 - `auto`: the available backend of highest priority: flash_attn where it can run, else triton on
@@ -11,8 +12,9 @@
 `register_builtin_backends` is the one list of backends: the worker's registry gets it through
 `architectures.register_builtin`, and `BACKENDS` (for direct use: tests, bench, builders called
 without a load plan) is filled by the same function. Adding a backend is one `register` line there
-(name, lazy factory, probe, priority). Nothing here imports flash_attn or triton or touches CUDA at
-import time; a factory imports its package when its backend is selected.
+(name, lazy factory, probe, priority, optionally a preferred block size). Nothing here imports
+flash_attn or triton or touches CUDA at import time; a factory imports its package when its backend
+is selected.
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ import torch
 
 from registry.backends import BackendRegistry, BackendRequirements
 
-from .flash_backend import FlashAttnBackend, flash_attn_probe, flash_attn_unavailable_reason
+from .flash_backend import (
+    FLASH_BLOCK_MULTIPLE,
+    FlashAttnBackend,
+    flash_attn_probe,
+    flash_attn_unavailable_reason,
+)
 from .protocol import AttentionBackend
 from .torch_backend import TorchBackend
 from .triton_backend import TritonBackend, triton_unavailable_reason
@@ -40,7 +47,10 @@ def triton_auto_probe(requirements: BackendRequirements) -> str | None:
 
 def register_builtin_backends(backends: BackendRegistry[AttentionBackend]) -> None:
     backends.register("torch", TorchBackend, priority=0)
-    backends.register("flash_attn", FlashAttnBackend, flash_attn_probe, priority=100)
+    # Block size 256 by default where flash_attn runs: its paged cache needs a multiple of 256.
+    backends.register(
+        "flash_attn", FlashAttnBackend, flash_attn_probe, priority=100, block_size=FLASH_BLOCK_MULTIPLE
+    )
     backends.register("triton", TritonBackend, triton_probe, priority=50, auto_probe=triton_auto_probe)
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import itertools
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,13 @@ from ..paged_batch import PagedBatch, PagedKvCache
 FLASH_BLOCK_MULTIPLE = 256  # FA2's paged KV requires page_block_size % 256 == 0
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 FLASH_MAX_HEAD_DIM = 256
+# Compute capability majors the flash-attn build carries code for: sm_80 (also runs on sm_86/sm_89)
+# and sm_90 (the Dockerfile's FLASH_ATTN_CUDA_ARCHS="80;90"). On sm_100/sm_120 its kernels would
+# fail at the first call ("no kernel image"), so the backend refuses at Load instead.
+FLASH_ARCH_MAJORS = (8, 9)
+# 2.6.0 and 2.6.1 freed the split-KV accumulators too early (fixed in 2.6.2); decode uses split-KV.
+FLASH_MIN_VERSION = (2, 6, 2)
+FLASH_INSTALL_HINT = "after torch: pip install flash-attn==2.8.3 --no-build-isolation"
 
 
 def _import_flash() -> tuple[Any, Any]:
@@ -63,20 +72,44 @@ def flash_attn_unavailable_reason(
     major, minor = torch.cuda.get_device_capability(index)
     if major < 8:
         return f"FlashAttention-2 needs compute capability 8.0 or newer, and this GPU has {major}.{minor}"
+    if major not in FLASH_ARCH_MAJORS:
+        return (
+            f"flash-attn's kernels are built for sm_80 and sm_90 (Ampere, Ada, Hopper), and this GPU is "
+            f"sm_{major}{minor} (compute capability {major}.{minor})"
+        )
     if importlib.util.find_spec("flash_attn") is None:
-        return "the flash-attn package is not installed (pip install 'modelworker[flash]')"
+        return f"the flash-attn package is not installed ({FLASH_INSTALL_HINT})"
     try:
         varlen, _ = _import_flash()
     except Exception as exc:  # a broken build raises ImportError, OSError or RuntimeError
         return f"the flash-attn package does not load: {type(exc).__name__}: {exc}"
+    version = _version_tuple(getattr(sys.modules.get("flash_attn"), "__version__", None))
+    if version is not None and version < FLASH_MIN_VERSION:
+        return (
+            f"flash-attn {'.'.join(map(str, version))} is too old: before 2.6.2 its split-KV decode freed "
+            f"buffers too early ({FLASH_INSTALL_HINT})"
+        )
     if "block_table" not in inspect.signature(varlen).parameters:
-        return "the installed flash-attn has no paged KV support in flash_attn_varlen_func (needs >= 2.6)"
+        return "the installed flash-attn has no paged KV support in flash_attn_varlen_func (needs >= 2.6.2)"
     return None
 
 
 def flash_attn_probe(requirements: BackendRequirements) -> str | None:
     r = requirements
     return flash_attn_unavailable_reason(r.device, r.dtype, r.block_size, r.head_dim)
+
+
+def _version_tuple(text: str | None) -> tuple[int, ...] | None:
+    """'2.8.3' / '2.6.1.post1' → (2, 8, 3) / (2, 6, 1); None when absent or not numeric."""
+    if not text:
+        return None
+    parts = []
+    for piece in str(text).split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        if not digits:
+            return None
+        parts.append(int(digits))
+    return tuple(parts)
 
 
 @dataclass
@@ -102,10 +135,12 @@ class FlashAttnBackend:
         plan: FlashPlan,
         window: int | None,
         scale: float,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         k_cache, v_cache = cache.k[layer_idx], cache.v[layer_idx]  # [blocks, block_size, Hkv, D]
         q = q.to(k_cache.dtype)
         window_size = (-1, -1) if window is None else (window - 1, 0)
+        cap = 0.0 if softcap is None else softcap  # flash-attn's "off" is 0.0 (>= 2.6, like block_table)
         if plan.decode:
             # q [B, H, D] → [B, 1, H, D]: one query per sequence, at its last position.
             out = self._with_kvcache(
@@ -117,6 +152,7 @@ class FlashAttnBackend:
                 softmax_scale=scale,
                 causal=True,
                 window_size=window_size,
+                softcap=cap,
             )
             return out.squeeze(1)
         return self._varlen(
@@ -130,5 +166,6 @@ class FlashAttnBackend:
             softmax_scale=scale,
             causal=True,
             window_size=window_size,
+            softcap=cap,
             block_table=batch.block_table,
         )

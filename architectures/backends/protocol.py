@@ -17,7 +17,8 @@ class AttentionBackend(Protocol[PlanT]):
     `attend` once per layer, after the layer's K/V are in the cache.
 
     q [num_tokens, n_heads, head_dim] → [num_tokens, n_heads, head_dim]; `window` is the layer's
-    sliding window (None: full causal), `scale` the softmax scale.
+    sliding window (None: full causal), `scale` the softmax scale, `softcap` the attention logit
+    softcap (passed, by keyword, only when the layer has one).
     """
 
     name: str
@@ -33,4 +34,5 @@ class AttentionBackend(Protocol[PlanT]):
         plan: PlanT,
         window: int | None,
         scale: float,
+        softcap: float | None = None,
     ) -> torch.Tensor: ...

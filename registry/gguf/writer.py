@@ -61,6 +61,12 @@ class Progress:
             self.stream.write("\n")
             self.stream.flush()
 
+    def step(self, text: str) -> None:
+        """A line for a slow step that has no bar (shown when the bar would be)."""
+        if self.enabled:
+            self.stream.write(f"{text}\n")
+            self.stream.flush()
+
 
 def _shards(plans: Sequence[TensorPlan], dtype: torch.dtype, max_shard_bytes: int) -> list[list[TensorPlan]]:
     """Consecutive groups under max_shard_bytes (a tensor larger than that gets a shard of its own)."""
@@ -314,6 +320,7 @@ def import_gguf_detailed(
         files.append("config.json")
         note = "tokenizer files not requested"
         if tokenizer and "tokenizer.ggml.tokens" in gf.metadata:
+            bar.step("converting the tokenizer with transformers (slower than the weights)...")
             tok_files, note = _write_tokenizer(gguf_path, tmp)
             files.extend(tok_files)
         elif tokenizer:

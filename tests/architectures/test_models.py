@@ -254,14 +254,18 @@ def test_unsupported_configs_fail_the_load(tmp_path):
 
     model_dir = save_hf_model(make_hf_model("llama"), tmp_path / "m")
     config = json.loads((model_dir / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0}
+    config["rope_parameters"] = {"rope_type": "mrope", "rope_theta": 10000.0}
     (model_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InvalidConfig, match="'longrope' is not supported"):
+    with pytest.raises(InvalidConfig, match="'mrope' is not supported"):
+        build("llama", model_dir)
+    config["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0}  # without its factors
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidConfig, match="rope_parameters.short_factor must be a non-empty list"):
         build("llama", model_dir)
     config["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
-    config["quantization_config"] = {"quant_method": "gptq"}
+    config["quantization_config"] = {"quant_method": "bitsandbytes"}
     (model_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InvalidConfig, match="gptq"):
+    with pytest.raises(InvalidConfig, match="quant_method .bitsandbytes. is not supported"):
         build("llama", model_dir)
 
 

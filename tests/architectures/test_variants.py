@@ -67,7 +67,7 @@ def test_gemma_norms_sandwich_embedding_scale_and_final_softcap_match_gemma2(tmp
         head_dim=head_dim,
         hidden_activation="gelu_pytorch_tanh",
         query_pre_attn_scalar=head_dim,  # our scale is head_dim ** -0.5
-        attn_logit_softcapping=None,  # not a flag yet (it needs the attention backends)
+        attn_logit_softcapping=None,  # this test isolates the other flags (gemma2.py has the softcap)
         final_logit_softcapping=2.0,
         sliding_window=64,  # longer than the test's sequences
     )

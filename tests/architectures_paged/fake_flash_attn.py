@@ -6,14 +6,43 @@ and the documented semantics (causal mask aligned bottom-right; a query i of seq
 [i + sk - sq - left, i + sk - sq + right], -1 meaning unbounded). flash-attn needs CUDA, so this is
 how the backend's wiring runs on CPU; tests/architectures_paged/test_gpu.py runs the real package.
 
-The dtype check of the real kernels (fp16/bf16 only) is left out so that float32 can be compared
-tightly."""
+It is as strict as flash-attn v2.8.3's csrc/flash_attn/flash_api.cpp and its torch.library op
+signatures: fp16/bf16 only, q/k/v of one dtype and on one device, int32 contiguous cu_seqlens,
+cache_seqlens and block_table, head_dim a multiple of 8 up to 256, max_seqlen_* Python ints and
+softmax_scale a Python float. (The real kernels also need CUDA tensors; here one device is enough.)
+The attention itself is computed in float64 and rounded to q's dtype, as a kernel's output is."""
 
 from __future__ import annotations
 
 import torch
 
 calls: list[str] = []
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    assert q.dtype in HALF, "FlashAttention only support fp16 and bf16 data type"
+    assert k.dtype == q.dtype and v.dtype == q.dtype, "query and key must have the same dtype"
+    assert k.device == q.device and v.device == q.device, "q, k and v must be on the same device"
+    assert q.stride(-1) == 1, "Input tensor must have contiguous last dimension"
+    head_dim = q.shape[-1]
+    assert head_dim <= 256, "FlashAttention forward only supports head dimension at most 256"
+    assert head_dim % 8 == 0, "query, key, value, and out_ must have a head_size that is a multiple of 8"
+    assert k.shape[-1] == head_dim, "k head_dim must equal q's"
+
+
+def _check_int32_vector(t: torch.Tensor, name: str, device: torch.device) -> None:
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.int32, f"{name} must have dtype int32"
+    assert t.device == device, f"{name} must be on the same device as q"
+    assert t.dim() == 1 and t.is_contiguous(), f"{name} must be contiguous"
+
+
+def _check_scalars(softmax_scale, *ints) -> None:
+    for value in ints:  # the op schema says `int`: a tensor or a numpy integer is refused
+        assert type(value) is int, f"expected a Python int, got {type(value).__name__}"
+    assert softmax_scale is None or type(softmax_scale) is float, (
+        f"softmax_scale must be a Python float, got {type(softmax_scale).__name__}"
+    )
 
 
 def _check_paged(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, batch: int) -> None:
@@ -21,6 +50,7 @@ def _check_paged(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torc
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache must have contiguous last dimension"
     assert k_cache.shape[1] % 256 == 0, "Paged KV cache block size must be divisible by 256"
     assert block_table.dtype == torch.int32, "block_table must have dtype torch.int32"
+    assert block_table.device == k_cache.device, "block_table must be on the same device as the cache"
     assert block_table.dim() == 2 and block_table.shape[0] == batch, "block_table must be [batch, max_blocks]"
     assert block_table.stride(-1) == 1, "block_table must have contiguous last dimension"
 
@@ -34,6 +64,7 @@ def _attend(
     scale: float,
     causal: bool,
     window_size: tuple[int, int],
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """q [sq, H, D] of one sequence over its first seqlen_k keys through its block table row."""
     bs = k_cache.shape[1]
@@ -45,6 +76,8 @@ def _attend(
     assert heads % k.shape[1] == 0, "Number of heads in key/value must divide number of heads in query"
     head_to_kv = torch.arange(heads) // (heads // k.shape[1])
     scores = torch.einsum("qhd,khd->hqk", q.double(), k.double()[:, head_to_kv]) * scale
+    if softcap > 0:  # flash-attn caps the scaled scores: softcap * tanh(s / softcap)
+        scores = torch.tanh(scores / softcap) * softcap
     i = torch.arange(sq)[:, None]
     shift = seqlen_k - sq
     keep = torch.ones(sq, seqlen_k, dtype=torch.bool)
@@ -78,9 +111,12 @@ def flash_attn_varlen_func(
     block_table=None,
 ):
     calls.append("varlen")
-    assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_k.dtype == torch.int32, "cu_seqlens must be int32"
+    _check_qkv(q, k, v)
+    _check_int32_vector(cu_seqlens_q, "cu_seqlens_q", q.device)
+    _check_int32_vector(cu_seqlens_k, "cu_seqlens_k", q.device)
+    _check_scalars(softmax_scale, max_seqlen_q, max_seqlen_k)
     assert q.dim() == 3, "q must be [total_q, H, D]"
-    assert dropout_p == 0.0 and softcap == 0.0 and alibi_slopes is None and not return_attn_probs
+    assert dropout_p == 0.0 and alibi_slopes is None and not return_attn_probs
     assert block_table is not None, "this stand-in covers the paged path only"
     batch = cu_seqlens_q.numel() - 1
     _check_paged(k, v, block_table, batch)
@@ -92,7 +128,7 @@ def flash_attn_varlen_func(
         sk = int(cu_seqlens_k[b + 1] - cu_seqlens_k[b])
         assert qb - qa <= max_seqlen_q and sk <= max_seqlen_k, "max_seqlen must bound every sequence"
         assert -(-sk // k.shape[1]) <= block_table.shape[1], "block_table too short"
-        out[qa:qb] = _attend(q[qa:qb], k, v, block_table[b], sk, scale, causal, tuple(window_size))
+        out[qa:qb] = _attend(q[qa:qb], k, v, block_table[b], sk, scale, causal, tuple(window_size), softcap)
     return out
 
 
@@ -118,6 +154,8 @@ def flash_attn_with_kvcache(
     return_softmax_lse=False,
 ):
     calls.append("kvcache")
+    _check_qkv(q, k_cache, v_cache)
+    _check_scalars(softmax_scale)
     assert (
         k is None and v is None and rotary_cos is None and cache_batch_idx is None and cache_leftpad is None
     )
@@ -125,11 +163,13 @@ def flash_attn_with_kvcache(
     batch = q.shape[0]
     assert block_table is not None, "this stand-in covers the paged path only"
     _check_paged(k_cache, v_cache, block_table, batch)
-    assert isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.dtype == torch.int32
+    _check_int32_vector(cache_seqlens, "cache_seqlens", q.device)
     assert cache_seqlens.shape == (batch,)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     out = torch.empty_like(q)
     for b in range(batch):
         sk = int(cache_seqlens[b])
-        out[b] = _attend(q[b], k_cache, v_cache, block_table[b], sk, scale, causal, tuple(window_size))
+        out[b] = _attend(
+            q[b], k_cache, v_cache, block_table[b], sk, scale, causal, tuple(window_size), softcap
+        )
     return out

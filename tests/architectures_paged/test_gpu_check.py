@@ -5,11 +5,13 @@ CPU with a tiny shape, so the script is known to work before a GPU machine is le
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from bench import gpu_check
@@ -27,8 +29,17 @@ TINY = {
 }
 
 
-def test_without_cuda_it_skips_and_exits_zero() -> None:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+def _fake_nvidia_smi(bin_dir: Path, lines: str) -> None:
+    """An `nvidia-smi` on PATH that lists the given GPUs (`-L`)."""
+    bin_dir.mkdir(exist_ok=True)
+    exe = bin_dir / "nvidia-smi"
+    exe.write_text(f"#!/bin/sh\nprintf '{lines}'\n")
+    exe.chmod(0o755)
+
+
+def test_without_cuda_it_skips_and_exits_zero(tmp_path: Path) -> None:
+    _fake_nvidia_smi(tmp_path, "")  # a driver that sees no GPU
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PATH": f"{tmp_path}:{os.environ['PATH']}"}
     start = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "bench.gpu_check"],
@@ -41,6 +52,68 @@ def test_without_cuda_it_skips_and_exits_zero() -> None:
     assert result.returncode == 0, result.stderr
     assert "no CUDA: skipping the GPU checks" in result.stdout
     assert time.monotonic() - start < 30
+
+
+def test_a_gpu_torch_cannot_use_fails_loudly(tmp_path: Path) -> None:
+    """nvidia-smi lists a GPU, torch sees none (here: the CPU build, or a CUDA too new for the
+    driver): exit 1 with the reason, not a green "no CUDA"."""
+    if torch.cuda.is_available():
+        pytest.skip("torch sees the GPU here")
+    _fake_nvidia_smi(tmp_path, "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)\\n")
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["PATH"] = f"{tmp_path}:{env['PATH']}"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAILED: nvidia-smi sees 1 GPU(s) (GPU 0: NVIDIA H100 80GB HBM3" in result.stderr
+    assert "torch.cuda.is_available() is False" in result.stderr
+    assert "no CUDA: skipping" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("gpus", "sees", "env", "expect"),
+    [
+        (None, False, {}, None),  # no driver
+        ([], False, {}, None),  # a driver without GPUs
+        (["GPU 0: A100"], True, {}, None),
+        (["GPU 0: A100"], False, {"CUDA_VISIBLE_DEVICES": ""}, None),  # hidden on purpose
+        (["GPU 0: A100"], False, {"CUDA_VISIBLE_DEVICES": "-1"}, None),
+        (["GPU 0: A100"], False, {}, "nvidia-smi sees 1 GPU(s) (GPU 0: A100)"),
+        (["GPU 0: A100"], False, {"CUDA_VISIBLE_DEVICES": "0"}, "torch.cuda.is_available() is False"),
+    ],
+)
+def test_unusable_gpu_reason(gpus, sees: bool, env: dict, expect: str | None) -> None:
+    reason = gpu_check.unusable_gpu_reason(gpus, sees, env)
+    assert (reason is None) == (expect is None) and (expect is None or expect in reason), reason
+
+
+def test_only_the_gpu_marked_files_are_collected() -> None:
+    files = {p.relative_to(REPO).as_posix() for p in gpu_check.gpu_test_files()}
+    assert "tests/architectures_paged/test_gpu.py" in files
+    assert "tests/observability/test_gpu_metrics.py" in files
+    assert (
+        "tests/architectures_paged/test_backends.py" not in files and "tests/worker/test_rpcs.py" not in files
+    )
+
+
+def test_make_gpu_check_with_a_python_installs_nothing() -> None:
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    dry = subprocess.run(
+        ["make", "-n", "gpu-check", "GPU_CHECK_PYTHON=/opt/gpu-env/bin/python", "VENV=/nonexistent-venv"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.strip().splitlines() == ["/opt/gpu-env/bin/python -m bench.gpu_check"]
 
 
 def test_measurements_run_end_to_end_on_cpu() -> None:

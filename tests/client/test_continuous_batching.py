@@ -5,6 +5,7 @@ preempted and recomputed."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -241,3 +242,50 @@ def test_the_readme_worked_example(paged: RunningServer, client) -> None:
     assert [a6, a7, r3.next_token_ids[0]] == greedy_reference(client, "cb", a, 3)
     assert [b3, b4, r3.next_token_ids[1]] == greedy_reference(client, "cb", b, 3)
     assert [c6, r3.next_token_ids[2]] == greedy_reference(client, "cb", c, 2)
+
+
+def test_propose_ngram_looks_up_the_latest_earlier_occurrence() -> None:
+    assert cb.propose_ngram([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], 2) == [7, 1]  # latest match of [1, 2, 3]
+    assert cb.propose_ngram([5, 6, 7, 6], 3) == [7, 6]  # falls back to n = 1
+    assert cb.propose_ngram([1, 2, 3], 4) == [] and cb.propose_ngram([4, 4], 0) == []
+
+
+@pytest.fixture(scope="module")
+def fixed(paged: RunningServer, client_model_root: Path) -> str:
+    """A tiny Llama with fixed weights (the acceptance of drafts depends on them)."""
+    from tests.tiny_models import make_tiny_model_dir
+
+    if not (client_model_root / "llama-fixed").exists():
+        make_tiny_model_dir(client_model_root / "llama-fixed", "llama", seed=7)
+    with ModelWorkerClient(paged.target, timeout=60) as c:
+        c.load("cb-fixed", "llama-fixed", kv_cache=KvCacheConfig(block_size=BLOCK, num_blocks=24))
+    return "cb-fixed"
+
+
+def test_speculative_greedy_matches_plain_greedy(fixed: str, client) -> None:
+    """n-gram drafts verified by the worker, under a tight token budget: the tokens are plain
+    greedy's, and drafts were accepted (repetitive prompts, fixed weights) and saved steps."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(128) for _ in range(4)] * 3 for _ in range(4)] + [[3, 1, 4, 1, 5]]
+    new = [14, 12, 10, 16, 9]
+    calls = record_calls(client)
+    result = cb.run(
+        client, fixed, prompts, new, max_num_seqs=4, max_batch_tokens=12, num_speculative_tokens=3
+    )
+    assert_matches_reference(client, fixed, prompts, new, result)
+    s = result.stats
+    assert s.draft_tokens > 0 and 0 < s.accepted_draft_tokens <= s.draft_tokens, s
+    assert any(c.get("num_draft_tokens") for c in calls)
+    plain_steps = cb.run(client, fixed, prompts, new, max_num_seqs=4, max_batch_tokens=12).stats.steps
+    assert s.steps < plain_steps
+
+
+def test_seeded_sampling_is_reproducible_and_differs_by_seed(paged: RunningServer, client) -> None:
+    prompts = [[7, 8, 9], [10, 11, 12, 13], [7, 8, 9]]
+    sampling = cb.SamplingParams(temperature=1.5, top_p=0.95, seed=42)
+    first = cb.run(client, "cb", prompts, 12, max_num_seqs=2, sampling=sampling).outputs
+    again = cb.run(client, "cb", prompts, 12, max_num_seqs=3, sampling=sampling).outputs
+    assert first == again  # other batching, same seeds: the same tokens
+    assert first[0] != first[2]  # the same prompt, seed + index: another stream
+    other = cb.run(client, "cb", prompts, 12, sampling=dataclasses.replace(sampling, seed=43)).outputs
+    assert other != first

@@ -44,7 +44,10 @@ def test_dockerfile_settings_ports_and_entrypoint() -> None:
     assert f"-service={SERVICE_NAME}" in text
     # Built once in the builder, installed as a wheel in the runtime stage.
     builder, runtime = text.split("AS runtime")
-    assert "pip wheel --no-build-isolation" in builder and "flash-attn==" in builder
+    assert "pip wheel --no-cache-dir --no-build-isolation" in builder and "flash-attn==" in builder
+    # no pip cache for that build: a cached wheel is keyed by the sdist URL, not by the torch it needs
+    flash_run = builder[builder.rindex("RUN", 0, builder.index("flash-attn==${")) :]
+    assert "--mount=type=cache" not in flash_run.split("\n", 1)[0]
     assert "/wheels/flash_attn-*.whl" in runtime
     # The torch pin matches the Makefile's.
     make_torch = re.search(r"TORCH_SPEC \?= torch==(\S+)", (ROOT / "Makefile").read_text())

@@ -88,5 +88,36 @@ def test_builtin_backends_are_registered_by_register_builtin() -> None:
 
     reg = ModelRegistry()
     register_builtin(reg)
-    assert reg.attention_backends.names() == ("torch", "flash_attn")
+    assert reg.attention_backends.names() == ("torch", "flash_attn", "triton")
     assert reg.attention_backends.available(torch.device("cpu")) == ["torch"]
+    preferred = [
+        reg.attention_backends.preferred_block_size(n, CPU) for n in ("torch", "flash_attn", "triton")
+    ]
+    assert preferred == [None, 256, None]
+
+
+def test_preferred_block_size_follows_the_backend_a_load_would_run() -> None:
+    """The block size is left open (requirements.block_size is ignored); `auto` takes the preference
+    of the backend it resolves to; a named backend keeps its own even where it cannot run."""
+    reg: BackendRegistry[Fake] = BackendRegistry()
+    reg.register("torch", lambda: Fake("torch"))
+    reg.register("paged256", lambda: Fake("paged256"), needs_cuda_bf16, priority=100, block_size=256)
+    cuda_fp16 = BackendRequirements(torch.device("cuda"), torch.float16, 16, 64)
+    assert reg.preferred_block_size("auto", CUDA_BF16) == 256
+    assert (
+        reg.preferred_block_size("auto", BackendRequirements(torch.device("cuda"), torch.bfloat16, 16)) == 256
+    )
+    assert reg.preferred_block_size("auto", cuda_fp16) is None  # auto runs torch there
+    assert reg.preferred_block_size("auto", CPU) is None
+    assert reg.preferred_block_size("torch", CUDA_BF16) is None
+    assert reg.preferred_block_size("paged256", CPU) == 256
+    with pytest.raises(InvalidArgument, match="is not known"):
+        reg.preferred_block_size("xformers", CPU)
+
+
+@pytest.mark.parametrize("bad", [0, -256, True, 25.6])
+def test_a_preferred_block_size_must_be_a_positive_integer(bad) -> None:  # type: ignore[no-untyped-def]
+    reg: BackendRegistry[Fake] = BackendRegistry()
+    with pytest.raises(InvalidArgument, match="block_size must be a positive integer"):
+        reg.register("odd", lambda: Fake("odd"), block_size=bad)
+    assert reg.names() == ()

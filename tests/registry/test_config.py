@@ -277,7 +277,18 @@ def test_sliding_windows_match_transformers_on_random_qwen2_configs() -> None:
         ({"hidden_act": 3}, "hidden_act"),
         ({"rope_scaling": {"rope_type": "longrope_x", "factor": 2.0}}, "rope_type"),
         ({"rope_scaling": {"type": "weird", "factor": 2.0}}, "rope_type"),
-        ({"rope_parameters": {"rope_type": "su", "rope_theta": 10000.0}}, "rope_type"),
+        ({"rope_parameters": {"rope_type": "su", "rope_theta": 10000.0}}, "short_factor"),
+        (
+            {
+                "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 7},
+                "original_max_position_embeddings": 64,
+            },
+            "long_factor has 7 entries, expected 8",
+        ),
+        ({"rope_scaling": {"type": "su", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}},
+         "original_max_position_embeddings"),
+        ({"partial_rotary_factor": 0}, "partial_rotary_factor"),
+        ({"partial_rotary_factor": 0.1}, "partial_rotary_factor"),  # 1.6 of head_dim 16: odd
         ({"rope_scaling": {"rope_type": "linear"}}, "factor"),
         ({"rope_scaling": {"rope_type": "linear", "factor": "2"}}, "factor"),
         ({"rope_scaling": "linear"}, "rope_scaling"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -189,6 +190,10 @@ def test_load_model_auto_and_access(reg: ModelRegistry, root: Path, tracker: Tra
 def test_load_model_by_architecture_uses_the_named_builder(reg: ModelRegistry, root: Path) -> None:
     other = Tracker()
     reg.register_architecture("OtherForCausalLM", toy_builder(other))
+    # is_quant_model is for quantized checkpoints (on a dense one the Load is refused).
+    config = json.loads((root / "a" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (root / "a" / "config.json").write_text(json.dumps(config))
     entry = reg.load_model_by_architecture("m1", root / "a", "OtherForCausalLM", is_quant_model=True)
     assert entry.architecture == "OtherForCausalLM" and entry.state is ModelState.READY
     assert len(other.calls) == 1 and other.calls[0][2].is_quant_model is True

@@ -397,7 +397,7 @@ def add_byte_level_tokenizer(model_kind: str):
     return add
 
 
-def test_tokenizer_files_from_the_gguf_tokenizer(tmp_path):
+def test_tokenizer_files_from_the_gguf_tokenizer(tmp_path, capsys):
     from tokenizers import Tokenizer
 
     model = make_hf_model("llama", seed=2, vocab_size=259)
@@ -406,7 +406,13 @@ def test_tokenizer_files_from_the_gguf_tokenizer(tmp_path):
     # A decoy next to the file: the tokenizer must come from the GGUF, not from this.
     (src_dir / "tokenizer.json").write_text("{}")
     src = write_model_gguf(src_dir / "m.gguf", model, "llama", metadata=add_byte_level_tokenizer("gpt2"))
-    out = import_gguf(src, tmp_path / "out")
+    out = import_gguf(src, tmp_path / "out", progress=True)
+    # the bar is followed by a line for the tokenizer step, which has no bar of its own
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert (
+        "100.0%" in lines[-2]
+        and lines[-1] == "converting the tokenizer with transformers (slower than the weights)..."
+    )
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == 258
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     assert tok.encode(" the").ids == [257, ord("e")]  # "Ġth" merged; token i < 256 is byte i

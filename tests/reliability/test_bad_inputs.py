@@ -414,6 +414,42 @@ def test_layer_index_out_of_range(primed: Served) -> None:
     )
 
 
+def test_lengths_and_batch_sizes_past_what_the_model_holds(primed: Served) -> None:
+    """Issue 21 item 11: sizes far past the model's limits are INVALID_ARGUMENT, not a
+    RESOURCE_EXHAUSTED from the size arithmetic."""
+    huge = 2**32 - 1
+    slice_huge = pb.SliceKvCacheRequest(model_id="a", layer_idx=0, length=huge)
+    slice_far = pb.SliceKvCacheRequest(model_id="a", layer_idx=0, start_pos=huge, length=1)
+    refuse(
+        primed,
+        [
+            (lambda s: s.SliceKvCache(slice_huge), INVALID, [f"length {huge}", f"max_seq_len {MAX_SEQ_LEN}"]),
+            (
+                lambda s: s.SliceKvCache(slice_far),
+                INVALID,
+                [f"start_pos {huge}", f"max_seq_len {MAX_SEQ_LEN}"],
+            ),
+            (forward(token_ids=primed.rows[0][:4], batch_size=huge), INVALID, [f"batch_size {huge} exceeds"]),
+        ],
+    )
+
+
+def test_block_table_longer_than_the_cache(primed: Served) -> None:
+    """Issue 21 item 6: a block table of a million ids (4 MB) for a 64-block cache is refused from
+    its length, before any id is converted."""
+    long_table = [pb.BlockTable(block_ids=list(range(1_000_000))), pb.BlockTable(block_ids=SEQ1_BLOCKS)]
+    refuse(
+        primed,
+        [
+            (
+                paged(primed, block_tables=long_table),
+                INVALID,
+                ["block_tables[0] has 1000000 block ids", f"{NUM_BLOCKS} blocks"],
+            )
+        ],
+    )
+
+
 BAD_IDS = ["", "x" * 129, "../a", "a/b", "a\\b", "/abs", "..", ".", "a b", "a\x00b", "mödel"]
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +33,21 @@ from .procs import ServeProcess
 # than the ~21 MB of weights (plus 2 MB of KV cache) a leaked model would hold.
 RSS_SLACK = 6 * MiB
 UP_PROJ = "model.layers.1.mlp.up_proj.weight"
+
+
+DOWN_PROJ = "model.layers.1.mlp.down_proj.weight"  # same shape as UP_PROJ transposed: same byte count
+# directory → config.json keys changed
+BAD_NUMBERS: dict[str, dict] = {
+    "window-2e32": {"sliding_window": 2**32},
+    "eps-nan": {"rms_norm_eps": float("nan")},
+    "theta-inf": {"rope_parameters": {"rope_type": "default", "rope_theta": float("inf")}},
+    "theta-nan": {"rope_parameters": {"rope_type": "default", "rope_theta": float("nan")}},
+    "linear-factor-0": {"rope_parameters": {"rope_type": "linear", "factor": 0}},
+    "yarn-factor-negative": {"rope_parameters": {"rope_type": "yarn", "factor": -2.0}},
+    "dynamic-factor-nan": {"rope_parameters": {"rope_type": "dynamic", "factor": float("nan")}},
+    "vocab-2e31": {"vocab_size": 2**31},
+    "vocab-wider": {"vocab_size": 8192 * 4},
+}
 
 
 def _link_weights(src: Path, dst: Path) -> None:
@@ -122,6 +138,31 @@ def make_bad_dirs(src: Path, root: Path, outside: Path) -> None:
     shutil.copy(src / "config.json", bad / "pickle-only")
     torch.save({UP_PROJ: torch.zeros(2, 2)}, bad / "pickle-only" / "pytorch_model.bin")
 
+    # Config numbers out of range or not finite (issue 21 items 2-3): each a copy with one key changed.
+    for name, changes in BAD_NUMBERS.items():
+        _link_weights(src, bad / name)
+        (bad / name / "config.json").write_text(json.dumps(_config(src, **changes)))
+    _link_weights(src, bad / "deep-json")
+    (bad / "deep-json" / "config.json").write_text('{"a": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    _link_weights(src, bad / "long-integer")
+    (bad / "long-integer" / "config.json").write_text(
+        json.dumps(_config(src)).replace('"vocab_size": ', '"vocab_size": ' + "9" * 4300 + ', "x": ')
+    )
+
+    # Two tensors sharing bytes of the data section (the format forbids it).
+    (bad / "overlap").mkdir()
+    shutil.copy(src / "config.json", bad / "overlap")
+
+    def overlap(header: dict) -> None:
+        header[UP_PROJ]["data_offsets"] = list(header[DOWN_PROJ]["data_offsets"])
+
+    _rewrite_header(weights, bad / "overlap" / "model.safetensors", overlap)
+
+    # A FIFO as the weights file: opening or reading it would block a thread forever.
+    (bad / "fifo").mkdir()
+    shutil.copy(src / "config.json", bad / "fifo")
+    os.mkfifo(bad / "fifo" / "model.safetensors")
+
     # Symlinks out of the root: the directory itself, and a weights file inside a real directory.
     shutil.copytree(src, outside)
     os.symlink(outside, bad / "escape-dir")
@@ -143,6 +184,19 @@ CASES = [
     ("huge-header", Code.INVALID_ARGUMENT, ["huge-header/model.safetensors", f"header length {2**62}"]),
     ("wrong-shape", Code.INVALID_ARGUMENT, ["wrong-shape", f"{UP_PROJ} is [256, 512], expected [512, 256]"]),
     ("pickle-only", Code.INVALID_ARGUMENT, ["pickle-only", "pytorch_model.bin", "pickle", "refused"]),
+    ("window-2e32", Code.INVALID_ARGUMENT, ["sliding_window", f"{2**32}", "out of range"]),
+    ("eps-nan", Code.INVALID_ARGUMENT, ["rms_norm_eps", "nan", "finite"]),
+    ("theta-inf", Code.INVALID_ARGUMENT, ["rope_theta", "inf", "finite"]),
+    ("theta-nan", Code.INVALID_ARGUMENT, ["rope_theta", "nan", "finite"]),
+    ("linear-factor-0", Code.INVALID_ARGUMENT, ["rope_parameters.factor", "0", "positive"]),
+    ("yarn-factor-negative", Code.INVALID_ARGUMENT, ["rope_parameters.factor", "-2.0", "positive"]),
+    ("dynamic-factor-nan", Code.INVALID_ARGUMENT, ["rope_parameters.factor", "nan", "finite"]),
+    ("vocab-2e31", Code.INVALID_ARGUMENT, ["vocab_size", f"{2**31}", "out of range"]),
+    ("vocab-wider", Code.INVALID_ARGUMENT, ["vocab_size 32768", "model.embed_tokens.weight", "[8192, 256]"]),
+    ("deep-json", Code.INVALID_ARGUMENT, ["deep-json/config.json", "not valid JSON"]),
+    ("long-integer", Code.INVALID_ARGUMENT, ["long-integer/config.json", "not valid JSON", "digits"]),
+    ("overlap", Code.INVALID_ARGUMENT, ["overlap/model.safetensors", f"'{UP_PROJ}'", f"'{DOWN_PROJ}'", "overlap"]),
+    ("fifo", Code.INVALID_ARGUMENT, ["fifo/model.safetensors", "not a regular file", "FIFO"]),
     ("escape-dir", Code.PERMISSION_DENIED, ["bad/escape-dir", "outside the model roots"]),
     ("escape-file", Code.PERMISSION_DENIED, ["model.safetensors", "escape-file", "links outside the model roots"]),
 ]  # fmt: skip
@@ -176,12 +230,14 @@ def test_bad_model_dir(served: ServeProcess, name: str, code: Code, fragments: l
     worker = served
     request = pb.LoadRequest(model_id=f"bad-{name}", model_dir=f"bad/{name}", kv_cache=SMALL_KV)
     before = worker.settled_rss()
+    started = time.perf_counter()
     err = rpc_error(lambda: worker.stub.Load(request, timeout=30))
+    took = time.perf_counter() - started
     after = worker.settled_rss()
     assert_status(err, code, *fragments)
     assert worker.model_ids() == []
     print(
-        f"bad model dir {name}: {err.code().name}; worker RSS {before / MiB:.1f} MiB before the Load, "
+        f"bad model dir {name}: {err.code().name} in {took * 1000:.1f} ms; worker RSS {before / MiB:.1f} MiB before the Load, "
         f"{after / MiB:.1f} MiB after ({(after - before) / MiB:+.1f} MiB, slack {RSS_SLACK / MiB:.0f} MiB)"
     )
     assert after - before <= RSS_SLACK

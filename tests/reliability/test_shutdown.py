@@ -39,6 +39,11 @@ def make_root(tmp_path: Path, model_root: Path) -> Path:
     return root
 
 
+def grace_expired(worker: ServeProcess) -> bool:
+    """Whether the worker logged that its grace period ran out with calls still in flight."""
+    return any(line["msg"] == "grace period over; cancelling calls" for line in worker.lines)
+
+
 def wait_loading(worker: ServeProcess, model_id: str, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -91,7 +96,9 @@ def test_sigterm_with_calls_in_flight(tmp_path: Path, model_root: Path, plugin_e
             f"one Load of {LOAD_SECONDS} s): all completed, {len(refused)} new calls refused UNAVAILABLE, "
             f"{len(unloaded)} models unloaded, exit 0 after {took:.2f} s (grace {grace} s)"
         )
-        assert took < grace
+        # Drained before the grace period ran out, by the worker's own account (no wall-clock margin
+        # here: process exit and interpreter teardown under a loaded machine are not the worker's).
+        assert not grace_expired(worker)
         assert unloaded == ["fast", "late", "s1", "s2", "s3"]
 
 
@@ -121,9 +128,11 @@ def test_sigterm_during_a_load(
         )
         assert unloaded == ["l"]  # nothing half-loaded is left behind either way
         if grace > LOAD_SECONDS:
-            assert outcome == "OK" and took < grace
+            assert outcome == "OK" and not grace_expired(worker)
         else:
-            # Cut off at the end of the grace period, before the load was done; the process then
-            # waits for the load's thread only (it cannot be interrupted), unloads, and exits.
-            assert outcome in ("CANCELLED", "UNAVAILABLE") and cut < LOAD_SECONDS
-            assert took < LOAD_SECONDS + 5
+            # Cut off at the end of the grace period, before the load was done (else it would be OK);
+            # the process then waits for the load's thread only (it cannot be interrupted), unloads,
+            # and exits (proc.wait's timeout above bounds that: no hang).
+            assert outcome in ("CANCELLED", "UNAVAILABLE") and grace_expired(worker)
+            msgs = [line["msg"] for line in worker.lines]
+            assert msgs.index("grace period over; cancelling calls") < msgs.index("unloaded at shutdown")

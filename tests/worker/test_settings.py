@@ -85,7 +85,12 @@ def test_parse_bytes_rejects(text: str) -> None:
     ("flags", "env", "fragments"),
     [
         ({"port": "70000"}, {}, ["--port", "[0, 65535]", "70000"]),
-        ({"port": "http"}, {}, ["--port", "http"]),
+        ({"port": "http"}, {}, ["--port: expected an integer, got 'http'"]),
+        (
+            {},
+            {"MODELWORKER_MAX_BATCH_SIZE": "8x"},
+            ["MODELWORKER_MAX_BATCH_SIZE: expected an integer, got '8x'"],
+        ),
         ({}, {"MODELWORKER_DTYPE": "fp8"}, ["MODELWORKER_DTYPE", "fp8"]),
         ({}, {"MODELWORKER_LOG_FORMAT": "xml"}, ["MODELWORKER_LOG_FORMAT", "text, json"]),
         ({}, {"MODELWORKER_DEVICE": "tpu"}, ["MODELWORKER_DEVICE", "tpu"]),
@@ -144,6 +149,24 @@ def test_cli_flags_reach_the_settings(tmp_path: Path) -> None:
 def test_cli_without_a_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main([]) == 2
     assert "serve" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["serve", "--bogus"], ["serve", "--port", "1", "extra"]])
+def test_unknown_serve_arguments_print_serve_usage(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.startswith("usage: modelworker serve ") and "--max-batch-size" in err, err
+    assert f"modelworker serve: error: unrecognized arguments: {argv[-1]}" in err
+
+
+def test_unknown_top_level_arguments_print_top_level_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--bogus"])
+    assert capsys.readouterr().err.startswith("usage: modelworker [-h]")
 
 
 def test_gguf_commands_are_handed_to_the_importer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -417,6 +417,7 @@ def test_unexpected_errors_are_internal_with_a_request_id(
     line = next(r for r in caplog.records if getattr(r, "mw_fields", {}).get("request_id") == request_id)
     assert line.exc_info is not None and "secret detail 4242" in str(line.exc_info[1])
     assert line.mw_fields["method"] == "Load" and line.mw_fields["code"] == "INTERNAL"
+    assert line.levelno == logging.ERROR
     assert model_ids(served) == ["a"]
 
 
@@ -433,6 +434,7 @@ def test_client_request_id_is_used(served: RunningServer, caplog: pytest.LogCapt
     assert (f["method"], f["model"], f["code"]) == ("Forward", "a", "INVALID_ARGUMENT") and f[
         "duration_s"
     ] >= 0
+    assert line.levelno == logging.WARNING  # the client's mistake, not the worker's
 
 
 # -- UNAVAILABLE ---------------------------------------------------------------------------------

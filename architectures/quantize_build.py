@@ -1,0 +1,189 @@
+"""Quantized loading: which linear layers are quantized, their placeholders while the network is on
+the meta device, and filling them from the checkpoint one layer at a time.
+
+Flow (build_causal_lm): plan_quantized_layers on the meta network (decides, from the checkpoint's
+tensor names, which layers are quantized; ignored layers such as `lm_head` simply lack the format's
+marker tensor) → the network is materialised (placeholders own only their bias) → fill_quantized_layers
+reads each layer's tensors, unpacks and fuses them, and installs the kernel-ready layer → the dense
+loader loads everything else, skipping the tensors consumed here. Peak memory stays near the quantized
+size: a dense (on-the-fly) layer is quantized right after it is read.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from registry import CorruptCheckpoint, InvalidConfig, WeightMapping
+from registry.quantization.formats import FORMAT_MARKER, FORMAT_TENSORS, fuse, read_quantized
+from registry.quantization.scheme import QuantScheme
+from registry.safetensors_loader import TensorEntry
+from registry.weights import WeightTarget
+
+from .quantized_linear import QuantizedLinear, make_quantized_linear
+
+
+@dataclass(frozen=True)
+class QuantizedSlot:
+    module: str  # our module name, e.g. model.layers.0.self_attn.qkv_proj
+    parts: tuple[str, ...]  # checkpoint layer of each shard, e.g. (…q_proj, …k_proj, …v_proj)
+    shard_sizes: tuple[int, ...] | None
+    in_features: int
+    out_features: int
+    bias: bool
+
+
+class _Placeholder(QuantizedLinear):
+    """Stands in for a quantized layer until its weights are read (owns only the bias)."""
+
+    kind = "placeholder"
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("quantized layer used before its weights were loaded")
+
+
+@dataclass(frozen=True)
+class SkippingMapping(WeightMapping):
+    """The architecture's mapping, minus checkpoint tensors the quantized layers already consumed."""
+
+    skip: frozenset[str] = frozenset()
+
+    @classmethod
+    def around(cls, mapping: WeightMapping, skip: frozenset[str]) -> SkippingMapping:
+        return cls(**{f.name: getattr(mapping, f.name) for f in fields(mapping)}, skip=skip)
+
+    def map(self, name: str) -> tuple[str, int | None] | None:
+        if name in self.skip:
+            return None
+        return super().map(name)
+
+
+def plan_quantized_layers(
+    network: nn.Module, entries: dict[str, TensorEntry], mapping: WeightMapping, scheme: QuantScheme
+) -> list[QuantizedSlot]:
+    """Replace each quantized linear layer of the (meta) network with a placeholder; returns them."""
+    marker = FORMAT_MARKER[scheme.fmt]
+    tied = {
+        id(p) for name, m in network.named_modules() if isinstance(m, nn.Embedding) for p in m.parameters()
+    }
+    slots: list[QuantizedSlot] = []
+    for name, module in list(network.named_modules()):
+        if not isinstance(module, nn.Linear) or id(module.weight) in tied:
+            continue
+        if scheme.on_the_fly and name == "lm_head":
+            continue  # the output projection stays in the compute dtype, like the embeddings
+        sizes = getattr(module, "shard_sizes", None)
+        shards = range(len(sizes)) if sizes is not None else [None]
+        if f"{name}.{marker}" in entries:  # the checkpoint stores the fused projection itself (Phi-3)
+            parts: tuple[str, ...] = (name,)
+        else:
+            parts = tuple(
+                mapping.checkpoint_name(WeightTarget(f"{name}.weight", s)).removesuffix(".weight")
+                for s in shards
+            )
+        present = [f"{p}.{marker}" in entries for p in parts]
+        if not any(present):
+            continue
+        if not all(present):
+            raise CorruptCheckpoint(
+                f"{', '.join(parts)} are fused into {name} but only some are quantized "
+                f"({', '.join(p for p, q in zip(parts, present, strict=True) if q)})"
+            )
+        slot = QuantizedSlot(
+            name,
+            parts,
+            None if sizes is None else tuple(sizes),
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+        )
+        _set_module(
+            network, name, _Placeholder(slot.in_features, slot.out_features, slot.bias, slot.shard_sizes)
+        )
+        slots.append(slot)
+    if not slots and not scheme.on_the_fly:
+        raise InvalidConfig(
+            f"config.json: quantization_config says {scheme.method} but no layer has a {marker!r} tensor"
+        )
+    return slots
+
+
+def fill_quantized_layers(
+    network: nn.Module,
+    slots: list[QuantizedSlot],
+    entries: dict[str, TensorEntry],
+    scheme: QuantScheme,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> frozenset[str]:
+    """Read, unpack and install every planned layer; returns the checkpoint tensors consumed."""
+    consumed: set[str] = set()
+    suffixes = FORMAT_TENSORS[scheme.fmt]
+
+    def get(name: str) -> torch.Tensor | None:
+        entry = entries.get(name)
+        if entry is None:
+            return None
+        consumed.add(name)
+        return read_tensor(entry)
+
+    for slot in slots:
+        parts = [read_quantized(scheme, get, part) for part in slot.parts]
+        weight = fuse(parts, slot.module)
+        del parts
+        if weight.shape != (slot.out_features, slot.in_features):
+            raise CorruptCheckpoint(
+                f"{', '.join(slot.parts)}: quantized weight is {list(weight.shape)}, "
+                f"expected {[slot.out_features, slot.in_features]}"
+            )
+        old = network.get_submodule(slot.module)
+        layer = make_quantized_linear(weight, device, dtype, slot.bias, slot.shard_sizes)
+        if slot.bias:
+            layer.bias = old.bias  # already materialised; the dense loader fills it
+        _set_module(network, slot.module, layer)
+        for part in slot.parts:  # extra per-format tensors we accept and do not need (input_scale, ...)
+            consumed.update(f"{part}.{s}" for s in suffixes if f"{part}.{s}" in entries)
+        del old, weight, layer
+        _return_free_heap()
+    return frozenset(consumed)
+
+
+def _return_free_heap() -> None:
+    """Give the layer's freed temporaries back to the OS (glibc): layers differ in size, so without
+    this the heap fragments and resident memory creeps far above the quantized weights."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
+def read_tensor(entry: TensorEntry) -> torch.Tensor:
+    """One checkpoint tensor into fresh CPU memory (read(2), no map kept)."""
+    out = torch.empty(entry.shape, dtype=entry.dtype)
+    if entry.numel:
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        with Path(entry.file).open("rb", buffering=0) as f:
+            f.seek(entry.offset)
+            done = 0
+            while done < entry.nbytes:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise CorruptCheckpoint(f"{entry.file}: tensor {entry.name!r} ends early")
+                done += n
+    return out
+
+
+def _set_module(network: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(network.get_submodule(parent) if parent else network, child, module)
