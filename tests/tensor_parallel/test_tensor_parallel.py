@@ -245,6 +245,50 @@ def test_fewer_query_heads_than_ranks_is_invalid_argument(server, models) -> Non
     server.stub.Unload(pb.UnloadRequest(model_id="after"))
 
 
+def _tiny_mixtral(out_dir: Path) -> Path:
+    import transformers
+
+    config = transformers.MixtralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(config).save_pretrained(out_dir)
+    return out_dir
+
+
+def test_moe_and_quantized_loads_are_refused_and_the_group_keeps_serving(server, models) -> None:
+    """Expert and quantized layers are not sharded yet: INVALID_ARGUMENT, nothing loaded."""
+    root = next(iter(models.values())).parent
+    moe = _tiny_mixtral(root / "tiny_mixtral")
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.Load(pb.LoadRequest(model_id="moe", model_dir=str(moe)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "MixtralForCausalLM (mixture of experts) does not support tensor parallelism yet" in (
+        err.value.details()
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.Load(
+            pb.LoadRequest(model_id="q", model_dir=str(models["llama_kv2"]), quantization="int8")
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "quantized LlamaForCausalLM does not support tensor parallelism yet" in err.value.details()
+    assert not server.stub.ListModels(pb.ListModelsRequest()).models
+    server.stub.Load(pb.LoadRequest(model_id="after", model_dir=str(models["llama_kv2"])))
+    out = server.stub.Forward(
+        pb.ForwardRequest(model_id="after", token_ids=[1, 2], logits_mode=pb.LOGITS_LAST)
+    )
+    assert decode_tensor(out.logits).shape[-1] == _reference(models["llama_kv2"]).config.vocab_size
+    server.stub.Unload(pb.UnloadRequest(model_id="after"))
+
+
 def test_smollm2_says_paris_over_two_ranks(server) -> None:
     """9 query heads in 3 KV groups over 2 ranks: rank 0 holds groups 0-1 (6 heads), rank 1 group 2."""
     from tests.real_model import PROMPT, smollm2_gguf, smollm2_hf_dir
@@ -344,47 +388,3 @@ def test_two_hosts_form_one_group(models) -> None:
         if other.poll() is None:
             other.kill()
             other.wait(10)
-
-
-def _tiny_mixtral(out_dir: Path) -> Path:
-    import transformers
-
-    config = transformers.MixtralConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    transformers.MixtralForCausalLM(config).save_pretrained(out_dir)
-    return out_dir
-
-
-def test_moe_and_quantized_loads_are_refused_and_the_group_keeps_serving(server, models) -> None:
-    """Expert and quantized layers are not sharded yet: INVALID_ARGUMENT, nothing loaded."""
-    root = next(iter(models.values())).parent
-    moe = _tiny_mixtral(root / "tiny_mixtral")
-    with pytest.raises(grpc.RpcError) as err:
-        server.stub.Load(pb.LoadRequest(model_id="moe", model_dir=str(moe)))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "MixtralForCausalLM (mixture of experts) does not support tensor parallelism yet" in (
-        err.value.details()
-    )
-    with pytest.raises(grpc.RpcError) as err:
-        server.stub.Load(
-            pb.LoadRequest(model_id="q", model_dir=str(models["llama_kv2"]), quantization="int8")
-        )
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "quantized LlamaForCausalLM does not support tensor parallelism yet" in err.value.details()
-    assert not server.stub.ListModels(pb.ListModelsRequest()).models
-    server.stub.Load(pb.LoadRequest(model_id="after", model_dir=str(models["llama_kv2"])))
-    out = server.stub.Forward(
-        pb.ForwardRequest(model_id="after", token_ids=[1, 2], logits_mode=pb.LOGITS_LAST)
-    )
-    assert decode_tensor(out.logits).shape[-1] == _reference(models["llama_kv2"]).config.vocab_size
-    server.stub.Unload(pb.UnloadRequest(model_id="after"))
