@@ -88,6 +88,21 @@ def _storages(tensors: Iterable[torch.Tensor]) -> list[_Storage]:
     return out
 
 
+def _own_resizable_storage(tensors: list[torch.Tensor]) -> None:
+    """Move tensors whose storage cannot be resized (a lazily zeroed anonymous map) onto a fresh
+    storage of the same size, views of one storage staying views of one. The fresh pages are not
+    touched before they are dropped, so this costs no resident memory."""
+    fresh: dict[int, torch.UntypedStorage] = {}
+    for t in tensors:
+        old = t.untyped_storage()
+        if old.nbytes() == 0 or old.resizable():
+            continue
+        new = fresh.get(old.data_ptr())
+        if new is None:
+            new = fresh[old.data_ptr()] = torch.UntypedStorage(old.nbytes(), device=old.device)
+        t.set_(new, t.storage_offset(), t.shape, t.stride())
+
+
 def _drop(s: _Storage) -> None:
     if _is_parameter(s.tensor):
         s.tensor.data = torch.empty(0, dtype=s.tensor.dtype, device=s.tensor.device)
@@ -124,7 +139,9 @@ def release(
                 storages = [_Storage(p, p.numel() * p.element_size()) for p in weight_tensors(model)]
                 record.shapes = {id(s.tensor): s.tensor.shape for s in storages}
             else:
-                storages = _storages(kv_cache_tensors(model))
+                kv = kv_cache_tensors(model)
+                _own_resizable_storage(kv)
+                storages = _storages(kv)
             if tag == WEIGHTS and offload:
                 pin = any(s.tensor.device.type == "cuda" for s in storages)
                 for s in storages:

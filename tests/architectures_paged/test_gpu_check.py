@@ -105,9 +105,13 @@ def test_only_the_gpu_marked_files_are_collected() -> None:
 def test_make_gpu_check_with_a_python_installs_nothing() -> None:
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
+    # A clean make environment: under `make test` the outer make's MAKEFLAGS/MAKELEVEL would make this
+    # one print "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     dry = subprocess.run(
         ["make", "-n", "gpu-check", "GPU_CHECK_PYTHON=/opt/gpu-env/bin/python", "VENV=/nonexistent-venv"],
         cwd=REPO,
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
