@@ -40,13 +40,18 @@ def resolve_dtype(
     return torch.float32
 
 
+def is_quantized_load(config: ModelConfig, options: LoadOptions) -> bool:
+    """The Load holds quantized weights: a quantized checkpoint, or quantization asked at load."""
+    return bool(options.quantization) or config.quantization_method is not None
+
+
 def resolve_quantization(
     config: ModelConfig, options: LoadOptions, device: torch.device
 ) -> QuantScheme | None:
     """The Load's quantization: the checkpoint's `quantization_config`, or `options.quantization`
     (INVALID_ARGUMENT for every unsupported variant, before anything is read)."""
-    quantized = bool(options.quantization) or config.raw.get("quantization_config") is not None
     # Asked only when it matters (fp8 needs sm_89+): a dense Load never touches the CUDA driver here.
+    quantized = is_quantized_load(config, options)
     capability = torch.cuda.get_device_capability(device) if quantized and device.type == "cuda" else None
     return scheme_for_load(
         config.raw.get("quantization_config"),

@@ -33,7 +33,7 @@ from .errors import (
     ModelSleeping,
     UnknownArchitecture,
 )
-from .load_plan import LoadPlan, make_load_plan, resolve_dtype
+from .load_plan import LoadPlan, is_quantized_load, make_load_plan, resolve_dtype
 from .model import LoadOptions, Model, ModelBuilder
 from .parallel import SINGLE
 from .paths import resolve_model_dir
@@ -194,10 +194,9 @@ class ModelRegistry:
             backend = self.attention_backends.check_name(backend)
         if options.load_mode not in LOAD_MODES:
             raise InvalidArgument(f"load_mode {options.load_mode!r} is not one of {', '.join(LOAD_MODES)}")
-        quantized = bool(options.quantization) or raw.get("quantization_config") is not None
         options = replace(
             options,
-            dtype=resolve_dtype(config, device, options.dtype, quantized),
+            dtype=resolve_dtype(config, device, options.dtype, is_quantized_load(config, options)),
             attention_backend=backend,
             # Only CPU parameters can be views of a mapped file.
             load_mode=options.load_mode if device.type == "cpu" else "copy",
