@@ -36,26 +36,29 @@ def prefill(b: Bench) -> None:
     """Item 2: stateless forward over a fresh prompt, last-token logits, batch 1."""
     for model in b.models:
         for n in PREFILL_LENGTHS if model is b.smol else PREFILL_LENGTHS[:1]:
-            _prefill(b, model, n)
+            prefill_row(b, model, n)
 
 
-def _prefill(b: Bench, model: BenchModel, n: int) -> None:
+def prefill_row(
+    b: Bench, model: BenchModel, n: int, *, item: int = 2, key: str = "", max_reps: int = 30
+) -> None:
+    """A prefill row of `model` (loaded in b.ours, references in b.refs) against transformers."""
     ours = b.ours[model.label]
     refs = b.refs[model.label]
     ids = b.tokens(model, 1, n)
     cases = [Case("ours", lambda: ours.forward(ids, all_logits=False))]
     for attn, hf in refs.items():
         cases.append(Case(attn, lambda hf=hf: _reference_prefill(hf, ids)))
-    stats = alternate(cases, b.budget(12.0 if n > 128 else 6.0), min_reps=3, max_reps=30)
+    stats = alternate(cases, b.budget(12.0 if n > 128 else 6.0), min_reps=3, max_reps=max_reps)
     name, ref = best_reference(stats, list(refs))
     b.report.add(
         Row(
-            f"2. Prefill {n} tokens, {model.label}",
+            f"{item}. Prefill {n} tokens, {model.label}",
             stats["ours"].fmt(),
             reference_cell(name, ref),
             ratio(stats["ours"], ref),
             Goal(1.0),
-            key=f"prefill-{n}-{model.label}",
+            key=key or f"prefill-{n}-{model.label}",
             spread=(stats["ours"], ref),
         )
     )

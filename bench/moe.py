@@ -11,7 +11,7 @@ import torch
 
 from .common import Case, Goal, Row, alternate, ratio
 from .context import Bench
-from .inprocess import _reference_prefill, best_reference, reference_cell
+from .inprocess import best_reference, prefill_row, reference_cell
 from .models import BENCH_KV, BenchModel, ReferenceDecoder, load_ours, load_reference, new_registry
 
 MOE_PREFILL = 128
@@ -46,23 +46,8 @@ def moe(b: Bench, root: Path) -> None:
     ours = load_ours(new_registry([root]), "bench-tiny-moe", model, BENCH_KV)
     b.ours[model.label] = ours
     refs = {attn: load_reference(model, attn) for attn in ("eager", "sdpa")}
-    ids = b.tokens(model, 1, MOE_PREFILL)
-    cases = [Case("ours", lambda: ours.forward(ids, all_logits=False))]
-    for attn, hf in refs.items():
-        cases.append(Case(attn, lambda hf=hf: _reference_prefill(hf, ids)))
-    stats = alternate(cases, b.budget(6.0), min_reps=3, max_reps=50)
-    name, ref = best_reference(stats, list(refs))
-    b.report.add(
-        Row(
-            f"10. Prefill {MOE_PREFILL} tokens, {model.label}",
-            stats["ours"].fmt(),
-            reference_cell(name, ref),
-            ratio(stats["ours"], ref),
-            Goal(1.0),
-            key="prefill-moe",
-            spread=(stats["ours"], ref),
-        )
-    )
+    b.refs[model.label] = refs
+    prefill_row(b, model, MOE_PREFILL, item=12, key="prefill-moe", max_reps=50)
     ctx = MOE_CONTEXT
     ids = b.tokens(model, 1, ctx)
     ours.reset_kv_cache()
@@ -76,7 +61,7 @@ def moe(b: Bench, root: Path) -> None:
     name, ref = best_reference(stats, list(decoders))
     b.report.add(
         Row(
-            f"10. Decode step, context {ctx}, forward_with_cache, {model.label}",
+            f"12. Decode step, context {ctx}, forward_with_cache, {model.label}",
             stats["ours"].fmt(),
             reference_cell(name, ref),
             ratio(stats["ours"], ref),

@@ -46,7 +46,7 @@ def quantized_decode(b: Bench) -> None:
             s = stats[q]
             b.report.add(
                 Row(
-                    f"9. Quantized decode step, context {ctx}, {q} (bfloat16 activations), {model.label}",
+                    f"13. Quantized decode step, context {ctx}, {q} (bfloat16 activations), {model.label}",
                     s.fmt(),
                     reference_cell(name, ref) + " float32",
                     ratio(s, ref),
@@ -57,7 +57,7 @@ def quantized_decode(b: Bench) -> None:
             )
             b.report.add(
                 Row(
-                    f"9. Quantized decode step vs our float32, {q}, {model.label}",
+                    f"13. Quantized decode step vs our float32, {q}, {model.label}",
                     s.fmt(),
                     f"{stats['float32'].fmt()} ours float32",
                     ratio(s, stats["float32"]),
@@ -67,7 +67,7 @@ def quantized_decode(b: Bench) -> None:
             )
             b.report.add(
                 Row(
-                    f"9. Resident weight bytes and Load time, {q}, {model.label}",
+                    f"13. Resident weight bytes and Load time, {q}, {model.label}",
                     f"{m.weight_bytes / 1e6:.0f} MB, Load {load_s:.2f} s",
                     f"{dense.weight_bytes / 1e6:.0f} MB ours float32",
                     m.weight_bytes / dense.weight_bytes,
@@ -80,7 +80,7 @@ def quantized_decode(b: Bench) -> None:
             limit = need / b.bandwidth
             b.report.add(
                 Row(
-                    f"9. Roofline from the quantized bytes, {q}, {model.label}",
+                    f"13. Roofline from the quantized bytes, {q}, {model.label}",
                     f"{s.fmt()}: {limit / s.median:.0%} of the limit",
                     f"limit {limit * 1e3:.1f} ms = {need / 1e6:.0f} MB ÷ {b.bandwidth / 1e9:.1f} GB/s",
                     s.median / limit,

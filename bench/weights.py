@@ -65,7 +65,7 @@ def updates(b: Bench, worker: WorkerProcess) -> None:
     disk = _times(lambda: client.update_weights(MODEL_ID, model.path), reps)
     b.report.add(
         Row(
-            f"9. UpdateWeights from disk, {model.label}",
+            f"11. UpdateWeights from disk, {model.label}",
             rate(disk),
             f"Load {info.load_seconds:.2f} s; {bandwidth}",
             note=f"{size}, read, checked, then copied under the model's lock",
@@ -76,7 +76,7 @@ def updates(b: Bench, worker: WorkerProcess) -> None:
     stream = _times(lambda: client.update_weights_from_stream(MODEL_ID, tensors), reps)
     b.report.add(
         Row(
-            f"9. UpdateWeightsFromStream (16 MiB chunks, loopback), {model.label}",
+            f"11. UpdateWeightsFromStream (16 MiB chunks, loopback), {model.label}",
             rate(stream),
             bandwidth,
             note=size,
@@ -109,7 +109,7 @@ def updates(b: Bench, worker: WorkerProcess) -> None:
         group.destroy()
     b.report.add(
         Row(
-            f"9. UpdateWeightsFromDistributed (gloo broadcast), {model.label}",
+            f"11. UpdateWeightsFromDistributed (gloo broadcast), {model.label}",
             rate(gloo),
             bandwidth,
             note=size,
@@ -131,7 +131,7 @@ def updates(b: Bench, worker: WorkerProcess) -> None:
             resume.append(client.resume_memory(MODEL_ID).resume_seconds)
         b.report.add(
             Row(
-                f"9. ReleaseMemory / ResumeMemory, weights {how}, {model.label}",
+                f"11. ReleaseMemory / ResumeMemory, weights {how}, {model.label}",
                 f"{Stats(tuple(release)).fmt('s')} / {Stats(tuple(resume)).fmt('s')}",
                 held_text,
                 note="times inside the worker",
