@@ -15,14 +15,19 @@ from torch import nn
 
 from registry import FusedPart, LoadOptions, LoadPlan, ModelConfig, WeightMapping
 from registry.config import RopeScaling
-from registry.errors import InvalidConfig
 from registry.parallel import SINGLE, ParallelContext, attention_shard, even_range
 
 from .attention import AttentionContext
 from .base import CausalLM, build_causal_lm
 from .layers import FusedLinear, GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
 from .moe import MoeSpec, SparseMoeBlock
-from .parallel_layers import ParallelLMHead, RowParallelLinear, VocabParallelEmbedding, column_parallel_fused
+from .parallel_layers import (
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    column_parallel_fused,
+    sharded_moe_block,
+)
 
 # Checkpoint q/k/v and gate/up are row shards of our fused projections.
 LLAMA_WEIGHT_MAPPING = WeightMapping(
@@ -133,7 +138,13 @@ class LlamaDecoderLayer(nn.Module):
         moe = variant.moe
         if moe is not None and layer_idx in moe.sparse_layers:
             self.mlp_name = moe.module_name
-            setattr(self, moe.module_name, SparseMoeBlock(config.hidden_size, config.hidden_act, moe))
+            if parallel.enabled:
+                block = sharded_moe_block(
+                    config.hidden_size, config.hidden_act, moe, config.architecture, parallel
+                )
+            else:
+                block = SparseMoeBlock(config.hidden_size, config.hidden_act, moe)
+            setattr(self, moe.module_name, block)
         else:
             self.mlp_name = "mlp"
             self.mlp = make_mlp(config, parallel)
@@ -204,11 +215,6 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, parallel: ParallelContext = SINGLE) -> None:
         super().__init__()
         self.variant = self.variant_for(config)
-        if parallel.enabled and self.variant.moe is not None:  # experts are not sharded yet
-            raise InvalidConfig(
-                f"{config.architecture} (mixture of experts) does not support tensor parallelism yet "
-                f"(asked for {parallel.world_size} ranks); load it with tensor_parallel_size 1"
-            )
         # The MoE block syncs expert counts to the host each call: no CUDA graph capture.
         self.cuda_graph_safe = self.variant.moe is None
         self.model = LlamaModel(config, self.variant, parallel)

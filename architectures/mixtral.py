@@ -43,6 +43,7 @@ class MixtralForCausalLM(LlamaForCausalLM):
             norm_topk_prob=True,
             sparse_layers=frozenset(range(config.num_hidden_layers)),
             module_name="block_sparse_moe",
+            intermediate_field="intermediate_size",
         )
         return DecoderVariant(moe=spec)
 

@@ -14,9 +14,10 @@ Compute path (the same on CPU and CUDA), for tokens x [T, hidden]:
 4. Qwen2-MoE's shared expert (a dense gated MLP, gated per token by sigmoid(shared_expert_gate(x)))
    is added; the result is cast back to the model dtype.
 
-Column/row structure for tensor parallelism: gate_up_proj is column-parallel per expert (gate rows,
-then up rows), down_proj row-parallel; experts are stacked on dim 0, so they can also be split
-across ranks by expert.
+Tensor parallelism (architectures.parallel_layers.sharded_moe_block): each expert's intermediate
+rows are split over the ranks (gate_up_proj column-parallel per expert, down_proj row-parallel), the
+shared expert likewise, the router replicated; every rank then holds a partial sum of the block's
+output, all-reduced once (`parallel`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from registry.parallel import SINGLE
 
 from .layers import ACTIVATIONS, GatedMLP
 
@@ -41,6 +44,7 @@ class MoeSpec:
     sparse_layers: frozenset[int]  # layers whose MLP is the sparse block (the rest stay dense)
     module_name: str = "mlp"  # checkpoint name of the layer's MLP (Mixtral: block_sparse_moe)
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a sigmoid-gated shared expert (0: none)
+    intermediate_field: str = "moe_intermediate_size"  # the config field of intermediate_size (errors)
 
 
 class StackedExperts(nn.Module):
@@ -93,6 +97,7 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert = GatedMLP(hidden, spec.shared_expert_intermediate_size, act, bias=False)
             self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
         self.has_shared_expert = bool(spec.shared_expert_intermediate_size)
+        self.parallel = SINGLE  # sharded: the ranks' partial sums are added here
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., hidden] → [..., hidden]."""
@@ -106,4 +111,5 @@ class SparseMoeBlock(nn.Module):
         if self.has_shared_expert:
             shared = self.shared_expert(x) * torch.sigmoid(self.shared_expert_gate(x))
             out = out + shared.float()
+        out = self.parallel.all_reduce(out)
         return out.to(x.dtype).reshape(shape)

@@ -8,17 +8,24 @@ reads only this rank's rows or columns; parameter names stay those of the unshar
   (whole on every rank) added once after the sum.
 - vocab-parallel (`VocabParallelEmbedding`, `ParallelLMHead`): vocabulary rows split; the
   embedding all-reduces (each token's row lives on one rank), the head gathers every rank's logits.
+- mixture of experts (`sharded_moe_block`): every expert's intermediate rows split (gate/up
+  column-parallel, down row-parallel), the shared expert likewise, router replicated; one
+  all-reduce per block.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from registry.errors import InvalidConfig
 from registry.parallel import ParallelContext, TensorSlice, even_range
 
 from .layers import FusedLinear
+from .moe import MoeSpec, SparseMoeBlock
 
 
 def column_parallel_fused(
@@ -87,3 +94,43 @@ class ParallelLMHead(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.parallel.gather_last_dim(F.linear(x, self.weight), self.sizes)
+
+
+def sharded_moe_block(
+    hidden: int, act: str, spec: MoeSpec, architecture: str, parallel: ParallelContext
+) -> SparseMoeBlock:
+    """This rank's part of a sparse MoE block: rows [r * I / N, (r + 1) * I / N) of every expert's
+    gate and up, the same columns of its down (and of the shared expert's); the router and the
+    shared expert's gate are replicated. Routing is then the same on every rank, each rank's output
+    is a partial sum, and the block all-reduces it once. The intermediate sizes must divide by the
+    number of ranks (every expert is cut the same way): InvalidConfig otherwise."""
+    world, rank = parallel.world_size, parallel.rank
+    sizes = {spec.intermediate_field: spec.intermediate_size}
+    if spec.shared_expert_intermediate_size:
+        sizes["shared_expert_intermediate_size"] = spec.shared_expert_intermediate_size
+    uneven = [f"{field} {size}" for field, size in sizes.items() if size % world]
+    if uneven:
+        raise InvalidConfig(
+            f"{architecture} (mixture of experts): {' and '.join(uneven)} "
+            f"{'does' if len(uneven) == 1 else 'do'} not divide over {world} "
+            f"tensor-parallel ranks (each expert's intermediate rows are split evenly); use a "
+            f"tensor_parallel_size that divides {'it' if len(uneven) == 1 else 'them'}"
+        )
+    local = replace(
+        spec,
+        intermediate_size=spec.intermediate_size // world,
+        shared_expert_intermediate_size=spec.shared_expert_intermediate_size // world,
+    )
+    block = SparseMoeBlock(hidden, act, local)
+
+    def cut(full: int, dim: int) -> TensorSlice:
+        return TensorSlice(dim, rank * (full // world), full // world, full)
+
+    rows, cols = cut(spec.intermediate_size, 0), cut(spec.intermediate_size, 1)
+    block.experts.checkpoint_slices = {"gate_up_proj": (rows, rows), "down_proj": (cols,)}
+    if block.has_shared_expert:
+        full = spec.shared_expert_intermediate_size
+        block.shared_expert.gate_up_proj.checkpoint_slices = {"weight": (cut(full, 0), cut(full, 0))}
+        block.shared_expert.down_proj.checkpoint_slices = {"weight": (cut(full, 1),)}
+    block.parallel = parallel
+    return block

@@ -4,6 +4,8 @@ shared by the tests, against the same checkpoints built in this process on one r
 Models: Llama with 2 KV heads (split 1 + 1) and 1 KV head (replicated, query heads split), Qwen2
 (q/k/v biases), and a tied-embedding Llama whose 3 KV groups, vocabulary (127) and intermediate
 rows (99) split unevenly (2 + 1 groups); SmolLM2 (9 heads, 3 KV heads: 2 + 1 groups) says " Paris".
+Mixture of experts: Mixtral, Qwen2-MoE (shared expert) and Qwen3-MoE (a dense layer among sparse
+ones), each expert's intermediate rows split over the ranks.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from architectures.base import CausalLM
 from registry import LoadOptions, ModelConfig
 from tests.serve_process import ServeLog
+from tests.tensor_parallel.moe_models import MOE_LAYOUTS, make_moe_model_dir
 from tests.tiny_models import make_tiny_model_dir
 from worker.pb.modelworker.v1 import worker_pb2 as pb
 from worker.pb.modelworker.v1 import worker_pb2_grpc as pb_grpc
@@ -41,6 +44,7 @@ VARIANTS = {
             intermediate_size=99,
         ),
     ),
+    **{layout: (layout, {}) for layout in MOE_LAYOUTS},
 }
 TOL = 1e-4
 
@@ -91,6 +95,7 @@ class Server:
             env=_env(),
         )
         port = self.log.listening_port(timeout=120)
+        self.target = f"127.0.0.1:{port}"
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         self.stub = pb_grpc.ModelWorkerStub(self.channel)
         self.follower_pids = _pids(self.log)
@@ -100,7 +105,9 @@ class Server:
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tp_models")
     return {
-        name: make_tiny_model_dir(root / name, arch, seed=i, **over)
+        name: (make_moe_model_dir if arch in MOE_LAYOUTS else make_tiny_model_dir)(
+            root / name, arch, seed=i, **over
+        )
         for i, (name, (arch, over)) in enumerate(VARIANTS.items())
     }
 
@@ -118,10 +125,16 @@ def server(models) -> Server:
 
 def _reference(model_dir: Path) -> CausalLM:
     """The same checkpoint on one rank, built in this process."""
-    from architectures import llama, qwen2
+    from architectures import llama, mixtral, qwen2, qwen2_moe, qwen3_moe
 
     config = ModelConfig.from_file(model_dir / "config.json")
-    cls = {"LlamaForCausalLM": llama, "Qwen2ForCausalLM": qwen2}[config.architecture]
+    cls = {
+        "LlamaForCausalLM": llama,
+        "Qwen2ForCausalLM": qwen2,
+        "MixtralForCausalLM": mixtral,
+        "Qwen2MoeForCausalLM": qwen2_moe,
+        "Qwen3MoeForCausalLM": qwen3_moe,
+    }[config.architecture]
     opts = LoadOptions(dtype=torch.float32)
     return cls.build(model_dir, torch.device("cpu"), opts)
 
@@ -245,34 +258,17 @@ def test_fewer_query_heads_than_ranks_is_invalid_argument(server, models) -> Non
     server.stub.Unload(pb.UnloadRequest(model_id="after"))
 
 
-def _tiny_mixtral(out_dir: Path) -> Path:
-    import transformers
-
-    config = transformers.MixtralConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    transformers.MixtralForCausalLM(config).save_pretrained(out_dir)
-    return out_dir
-
-
-def test_moe_and_quantized_loads_are_refused_and_the_group_keeps_serving(server, models) -> None:
-    """Expert and quantized layers are not sharded yet: INVALID_ARGUMENT, nothing loaded."""
+def test_uneven_expert_and_quantized_loads_are_refused_and_the_group_keeps_serving(server, models) -> None:
+    """Expert rows must divide by the ranks, and quantized layers are not sharded: INVALID_ARGUMENT,
+    nothing loaded."""
     root = next(iter(models.values())).parent
-    moe = _tiny_mixtral(root / "tiny_mixtral")
+    uneven = make_moe_model_dir(root / "uneven_moe", "qwen3_moe", moe_intermediate_size=15)
     with pytest.raises(grpc.RpcError) as err:
-        server.stub.Load(pb.LoadRequest(model_id="moe", model_dir=str(moe)))
+        server.stub.Load(pb.LoadRequest(model_id="moe", model_dir=str(uneven)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "MixtralForCausalLM (mixture of experts) does not support tensor parallelism yet" in (
-        err.value.details()
+    assert (
+        "Qwen3MoeForCausalLM (mixture of experts): moe_intermediate_size 15 does not divide over 2 "
+        "tensor-parallel ranks" in err.value.details()
     )
     with pytest.raises(grpc.RpcError) as err:
         server.stub.Load(
