@@ -232,6 +232,56 @@ def test_logits_equal_single_rank(server, models, variant) -> None:
     server.stub.Unload(pb.UnloadRequest(model_id=variant))
 
 
+def test_seeded_sampling_draws_what_one_rank_draws(server, models) -> None:
+    """ForwardPaged with SamplingParams at TP=2: rank 0 samples from the gathered logits, and a fixed
+    seed gives the tokens (and logprobs) sampling the one-rank model's logits gives."""
+    from architectures.sampling import Sampler
+    from worker.sampling_codec import sampling_params
+
+    model_dir = models["qwen2_bias"]
+    ref = _reference(model_dir)
+    loaded = server.stub.Load(pb.LoadRequest(model_id="s", model_dir=str(model_dir), dtype="float32"))
+    bs = loaded.model.kv_block_size
+    prompts = [[5, 17, 3, 99], [42, 8, 61]]
+    params = [
+        pb.SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=7, logprobs=2),
+        pb.SamplingParams(temperature=1.3, repetition_penalty=1.2, prompt_token_ids=prompts[1], seed=11),
+    ]
+    tables = [[1], [2]]
+    seqs = [list(p) for p in prompts]
+    tokens = [t for p in prompts for t in p]
+    positions = [i for p in prompts for i in range(len(p))]
+    slots = [table[0] * bs + i for table, p in zip(tables, prompts, strict=True) for i in range(len(p))]
+    sampler = Sampler()
+    for step in range(4):
+        context = [len(s) for s in seqs]
+        out = server.stub.ForwardPaged(
+            pb.ForwardPagedRequest(
+                model_id="s",
+                input_tokens=tokens,
+                positions=positions,
+                block_tables=[pb.BlockTable(block_ids=t) for t in tables],
+                slot_mapping=slots,
+                context_lens=context,
+                is_prefill=step == 0,
+                logits_mode=pb.LOGITS_LAST,
+                sampling=params,
+            )
+        )
+        logits = ref.forward_paged(
+            torch.tensor(tokens), torch.tensor(positions), tables, torch.tensor(slots), context, step == 0
+        )
+        want = sampler.sample(logits.float(), sampling_params(params, 2, "sequence"), context)
+        assert [list(o.token_ids) for o in out.outputs] == [w.token_ids for w in want]
+        assert abs(out.outputs[0].logprobs[0].logprob - want[0].logprobs[0].logprob) <= TOL
+        for s, o in zip(seqs, out.outputs, strict=True):
+            s.append(o.token_ids[-1])
+        tokens = [s[-1] for s in seqs]
+        positions = [len(s) - 1 for s in seqs]
+        slots = [t[0] * bs + p for t, p in zip(tables, positions, strict=True)]
+    server.stub.Unload(pb.UnloadRequest(model_id="s"))
+
+
 def test_bad_request_is_refused_on_every_rank_and_the_group_keeps_serving(server, models) -> None:
     model_dir = models["llama_kv2"]
     server.stub.Load(pb.LoadRequest(model_id="bad", model_dir=str(model_dir), dtype="float32"))
