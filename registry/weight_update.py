@@ -26,9 +26,12 @@ from .safetensors_loader import (
     _covered_slots,
     _layout,
     _parameter_slots,
+    _read_into,
     _required_slots,
+    _slice_copies,
     _slot_shape,
     _slot_view,
+    open_regular,
     plan_load,
 )
 from .weights import WeightMapping, WeightTarget
@@ -245,3 +248,48 @@ class TensorAssembler:
             )
         self._views.clear()
         return list(self._specs.values()), self._tensors
+
+
+# (parameter view, the checkpoint's part for it, in the file's dtype)
+StagedSlices = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def read_staged_slices(target: UpdateTarget, plan: UpdatePlan) -> StagedSlices:
+    """A tensor-parallel rank's staging: only the rows or columns of each planned tensor that this
+    rank's shard holds (the narrows a Load reads), in host memory in the file's dtype, so that
+    `apply_staged_slices` converts them with the same copy_ a Load does (bit-identical results)."""
+    import mmap
+
+    params, _ = _parameter_slots(target.network)
+    by_file: dict[Path, list[tuple[TensorEntry, WeightTarget]]] = {}
+    for item in plan:
+        by_file.setdefault(item[0].file, []).append(item)
+    staged: StagedSlices = []
+    for path, items in by_file.items():
+        with open_regular(path, buffering=0) as f:
+            size = f.seek(0, 2)
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        try:
+            for entry, where in sorted(items, key=lambda it: it[0].offset):
+                if entry.offset + entry.nbytes > size:
+                    raise CorruptCheckpoint(f"{path}: tensor {entry.name!r} ends early (the file shrank)")
+                layout = _layout(target.network, where.param)
+                for view, narrows in _slice_copies(params[where.param], layout, where):
+                    part = torch.empty(view.shape, dtype=entry.dtype)
+                    if mm is not None:
+                        _read_into(part, entry, mm, narrows)
+                    staged.append((view, part))
+        finally:
+            if mm is not None:
+                try:
+                    mm.close()
+                except BufferError:  # a view still alive somewhere; the map closes when it dies
+                    pass
+    return staged
+
+
+@torch.no_grad()
+def apply_staged_slices(staged: StagedSlices) -> None:
+    """Copy every staged slice into its parameter view (the caller holds the model exclusively)."""
+    for view, part in staged:
+        view.copy_(part)

@@ -40,6 +40,8 @@ from registry.errors import FailedPrecondition, InvalidArgument, InvalidConfig
 from registry.load_plan import LoadPlan, make_load_plan
 from registry.parallel import ParallelContext
 from registry.registry import _takes_plan
+from registry.safetensors_loader import index_checkpoint
+from registry.weight_update import apply_staged_slices, check_update, read_staged_slices, update_target
 
 from .logs import LOGGER_NAME, fields
 from .settings import Settings
@@ -125,12 +127,29 @@ def _rank_device(plan_device: torch.device, rank: int, per_node: int) -> torch.d
 
 
 def _portable_error(exc: BaseException) -> BaseException:
-    """`exc` if it survives pickling (it crosses ranks), else an InvalidConfig with its text."""
-    try:
-        pickle.loads(pickle.dumps(exc))
+    """`exc` if it crosses ranks intact (pickled and back, same type and message); else the nearest
+    base class that carries its message (WeightsMismatch → InvalidArgument: same status code), else
+    an InvalidConfig with its text."""
+
+    def intact(e: BaseException) -> bool:
+        try:
+            copy = pickle.loads(pickle.dumps(e))
+        except Exception:
+            return False
+        return type(copy) is type(e) and str(copy) == str(e)
+
+    if intact(exc):
         return exc
-    except Exception:
-        return InvalidConfig(f"{type(exc).__name__}: {exc}")
+    text = str(exc)
+    for base in type(exc).__mro__[1:]:
+        if issubclass(base, Exception) and base is not Exception:
+            try:
+                candidate = base(text)
+            except Exception:
+                continue
+            if intact(candidate):
+                return candidate
+    return InvalidConfig(f"{type(exc).__name__}: {exc}")
 
 
 # -- rank 0 ------------------------------------------------------------------------------------
@@ -331,6 +350,27 @@ def _build_and_agree(builder: Callable[..., Model], plan: LoadPlan, parallel: Pa
     return model
 
 
+def _update_and_agree(model: Model, parallel: ParallelContext, path: Path) -> tuple[int, int]:
+    """Stage this rank's slices of the checkpoint in `path` (checked as strictly as a Load); all
+    ranks then exchange outcomes, and only if every rank staged its part does any rank copy them in,
+    so the shards never mix old and new weights. Returns (tensors, checkpoint bytes)."""
+    staged, error = None, None
+    try:
+        target = update_target(model)
+        plan = check_update(target, index_checkpoint(path).values(), where=str(path))
+        staged = read_staged_slices(target, plan)
+    except Exception as exc:
+        error = _portable_error(exc)
+    failed = next((e for e in parallel.all_gather_object(error) if e is not None), None)
+    if failed is not None:
+        raise failed
+    assert staged is not None
+    apply_staged_slices(staged)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return len(plan), sum(entry.nbytes for entry, _ in plan)
+
+
 class TensorParallelModel(Model):
     """Rank 0's handle on a sharded model: each call is broadcast to the followers first."""
 
@@ -368,6 +408,13 @@ class TensorParallelModel(Model):
 
     def import_kv_blocks(self, *args: Any, **kwargs: Any) -> None:
         return self._call("import_kv_blocks", *args, **kwargs)
+
+    def update_weights_from_dir(self, path: Path) -> tuple[int, int]:
+        """UpdateWeights from a checkpoint directory on every rank, each reading its own slices; all
+        or nothing (see `_update_and_agree`). Returns (tensors, checkpoint bytes)."""
+        command = ("update", self.key, str(path))
+        local = lambda: _update_and_agree(self.local, self.group.parallel, path)  # noqa: E731
+        return self.group.run(command, local, agreed=True)
 
     def release(self) -> int:
         if self.group.failed or self.group._stopping:
@@ -518,6 +565,9 @@ def _follow(registry: ModelRegistry, settings: Settings, parallel: ParallelConte
                     _, key, method, args, kwargs = command
                     if method in MODEL_METHODS:
                         getattr(models[key], method)(*args, **kwargs)
+                elif kind == "update":
+                    _, key, path = command
+                    _update_and_agree(models[key], parallel, Path(path))
                 elif kind == "release":
                     model = models.pop(command[1], None)
                     if model is not None:
@@ -525,8 +575,8 @@ def _follow(registry: ModelRegistry, settings: Settings, parallel: ParallelConte
         except SAME_ON_EVERY_RANK:
             pass  # rank 0 raised the same error from the same checks and answers the call
         except Exception as exc:
-            if kind == "build" and not _is_distributed_error(exc):
-                continue  # every rank agreed on the failed build
+            if kind in ("build", "update") and not _is_distributed_error(exc):
+                continue  # every rank agreed on the failed build or update
             log.error("rank %d: %s failed, leaving the group: %s", parallel.rank, kind, exc)
             return 1
 

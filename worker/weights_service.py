@@ -151,8 +151,33 @@ class WeightsServicerMixin:
             plan = check_update(target, index_checkpoint(path).values(), where=str(path))
             return _Staged(model, target, plan, read_staged(plan)), path
 
+        if _sharded(self._resident_model(model_id)):
+            path = await self._in_thread(lambda: self.registry.resolve_dir(request.model_dir))
+            return await self._apply_sharded(model_id, path, started)
         staged, path = await self._in_thread(stage)
         return await self._apply_staged(model_id, staged, "disk", path, started)
+
+    async def _apply_sharded(self, model_id: str, path: Path, started: float) -> pb.UpdateWeightsResponse:
+        """A tensor-parallel model: every rank stages and applies its slices in one step under the
+        model's lock (the ranks agree that all staged before any applies)."""
+
+        def apply() -> tuple[int, int, int]:
+            with self.registry.get_model_mut(model_id, allow_sleeping=True) as current:
+                entry = self.registry.get_entry(model_id)
+                if entry.released is not None and memory.WEIGHTS in entry.released.tags:
+                    raise ModelSleeping(f"model {model_id!r} released its weights while the update arrived")
+                count, nbytes = current.update_weights_from_dir(path)
+                entry.weights_version += 1
+                entry.weights_source = path
+                return entry.weights_version, count, nbytes
+
+        version, count, nbytes = await self._locked(model_id, apply)
+        seconds = time.perf_counter() - started
+        note(weights_version=version, source="disk", bytes=nbytes)
+        self.observer.weights_updated(model_id, "disk", seconds)
+        return pb.UpdateWeightsResponse(
+            weights_version=version, update_seconds=seconds, num_tensors=count, bytes=nbytes
+        )
 
     # -- UpdateWeightsFromStream -----------------------------------------------------------------
     @rpc_method("UpdateWeightsFromStream")
@@ -169,6 +194,7 @@ class WeightsServicerMixin:
                 model_id = validate_model_id(chunk.model_id)
                 note(model_id=model_id)  # the log line's model field reads the request, not a stream
                 model = self._resident_model(model_id)
+                _refuse_sharded(model, model_id, "UpdateWeightsFromStream")
                 target = update_target(model)
                 assembler = TensorAssembler(TensorChecker(target), where=f"weights stream for {model_id!r}")
             elif chunk.model_id and chunk.model_id != model_id:
@@ -270,16 +296,18 @@ class WeightsServicerMixin:
             for name, dtype, shape in zip(request.names, request.dtypes, request.shapes, strict=True)
         ]
         model = self._resident_model(model_id)
-        target = update_target(model)
         where = f"weights group {request.group_name!r}"
         # The trainer broadcasts every announced tensor whatever the worker thinks of them: receive
         # them all even when the update is refused, so its collectives complete and the group stays
         # usable; refuse after.
-        refusal: WeightsMismatch | InvalidArgument | None = None
+        refusal: WeightsMismatch | InvalidArgument | FailedPrecondition | None = None
         plan: UpdatePlan = []
+        target = None
         try:
+            _refuse_sharded(model, model_id, "UpdateWeightsFromDistributed")
+            target = update_target(model)
             plan = check_update(target, specs, where=where)
-        except InvalidArgument as exc:
+        except (InvalidArgument, FailedPrecondition) as exc:
             refusal = exc
 
         def receive() -> dict[str, torch.Tensor]:
@@ -297,6 +325,7 @@ class WeightsServicerMixin:
             tensors = await asyncio.shield(future)
         if refusal is not None:
             raise refusal
+        assert target is not None
         source = f"distributed:{slot.group.backend}"
         return await self._apply_staged(
             model_id, _Staged(model, target, plan, tensors), source, None, started
@@ -398,6 +427,21 @@ class WeightsServicerMixin:
         seconds = time.perf_counter() - started
         note(tags=list(tags), resumed_bytes=restored)
         return pb.ResumeMemoryResponse(resume_seconds=seconds, resumed_bytes=restored)
+
+
+def _sharded(model: object) -> bool:
+    return getattr(model, "tensor_parallel_size", 1) > 1
+
+
+def _refuse_sharded(model: object, model_id: str, rpc: str) -> None:
+    """Tensors sent to the worker reach rank 0 alone; a sharded model's other ranks need their
+    slices too, which only a checkpoint directory (read by every rank) gives them."""
+    if _sharded(model):
+        raise FailedPrecondition(
+            f"{rpc} cannot update model {model_id!r}: it is sharded over "
+            f"{model.tensor_parallel_size} tensor-parallel ranks and the tensors would reach rank 0 only; "
+            "use UpdateWeights with a checkpoint directory, from which every rank reads its slices"
+        )
 
 
 def _resident(entry: object) -> tuple[int, int]:

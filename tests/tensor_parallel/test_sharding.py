@@ -227,3 +227,38 @@ def test_load_plan_admits_this_ranks_share_of_the_weights(tmp_path: Path) -> Non
         (model_dir / "model.safetensors").read_bytes()[:8], "little"
     )
     assert plan(ParallelContext(1, 2, None)).weight_bytes == -(-whole // 2)
+
+
+class _OtherRank(ParallelContext):
+    """Rank 0 of 2 whose outcome exchange reports `outcome` for rank 1 (the one collective of an
+    update, standing in for a second process)."""
+
+    def __init__(self, outcome: BaseException | None) -> None:
+        super().__init__(0, 2, None)
+        self.outcome = outcome
+
+    def all_gather_object(self, obj: object) -> list[object]:
+        return [obj, self.outcome]
+
+
+def test_a_weight_update_applies_only_when_every_rank_staged_its_slices(tmp_path: Path) -> None:
+    """All or nothing across ranks: rank 1 failing to stage leaves rank 0's shard untouched (and
+    rank 0 raises rank 1's error); once both staged, rank 0's shard is a fresh load's, bit for bit."""
+    from types import SimpleNamespace
+
+    from registry.errors import CorruptCheckpoint
+    from worker.tensor_parallel import _update_and_agree
+
+    old = make_tiny_model_dir(tmp_path / "old", "llama", seed=1, **UNEVEN)
+    new = make_tiny_model_dir(tmp_path / "new", "llama", seed=2, **UNEVEN)
+    net = _shard(old, 0, 2)
+    model = SimpleNamespace(network=net, device=torch.device("cpu"))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(CorruptCheckpoint, match="on rank 1"):
+        _update_and_agree(model, _OtherRank(CorruptCheckpoint("model.safetensors ends early on rank 1")), new)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    count, nbytes = _update_and_agree(model, _OtherRank(None), new)
+    fresh = _shard(new, 0, 2).state_dict()
+    assert all(torch.equal(v, fresh[k]) for k, v in net.state_dict().items())
+    full = load_file(new / "model.safetensors")
+    assert count == len(full) and nbytes == sum(t.numel() * t.element_size() for t in full.values())

@@ -282,6 +282,90 @@ def test_seeded_sampling_draws_what_one_rank_draws(server, models) -> None:
     server.stub.Unload(pb.UnloadRequest(model_id="s"))
 
 
+def _logits(server: Server, model_id: str, ids: list[int]) -> torch.Tensor:
+    out = server.stub.Forward(pb.ForwardRequest(model_id=model_id, token_ids=ids, logits_mode=pb.LOGITS_ALL))
+    return decode_tensor(out.logits)
+
+
+def test_weight_update_from_a_directory_equals_a_fresh_load(server, models) -> None:
+    """UpdateWeights on a sharded model: every rank reads its slices of the new checkpoint, and the
+    result is bit for bit a fresh TP=2 Load of it; a refused checkpoint leaves the old weights on
+    every rank; the stream form is FAILED_PRECONDITION (the tensors would reach rank 0 only)."""
+    from safetensors.torch import load_file, save_file
+
+    from worker.client import FailedPreconditionError, ModelWorkerClient
+
+    root = next(iter(models.values())).parent
+    old = models["tied_uneven"]  # uneven heads, vocabulary and rows: every kind of slice
+    new = make_tiny_model_dir(root / "tied_uneven_b", "llama", seed=42, **VARIANTS["tied_uneven"][1])
+    broken = root / "tied_uneven_broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((new / "config.json").read_text())
+    tensors = load_file(new / "model.safetensors")
+    save_file(
+        {k: v for k, v in tensors.items() if k != "model.layers.1.mlp.down_proj.weight"},
+        broken / "model.safetensors",
+    )
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    server.stub.Load(pb.LoadRequest(model_id="u", model_dir=str(old), dtype="float32"))
+    before = _logits(server, "u", ids)
+
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.UpdateWeights(pb.UpdateWeightsRequest(model_id="u", model_dir=str(broken)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "model.layers.1.mlp.down_proj.weight" in err.value.details()
+    assert torch.equal(_logits(server, "u", ids), before)
+
+    result = server.stub.UpdateWeights(pb.UpdateWeightsRequest(model_id="u", model_dir=str(new)))
+    assert result.weights_version == 1 and result.num_tensors == len(tensors)
+    assert result.bytes == sum(t.numel() * t.element_size() for t in tensors.values())
+    updated = _logits(server, "u", ids)
+    server.stub.Load(pb.LoadRequest(model_id="fresh", model_dir=str(new), dtype="float32"))
+    assert torch.equal(updated, _logits(server, "fresh", ids))
+    assert (updated - _reference(new).forward(torch.tensor([ids]))[0]).abs().max() <= TOL
+
+    with ModelWorkerClient(server.target, timeout=60) as client:
+        with pytest.raises(FailedPreconditionError) as refused:
+            client.update_weights_from_stream("u", sorted(load_file(old / "model.safetensors").items()))
+    assert "sharded over 2 tensor-parallel ranks" in str(refused.value)
+    assert "use UpdateWeights with a checkpoint directory" in str(refused.value)
+    assert torch.equal(_logits(server, "u", ids), updated)
+    for model_id in ("u", "fresh"):
+        server.stub.Unload(pb.UnloadRequest(model_id=model_id))
+
+
+def test_weight_broadcast_to_a_sharded_model_is_refused_after_receiving(server, models) -> None:
+    """UpdateWeightsFromDistributed on a sharded model: every announced tensor is still received
+    (the trainer's collectives complete, the group stays usable), then FAILED_PRECONDITION."""
+    import multiprocessing as mp
+
+    from tests.weights.trainer import free_port, rounds, specs, trainer_main
+    from worker.client import FailedPreconditionError, ModelWorkerClient
+
+    model_dir = models["llama_kv2"]
+    server.stub.Load(pb.LoadRequest(model_id="d", model_dir=str(model_dir), dtype="float32"))
+    before = _logits(server, "d", [1, 2, 3])
+    port, group = free_port(), "tp-sync"
+    trainer = mp.get_context("spawn").Process(
+        target=trainer_main, args=(port, group, str(model_dir)), daemon=True
+    )
+    trainer.start()
+    try:
+        with ModelWorkerClient(server.target, timeout=60) as client:
+            client.init_weights_group("127.0.0.1", port, 2, group, model_id="d", timeout_seconds=60)
+            for tensors in rounds(model_dir):
+                with pytest.raises(FailedPreconditionError, match="sharded over 2 tensor-parallel ranks"):
+                    client.update_weights_from_distributed("d", group, specs(tensors))
+            client.destroy_weights_group(group)
+        trainer.join(60)
+        assert trainer.exitcode == 0
+    finally:
+        if trainer.is_alive():
+            trainer.kill()
+    assert torch.equal(_logits(server, "d", [1, 2, 3]), before)
+    server.stub.Unload(pb.UnloadRequest(model_id="d"))
+
+
 def test_bad_request_is_refused_on_every_rank_and_the_group_keeps_serving(server, models) -> None:
     model_dir = models["llama_kv2"]
     server.stub.Load(pb.LoadRequest(model_id="bad", model_dir=str(model_dir), dtype="float32"))
