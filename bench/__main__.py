@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import inprocess, kv_transfer, moe, quantized, sampling, serving
+from . import inprocess, kv_transfer, moe, quantized, sampling, serving, tensor_parallel
 from . import weights as weight_updates
 from .common import (
     FRESH_PAGES_ENV,
@@ -44,7 +44,7 @@ from .models import (
 from .reasons import REASONS
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ITEMS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13)
+ITEMS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             if 12 in items:
                 print("12. tiny MoE prefill and decode...", flush=True)
                 moe.moe(b, tmp / "moe-models")
+            if 15 in items:  # its own rank processes, after the in-process items
+                print("15. tensor parallelism over 2 gloo ranks...", flush=True)
+                tensor_parallel.item(b, b.smol.path)
         finally:
             for w in (worker, load_worker, kv_worker):
                 if w is not None:

@@ -1,10 +1,12 @@
-"""Tensor parallelism on the CPU (gloo): SmolLM2 prefill and decode step at TP=1 and TP=N, with the
-time rank 0 spends in collectives per step.
+"""Item 15 of `make bench`, and on its own: tensor parallelism on the CPU (gloo), SmolLM2 prefill and
+decode step at TP=1 and TP=N, with the time rank 0 spends in collectives per decode step.
 
     python -m bench.tensor_parallel [--world 2] [--threads-total 2] [--rounds 20] [--prompt 128]
+    python -m bench --items 15
 
 TP=1 runs with `threads-total` torch threads; each of the N ranks with threads-total / N (as
-`serve --tensor-parallel-size N` gives them). Prints one markdown table.
+`serve --tensor-parallel-size N` gives them). On its own it prints one markdown table; in the bench
+it adds two rows (TP=N against TP=1 as the reference).
 """
 
 from __future__ import annotations
@@ -77,6 +79,39 @@ def measure(world: int, threads: int, model_dir: Path, args: dict) -> tuple[floa
     for p in procs:
         p.join()
     return result
+
+
+def item(b, model_dir: Path, world: int = 2) -> None:  # noqa: ANN001 - bench.context.Bench
+    """Item 15: TP=`world` (threads / world per rank) against TP=1 (all threads), prefill and decode."""
+    args = {"rounds": 5 if b.quick else 20, "prompt": 128}
+    threads = max(1, b.threads // world)
+    one = measure(1, b.threads, model_dir, args)
+    many = measure(world, threads, model_dir, args)
+    for row in rows(one, many, world, threads, b.threads, args):
+        b.report.add(row)
+
+
+def rows(one: tuple, many: tuple, world: int, threads: int, total: int, args: dict) -> list:
+    """Item 15's two rows from (prefill, decode, collectives) seconds at TP=1 and TP=`world`."""
+    from .common import Row
+
+    label = f"SmolLM2, TP={world} ({threads} thread/rank) vs TP=1 ({total} threads), gloo"
+    why = "on the CPU tensor parallelism buys memory (each rank holds 1/N of the weights), not speed"
+    out = []
+    for i, what in enumerate((f"Prefill {args['prompt']}", f"Decode step, context {args['prompt']}")):
+        extra = f"; collectives {many[2] * 1e3:.1f} ms of the step" if i == 1 else ""
+        out.append(
+            Row(
+                f"15. {what}, {label}",
+                f"{many[i] * 1e3:.1f} ms",
+                f"TP=1: {one[i] * 1e3:.1f} ms",
+                many[i] / one[i],
+                None,
+                note=f"median of {args['rounds']} rounds{extra}; {why}",
+                key=f"tensor-parallel-{'prefill' if i == 0 else 'decode'}",
+            )
+        )
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -189,6 +189,21 @@ def test_bench_measures_both_sizes(tmp_path: Path) -> None:
     assert collectives > 0 and prefill > 0 and decode > 0
 
 
+def test_bench_item_15_rows() -> None:
+    """`python -m bench --items 15`: two rows numbered 15, TP=2 against TP=1, collectives named."""
+    from bench.__main__ import ITEMS, parse_args
+    from bench.common import render_row
+    from bench.tensor_parallel import rows
+
+    assert 15 in ITEMS and 14 not in ITEMS  # 14 is another item's number
+    assert parse_args(["--items", "15"]).items == "15"
+    prefill, decode = rows((0.2, 0.04, 0.0), (0.4, 0.1, 0.06), 2, 1, 2, {"rounds": 5, "prompt": 128})
+    assert prefill.item.startswith("15. Prefill 128, SmolLM2, TP=2 (1 thread/rank) vs TP=1 (2 threads)")
+    assert (prefill.ours, prefill.reference, prefill.ratio) == ("400.0 ms", "TP=1: 200.0 ms", 2.0)
+    assert decode.item.startswith("15. Decode step, context 128") and decode.ratio == 2.5
+    assert "collectives 60.0 ms of the step" in render_row(decode)
+
+
 def test_rank_memory_metric_reads_each_rank_process() -> None:
     import os
 
