@@ -9,7 +9,9 @@
    head_dim 64; prefill, decode, prefix-cached prefill, mixed batch, a sliding window) and the decode
    step time at batch 1/16/64 of a 1B-class random-weight Llama (hidden 2048, 16 layers, 32 heads,
    8 KV heads, intermediate 8192, vocab 32000) built directly on the device, no checkpoint read;
-4. prints a markdown table and writes it under bench/results/.
+4. with several GPUs visible, one model sharded over all of them with NCCL (bench/gpu_tensor_parallel.py:
+   logits against one GPU, decode step time); skipped with one GPU;
+5. prints a markdown table and writes it under bench/results/.
 
 Without a GPU it says so and exits 0 at once; when `nvidia-smi` lists a GPU that torch cannot use
 (a CUDA build newer than the driver, a CPU build of torch) it fails loudly (exit 1). Exit status: 1 if
@@ -284,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         if problem is not None:
             print(f"FAILED: {problem}", file=sys.stderr)
             return 1
-        print("no CUDA: skipping the GPU checks (pytest -m gpu, flash_attn, decode timings)")
+        print(
+            "no CUDA: skipping the GPU checks (pytest -m gpu, flash_attn, decode timings, tensor parallelism)"
+        )
         return 0
     device = torch.device("cuda")
     card = torch.cuda.get_device_name(device)
@@ -320,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print(hot_path)
+    from bench.gpu_tensor_parallel import report as tensor_parallel_report
+
+    print("\ntensor parallelism...", flush=True)
+    tensor_parallel, tensor_parallel_failed = tensor_parallel_report(torch.cuda.device_count(), args.iters)
+    print(tensor_parallel)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = args.out_dir / f"gpu-check-{stamp}.md"
@@ -327,11 +336,24 @@ def main(argv: list[str] | None = None) -> int:
     shape += f"/{LLAMA_1B['num_key_value_heads']}kv, context {CONTEXT}, block {BLOCK_SIZE}"
     out.write_text(
         "\n".join(
-            [f"# gpu-check {stamp}", "", *header, f"gpu tests: {tests}", shape, "", table, "", hot_path, ""]
+            [
+                f"# gpu-check {stamp}",
+                "",
+                *header,
+                f"gpu tests: {tests}",
+                shape,
+                "",
+                table,
+                "",
+                hot_path,
+                "",
+                tensor_parallel,
+                "",
+            ]
         )
     )
     print(f"\nwritten to {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
-    failed = test_rc != 0 or any(r.failure for r in rows) or hot_path_failed
+    failed = test_rc != 0 or any(r.failure for r in rows) or hot_path_failed or tensor_parallel_failed
     flash = "tested" if flash_reason is None else f"NOT TESTED ({_flash_summary(flash_reason)})"
     print(f"\nresult: {'FAILED' if failed else 'passed'}; flash_attn backend {flash}")
     if flash_reason is not None and args.require_flash:
