@@ -111,8 +111,9 @@ def _check_shardable(
         )
     if quantized:  # quantized layers are not sharded yet
         raise InvalidConfig(
-            f"quantized {config.architecture} does not support tensor parallelism yet "
-            f"(asked for {world_size} ranks); load it dense or with tensor_parallel_size 1"
+            f"quantized {config.architecture} does not support tensor parallelism yet: its quantized "
+            f"layers (packed weights and their scales) are not split across ranks (asked for {world_size} "
+            f"ranks); load it dense or with tensor_parallel_size 1"
         )
     attention_shard(config.num_attention_heads, config.num_key_value_heads, world_size, 0)
 

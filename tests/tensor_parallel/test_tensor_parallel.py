@@ -393,8 +393,8 @@ def test_fewer_query_heads_than_ranks_is_invalid_argument(server, models) -> Non
 
 
 def test_uneven_expert_and_quantized_loads_are_refused_and_the_group_keeps_serving(server, models) -> None:
-    """Expert rows must divide by the ranks, and quantized layers are not sharded: INVALID_ARGUMENT,
-    nothing loaded."""
+    """Expert rows must divide by the ranks, and quantized layers (on-the-fly int8, a pre-quantized
+    FP8 checkpoint) are not sharded: INVALID_ARGUMENT, nothing loaded."""
     root = next(iter(models.values())).parent
     uneven = make_moe_model_dir(root / "uneven_moe", "qwen3_moe", moe_intermediate_size=15)
     with pytest.raises(grpc.RpcError) as err:
@@ -408,6 +408,17 @@ def test_uneven_expert_and_quantized_loads_are_refused_and_the_group_keeps_servi
         server.stub.Load(
             pb.LoadRequest(model_id="q", model_dir=str(models["llama_kv2"]), quantization="int8")
         )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        "quantized LlamaForCausalLM does not support tensor parallelism yet: its quantized layers "
+        "(packed weights and their scales) are not split across ranks (asked for 2 ranks)"
+    ) in err.value.details()
+    # A pre-quantized checkpoint (FP8 block-wise) likewise.
+    from tests.quantization.checkpoints import fp8_block_config, fp8_block_layer, write_checkpoint
+
+    fp8, _ = write_checkpoint(root / "fp8", fp8_block_config((16, 16)), fp8_block_layer((16, 16)))
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.Load(pb.LoadRequest(model_id="fp8", model_dir=str(fp8)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "quantized LlamaForCausalLM does not support tensor parallelism yet" in err.value.details()
     assert not server.stub.ListModels(pb.ListModelsRequest()).models
