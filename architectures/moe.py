@@ -69,19 +69,21 @@ class StackedExperts(nn.Module):
         pair_weights = weights.reshape(-1).index_select(0, order)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # the one host sync
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        n, start = self.intermediate, 0
+        start = 0
         for expert, count in enumerate(counts):
             if count == 0:
                 continue
             rows = slice(start, start + count)
             start += count
             tokens = token_of[rows]
-            xs = x.index_select(0, tokens)
-            w = self.gate_up_proj[expert]
-            hidden = self.act(F.linear(xs, w[:n])) * F.linear(xs, w[n:])
-            y = F.linear(hidden, self.down_proj[expert])
+            y = self.expert_mlp(expert, x.index_select(0, tokens))
             out.index_add_(0, tokens, y.float() * pair_weights[rows, None])
         return out
+
+    def expert_mlp(self, expert: int, xs: torch.Tensor) -> torch.Tensor:
+        """One expert's gated MLP on its tokens (QuantizedExperts overrides it)."""
+        n, w = self.intermediate, self.gate_up_proj[expert]
+        return F.linear(self.act(F.linear(xs, w[:n])) * F.linear(xs, w[n:]), self.down_proj[expert])
 
 
 class SparseMoeBlock(nn.Module):

@@ -24,6 +24,8 @@ from registry.quantization.scheme import QuantScheme
 from registry.safetensors_loader import TensorEntry
 from registry.weights import WeightTarget
 
+from .moe import StackedExperts
+from .quantized_experts import QuantizedExperts
 from .quantized_linear import QuantizedLinear, make_quantized_linear
 
 
@@ -72,6 +74,9 @@ def plan_quantized_layers(
     }
     slots: list[QuantizedSlot] = []
     for name, module in list(network.named_modules()):
+        if isinstance(module, StackedExperts):
+            slots += _plan_experts(network, name, module, entries, mapping, marker)
+            continue
         if not isinstance(module, nn.Linear) or id(module.weight) in tied:
             continue
         if scheme.on_the_fly and name == "lm_head":
@@ -109,6 +114,40 @@ def plan_quantized_layers(
         raise InvalidConfig(
             f"config.json: quantization_config says {scheme.method} but no layer has a {marker!r} tensor"
         )
+    return slots
+
+
+def _plan_experts(
+    network: nn.Module,
+    name: str,
+    experts: StackedExperts,
+    entries: dict[str, TensorEntry],
+    mapping: WeightMapping,
+    marker: str,
+) -> list[QuantizedSlot]:
+    """Per-expert quantized layers (`<name>.gate_up.<e>`, gate and up fused; `<name>.down.<e>`) when
+    the checkpoint stores the experts quantized, one by one; [] when it stores them dense."""
+    count, inter = experts.num_experts, experts.intermediate
+    hidden = experts.down_proj.shape[1]
+
+    def part(param: str, shard: int | None, e: int) -> str:
+        return mapping.checkpoint_name(WeightTarget(f"{name}.{param}", shard, e)).removesuffix(".weight")
+
+    gate_up = [(part("gate_up_proj", 0, e), part("gate_up_proj", 1, e)) for e in range(count)]
+    down = [(part("down_proj", None, e),) for e in range(count)]
+    present = [f"{p}.{marker}" in entries for parts in gate_up + down for p in parts]
+    if not any(present):
+        return []
+    if not all(present):
+        missing = next(p for parts in gate_up + down for p in parts if f"{p}.{marker}" not in entries)
+        raise CorruptCheckpoint(f"{name}: some experts are quantized but {missing} has no {marker!r} tensor")
+    slots = [
+        QuantizedSlot(f"{name}.gate_up.{e}", gate_up[e], (inter, inter), hidden, 2 * inter, False)
+        for e in range(count)
+    ]
+    slots += [QuantizedSlot(f"{name}.down.{e}", down[e], None, inter, hidden, False) for e in range(count)]
+    holders = [_Placeholder(s.in_features, s.out_features, False, s.shard_sizes) for s in slots]
+    _set_module(network, name, QuantizedExperts(experts, holders[:count], holders[count:]))
     return slots
 
 

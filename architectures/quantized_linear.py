@@ -2,14 +2,17 @@
 
 Every layer computes y = x W^T + b for the W its canonical weight (registry.quantization.formats)
 dequantizes to. How:
-- Int8Linear: int8 codes [n, k] and one scale per output row. On CPU with bfloat16 activations,
-  torch._weight_int8pack_mm; otherwise the layer dequantizes its weight per call.
-- Int4PackedLinear: 4-bit codes repacked once at Load for torch._weight_int4pack_mm_for_cpu (CPU,
-  bfloat16 activations, groups of 32..256 along the input). Act-order checkpoints (GPTQ desc_act)
-  have their input columns sorted by group at Load and the activations gathered in that order.
+- Int8Linear: int8 codes [n, k] and one scale per output row. torch._weight_int8pack_mm where
+  quantized_kernels.choose_kernel allows it (CPU, bfloat16); otherwise dequantized per call.
+- Int4PackedLinear: 4-bit codes repacked once at Load for torch's int4 kernel of the device
+  (_weight_int4pack_mm_for_cpu on CPU, _weight_int4pack_mm on CUDA; groups of 32..256 along the input).
+  Act-order checkpoints (GPTQ desc_act) have their input columns sorted by group at Load and the
+  activations gathered in that order.
 - GroupedIntLinear: any bits / groups / zero points / g_idx; codes stored packed (two per byte at
-  4 bits), dequantized per call. Used with float32 activations, on CUDA, and where no kernel fits.
-- Fp8Linear: float8_e4m3fn codes with per-row, per-column-block scales, dequantized per call.
+  4 bits), dequantized per call. Used with float32 activations and where no kernel fits.
+- Fp8Linear: float8_e4m3fn codes with per-row, per-column-block scales: torch._scaled_mm on CUDA
+  (sm_89+) when there is one scale per row, otherwise dequantized per call.
+Which kernel each layer runs (and why shapes matter) is architectures/quantized_kernels.py.
 
 Measured on the development CPU (see DESIGN.md "Quantized weights"): the int8/int4 kernels are fast
 with bfloat16 activations only, so quantized models default to bfloat16 on CPU; a Load that asks
@@ -24,7 +27,18 @@ from torch import nn
 
 from registry.quantization.formats import Fp8Weight, IntWeight, QuantizedWeight
 
-INT4_KERNEL_GROUPS = (256, 128, 64, 32)
+from .quantized_kernels import (
+    CPU_INT4,
+    CPU_INT8,
+    CUDA_FP8,
+    DEQUANTIZE,
+    INT4_KERNEL_GROUPS,
+    choose_kernel,
+    device_capability,
+    fp8_scaled_matmul,
+    int4_matmul,
+    pack_int4_cuda,
+)
 
 
 class QuantizedLinear(nn.Module):
@@ -32,6 +46,7 @@ class QuantizedLinear(nn.Module):
     fused projections' `shard_sizes` that the weight loader reads for the bias."""
 
     kind = "quantized"
+    kernel = DEQUANTIZE
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, shard_sizes: tuple[int, ...] | None = None
@@ -56,21 +71,32 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}, "
+            f"kernel={self.kernel}"
+        )
 
 
 class Int8Linear(QuantizedLinear):
     kind = "int8"
 
-    def __init__(self, w: IntWeight, device: torch.device, dtype: torch.dtype, bias: bool, shard_sizes=None):
+    def __init__(
+        self,
+        w: IntWeight,
+        device: torch.device,
+        dtype: torch.dtype,
+        kernel: str,
+        bias: bool,
+        shard_sizes=None,
+    ):
         n, k = w.shape
         super().__init__(k, n, bias, shard_sizes)
+        self.kernel = kernel
         self.register_buffer("weight_int8", (w.q.to(torch.int16) - 128).to(torch.int8).to(device))
         self.register_buffer("scales", w.scales.reshape(n).to(device=device, dtype=dtype))
-        self.use_kernel = device.type == "cpu" and dtype == torch.bfloat16
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_kernel:
+        if self.kernel == CPU_INT8:
             return torch._weight_int8pack_mm(x, self.weight_int8, self.scales)
         return super().matmul(x)
 
@@ -81,9 +107,12 @@ class Int8Linear(QuantizedLinear):
 class Int4PackedLinear(QuantizedLinear):
     kind = "int4"
 
-    def __init__(self, w: IntWeight, group: int, device: torch.device, bias: bool, shard_sizes=None):
+    def __init__(
+        self, w: IntWeight, group: int, device: torch.device, kernel: str, bias: bool, shard_sizes=None
+    ):
         n, k = w.shape
         super().__init__(k, n, bias, shard_sizes)
+        self.kernel = kernel
         q, groups = w.q, w.groups_of_columns()
         perm = None
         if w.g_idx is not None:
@@ -95,9 +124,11 @@ class Int4PackedLinear(QuantizedLinear):
         # The kernel computes (q - 8) * scale + zero; the formats give (q - z) * scale.
         zeros = (8 - w.zeros[:, cols]) * scales
         self.group = group
-        self.register_buffer(
-            "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1).to(device)
-        )
+        if kernel == CPU_INT4:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1).to(device)
+        else:
+            packed = pack_int4_cuda(q, device)
+        self.register_buffer("packed", packed)
         self.register_buffer(
             "scales_and_zeros",
             torch.stack([scales.t(), zeros.t()], dim=-1).to(device, torch.bfloat16).contiguous(),
@@ -107,16 +138,12 @@ class Int4PackedLinear(QuantizedLinear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x[:, self.perm]
-        dtype = x.dtype
-        y = torch._weight_int4pack_mm_for_cpu(
-            x.to(torch.bfloat16), self.packed, self.group, self.scales_and_zeros
-        )
-        return y.to(dtype)
+        return int4_matmul(self.kernel, x, self.packed, self.group, self.scales_and_zeros)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         # Through the kernel itself on an identity: the weight as this layer applies it (for tests).
         eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
-        w = torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_and_zeros).t()
+        w = int4_matmul(self.kernel, eye, self.packed, self.group, self.scales_and_zeros).t()
         if self.perm is not None:
             w = torch.empty_like(w).index_copy_(1, self.perm, w)
         return w.to(dtype)
@@ -151,12 +178,18 @@ class GroupedIntLinear(QuantizedLinear):
 class Fp8Linear(QuantizedLinear):
     kind = "fp8"
 
-    def __init__(self, w: Fp8Weight, device: torch.device, bias: bool, shard_sizes=None):
+    def __init__(self, w: Fp8Weight, device: torch.device, kernel: str, bias: bool, shard_sizes=None):
         n, k = w.shape
         super().__init__(k, n, bias, shard_sizes)
+        self.kernel = kernel
         self.block_cols = w.block_cols
-        self.register_buffer("weight_fp8", w.weight.to(device))
+        self.register_buffer("weight_fp8", w.weight.contiguous().to(device))
         self.register_buffer("scales", w.scales.to(device))
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == CUDA_FP8:  # one scale per row (choose_kernel's "fp8-row")
+            return fp8_scaled_matmul(x, self.weight_fp8, self.scales[:, 0])
+        return super().matmul(x)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         scales = self.scales.repeat_interleave(self.block_cols, dim=1)[:, : self.in_features]
@@ -188,15 +221,20 @@ def make_quantized_linear(
     shard_sizes: tuple[int, ...] | None = None,
 ) -> QuantizedLinear:
     """The fastest exact-to-the-format layer for this weight, device and activation dtype."""
+    n, k = w.shape
+    capability = device_capability(device)
     if isinstance(w, Fp8Weight):
-        return Fp8Linear(w, device, bias, shard_sizes)
-    per_row = w.g_idx is None and w.group_size == w.shape[1]
+        kind = "fp8-row" if w.block_cols >= k else "fp8-block"
+        kernel = choose_kernel(kind, n, k, device.type, dtype, capability)
+        return Fp8Linear(w, device, kernel, bias, shard_sizes)
+    per_row = w.g_idx is None and w.group_size == k
     if w.bits == 8 and per_row and bool((w.zeros == 128).all()):
-        return Int8Linear(w, device, dtype, bias, shard_sizes)
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        group = int4_kernel_group(w)
-        if group is not None:
-            return Int4PackedLinear(w, group, device, bias, shard_sizes)
+        kernel = choose_kernel("int8-row", n, k, device.type, dtype, capability)
+        return Int8Linear(w, device, dtype, kernel, bias, shard_sizes)
+    group = int4_kernel_group(w)
+    kernel = choose_kernel("int4", n, k, device.type, dtype, capability, int4_group=group)
+    if kernel != DEQUANTIZE and group is not None:
+        return Int4PackedLinear(w, group, device, kernel, bias, shard_sizes)
     return GroupedIntLinear(w, device, bias, shard_sizes)
 
 

@@ -9,9 +9,11 @@
    head_dim 64; prefill, decode, prefix-cached prefill, mixed batch, a sliding window) and the decode
    step time at batch 1/16/64 of a 1B-class random-weight Llama (hidden 2048, 16 layers, 32 heads,
    8 KV heads, intermediate 8192, vocab 32000) built directly on the device, no checkpoint read;
-4. with several GPUs visible, one model sharded over all of them with NCCL (bench/gpu_tensor_parallel.py:
+4. the hot path's rows (bench/gpu_hot_path.py) and the quantized kernels' rows (bench/gpu_quantized.py:
+   int8 / int4 / fp8 decode step against bfloat16, the kernel each layer got);
+5. with several GPUs visible, one model sharded over all of them with NCCL (bench/gpu_tensor_parallel.py:
    logits against one GPU, decode step time); skipped with one GPU;
-5. prints a markdown table and writes it under bench/results/.
+6. prints the markdown tables and writes them under bench/results/.
 
 Without a GPU it says so and exits 0 at once; when `nvidia-smi` lists a GPU that torch cannot use
 (a CUDA build newer than the driver, a CPU build of torch) it fails loudly (exit 1). Exit status: 1 if
@@ -324,6 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print(hot_path)
+    from bench.gpu_quantized import report as quantized_report  # int8 / int4 / fp8 kernels vs bf16
+
+    quantized, quantized_failed = quantized_report(
+        device, lambda dt: build_network(LLAMA_1B, device, dt), LLAMA_1B
+    )
+    print()
+    print(quantized)
     from bench.gpu_tensor_parallel import report as tensor_parallel_report
 
     print("\ntensor parallelism...", flush=True)
@@ -347,13 +356,21 @@ def main(argv: list[str] | None = None) -> int:
                 "",
                 hot_path,
                 "",
+                quantized,
+                "",
                 tensor_parallel,
                 "",
             ]
         )
     )
     print(f"\nwritten to {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
-    failed = test_rc != 0 or any(r.failure for r in rows) or hot_path_failed or tensor_parallel_failed
+    failed = (
+        test_rc != 0
+        or any(r.failure for r in rows)
+        or hot_path_failed
+        or quantized_failed
+        or tensor_parallel_failed
+    )
     flash = "tested" if flash_reason is None else f"NOT TESTED ({_flash_summary(flash_reason)})"
     print(f"\nresult: {'FAILED' if failed else 'passed'}; flash_attn backend {flash}")
     if flash_reason is not None and args.require_flash:

@@ -38,6 +38,7 @@ class _Storage:
     tensor: torch.Tensor  # a parameter (its .data is swapped) or a cache tensor (storage resized)
     nbytes: int
     host: torch.Tensor | None = None  # a parameter's values on the host when offloaded
+    swap_data: bool = False  # a weight (parameter or quantized layer's buffer): .data is swapped
 
 
 def _is_parameter(t: torch.Tensor) -> bool:
@@ -60,11 +61,17 @@ class ReleasedMemory:
         return sum(s.nbytes for s in self.storages.get(tag, ()))
 
 
-def weight_tensors(model: object) -> list[nn.Parameter]:
+def weight_tensors(model: object) -> list[torch.Tensor]:
+    """Parameters, plus the buffers of quantized layers (their codes and scales are the weights)."""
     network = getattr(model, "network", None)
     if not isinstance(network, nn.Module):
         raise FailedPrecondition(f"{type(model).__name__} has no network whose memory can be released")
-    return list(network.parameters())  # each Parameter once: tied weights share one object
+    tensors: list[torch.Tensor] = list(network.parameters())  # each once: tied weights share one object
+    for module in network.modules():
+        # architectures.quantized_linear.QuantizedLinear (duck-typed: registry does not import architectures)
+        if getattr(module, "kernel", None) is not None and hasattr(module, "dequantize"):
+            tensors.extend(b for b in module.buffers(recurse=False) if b is not None)
+    return tensors
 
 
 def kv_cache_tensors(model: object) -> list[torch.Tensor]:
@@ -104,14 +111,14 @@ def _own_resizable_storage(tensors: list[torch.Tensor]) -> None:
 
 
 def _drop(s: _Storage) -> None:
-    if _is_parameter(s.tensor):
+    if s.swap_data or _is_parameter(s.tensor):
         s.tensor.data = torch.empty(0, dtype=s.tensor.dtype, device=s.tensor.device)
     else:
         s.tensor.untyped_storage().resize_(0)
 
 
 def _regrow(s: _Storage, shape: torch.Size) -> None:
-    if _is_parameter(s.tensor):
+    if s.swap_data or _is_parameter(s.tensor):
         s.tensor.data = torch.empty(shape, dtype=s.tensor.dtype, device=s.tensor.device)
     else:
         s.tensor.untyped_storage().resize_(s.nbytes)
@@ -136,7 +143,9 @@ def release(
             if tag in record.storages:
                 continue
             if tag == WEIGHTS:
-                storages = [_Storage(p, p.numel() * p.element_size()) for p in weight_tensors(model)]
+                storages = [
+                    _Storage(p, p.numel() * p.element_size(), swap_data=True) for p in weight_tensors(model)
+                ]
                 record.shapes = {id(s.tensor): s.tensor.shape for s in storages}
             else:
                 kv = kv_cache_tensors(model)

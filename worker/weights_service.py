@@ -103,6 +103,14 @@ class WeightsServicerMixin:
             raise ModelSleeping(
                 f"model {model_id!r} has released its weights; ResumeMemory(tags=['weights']) before updating them"
             )
+        quantization = getattr(model, "quantization", "")
+        if quantization:
+            # Updates carry dense tensors by checkpoint name; a quantized model holds repacked codes
+            # under other names. Load the new weights as a model instead (quantized again at Load).
+            raise FailedPrecondition(
+                f"model {model_id!r} is quantized ({quantization}); weight updates and broadcasts need a "
+                "dense model: Load the updated checkpoint (with the same quantization) instead"
+            )
         return model
 
     async def _apply_staged(
@@ -368,6 +376,15 @@ class WeightsServicerMixin:
                 entry = self.registry.get_entry(model_id)
                 cuda = model.device.type == "cuda"
                 offload = request.offload if request.HasField("offload") else cuda
+                quantization = getattr(model, "quantization", "")
+                if memory.WEIGHTS in tags and not offload and quantization:
+                    # Re-reading would mean unpacking and quantizing the checkpoint again.
+                    if request.HasField("offload"):
+                        raise FailedPrecondition(
+                            f"model {model_id!r} is quantized ({quantization}): its weights are kept on "
+                            "the host when released; release them with offload: true"
+                        )
+                    offload = True
                 if memory.WEIGHTS in tags and not offload and entry.weights_source is None:
                     if request.HasField("offload"):
                         raise FailedPrecondition(

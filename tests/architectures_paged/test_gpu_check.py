@@ -153,3 +153,22 @@ def test_random_network_is_built_on_the_device_with_the_shape() -> None:
     net = gpu_check.build_network(TINY, torch.device("cpu"), torch.bfloat16)
     assert net.lm_head.weight.shape == (64, 32) and net.lm_head.weight.dtype == torch.bfloat16
     assert 0.01 < float(net.model.layers[0].mlp.down_proj.weight.float().std()) < 0.03
+
+
+def test_quantized_rows_run_on_cpu() -> None:
+    """The int8/int4/fp8 rows, with the CPU kernels where the tiny shapes allow them."""
+    from bench import gpu_quantized
+
+    table, failed = gpu_quantized.report(
+        torch.device("cpu"),
+        lambda dt: gpu_check.build_network(TINY, torch.device("cpu"), dt),
+        TINY,
+        (1, 2),
+        context=20,
+        block_size=16,
+        iters=1,
+    )
+    assert not failed, table
+    rows = table.splitlines()[2:]
+    assert [r.split(" | ")[0].strip("| ") for r in rows] == ["bfloat16", "int8", "int4", "fp8"]
+    assert "cpu-int8pack" in rows[1] and "cpu-int4pack" in rows[2] and "dequantize" in rows[3]
