@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -40,7 +39,6 @@ def _fake_nvidia_smi(bin_dir: Path, lines: str) -> None:
 def test_without_cuda_it_skips_and_exits_zero(tmp_path: Path) -> None:
     _fake_nvidia_smi(tmp_path, "")  # a driver that sees no GPU
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PATH": f"{tmp_path}:{os.environ['PATH']}"}
-    start = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "bench.gpu_check"],
         cwd=REPO,
@@ -51,7 +49,8 @@ def test_without_cuda_it_skips_and_exits_zero(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "no CUDA: skipping the GPU checks" in result.stdout
-    assert time.monotonic() - start < 30
+    # At once: no gpu test run, no table, no result file (checked by what it printed, not by time).
+    assert "gpu tests:" not in result.stdout and "written to" not in result.stdout
 
 
 def test_a_gpu_torch_cannot_use_fails_loudly(tmp_path: Path) -> None:
