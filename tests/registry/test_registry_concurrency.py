@@ -103,13 +103,11 @@ def test_registry_under_concurrent_operations(tmp_path: Path) -> None:
                 with lock:
                     unexpected.append(exc)
 
-    started = time.perf_counter()
     threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(THREADS)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
-    elapsed = time.perf_counter() - started
     assert not any(t.is_alive() for t in threads), "deadlock"
     assert unexpected == [], unexpected[:3]
 
@@ -127,4 +125,3 @@ def test_registry_under_concurrent_operations(tmp_path: Path) -> None:
     # The run did exercise the contested paths, not just the happy one.
     assert sum(fresh_loads.values()) > 5 and sum(unloads.values()) > 5
     assert seen_errors["ModelNotFound"] > 0 and seen_errors["OutOfResources"] > 0
-    assert elapsed < 20, f"{THREADS}x{OPS} registry operations took {elapsed:.1f}s"

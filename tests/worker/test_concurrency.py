@@ -88,12 +88,10 @@ def test_forwards_on_two_models_overlap(two_models: RunningServer) -> None:
     for model_id in ("c1", "c2"):
         inst.wrap(two_models.registry.get_model(model_id), sleep=0.4)
     stub = two_models.stub()
-    started = time.perf_counter()
     run_threads(
         *[lambda m=m: stub.Forward(pb.ForwardRequest(model_id=m, token_ids=[1, 2, 3])) for m in ("c1", "c2")]
     )
-    assert inst.max_active == 2
-    assert time.perf_counter() - started < 0.75  # not 2 × 0.4 s back to back
+    assert inst.max_active == 2  # both forwards were inside their models at the same moment
 
 
 def test_reads_answer_fast_during_a_slow_load_and_a_long_forward(worker: RunningServer) -> None:
