@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,23 +30,47 @@ def smollm2_gguf() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def transformers_smollm2():
-    """(model, tokenizer) read by transformers from the GGUF, float32, eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) read by transformers from the GGUF, float32, eval mode. Reading the GGUF takes
+    20-30 s on 2 cores; once `.cache/` holds that reading (weights and config as smollm2_hf_dir,
+    tokenizer and generation config beside them), later sessions load it back in about a second."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    hf_dir, extras = CACHE_ROOT / "smollm2-135m-hf", CACHE_ROOT / "smollm2-135m-tokenizer"
+    if _hf_dir_complete(hf_dir) and (extras / "generation_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(extras)
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        model.generation_config = GenerationConfig.from_pretrained(extras)
+        return model, tokenizer
     gguf = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    _save_hf_dir(model, hf_dir)
+    tmp = CACHE_ROOT / "smollm2-135m-tokenizer.tmp"
+    tokenizer.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)  # last: its presence marks the directory complete
+    if extras.exists():
+        shutil.rmtree(extras)
+    tmp.rename(extras)
     return model, tokenizer
+
+
+def _hf_dir_complete(out: Path) -> bool:
+    return (out / "model.safetensors").is_file() and (out / "config.json").is_file()
 
 
 def smollm2_hf_dir() -> Path:
     """transformers' reading of the GGUF saved as config.json + model.safetensors (cached)."""
+    out = CACHE_ROOT / "smollm2-135m-hf"
+    if not _hf_dir_complete(out):
+        transformers_smollm2()  # reads the GGUF and writes the directory
+    return out
+
+
+def _save_hf_dir(model, out: Path) -> None:  # noqa: ANN001 - a transformers model
     from safetensors.torch import save_file
 
-    out = CACHE_ROOT / "smollm2-135m-hf"
-    if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
-        return out
-    model, _ = transformers_smollm2()
+    if _hf_dir_complete(out):
+        return
     out.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
@@ -57,4 +82,3 @@ def smollm2_hf_dir() -> Path:
     save_file(state, str(tmp))
     (out / "config.json").write_text(json.dumps(config, indent=2))
     tmp.rename(out / "model.safetensors")
-    return out

@@ -18,6 +18,7 @@ The client needs grpcio and numpy only; torch is imported only when `as_torch=Tr
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,7 @@ _WIRE_NUMPY: dict[int, str] = {
     pb.INT32: "<i4",
     pb.INT64: "<i8",
 }
+_WIRE_DTYPES: dict[int, np.dtype] = {code: np.dtype(name) for code, name in _WIRE_NUMPY.items()}
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 # KV block dtypes: name and the numpy dtype of their raw bytes (bfloat16: its 16 bits, kept exact).
 _KV_DTYPES: dict[int, tuple[str, str]] = {
@@ -476,30 +478,30 @@ class TlsConfig:
 def decode_tensor(msg: pb.Tensor, *, as_torch: bool = False) -> np.ndarray | torch.Tensor:
     """A Tensor message as numpy (floats widened to float32, exactly; ints as int32/int64), or as a
     CPU torch tensor in the wire dtype (as_torch=True)."""
-    if msg.dtype not in _WIRE_NUMPY:
-        raise ValueError(f"tensor dtype {msg.dtype} is not a known DType")
-    shape = tuple(int(d) for d in msg.shape)
-    wire = np.dtype(_WIRE_NUMPY[msg.dtype])
-    numel = int(np.prod(shape, dtype=np.int64))
-    if len(msg.data) != numel * wire.itemsize:
+    code = msg.dtype
+    wire = _WIRE_DTYPES.get(code)
+    if wire is None:
+        raise ValueError(f"tensor dtype {code} is not a known DType")
+    shape = tuple(msg.shape)
+    numel = math.prod(shape)
+    data = msg.data  # every read of a bytes field copies it out of the message: read it once
+    if len(data) != numel * wire.itemsize:
         raise ValueError(
-            f"tensor of shape {list(shape)} and dtype {pb.DType.Name(msg.dtype)} needs "
-            f"{numel * wire.itemsize} bytes, got {len(msg.data)}"
+            f"tensor of shape {list(shape)} and dtype {pb.DType.Name(code)} needs "
+            f"{numel * wire.itemsize} bytes, got {len(data)}"
         )
-    raw = np.frombuffer(msg.data, dtype=wire).reshape(shape)
-    if msg.dtype == pb.BFLOAT16:
-        # bfloat16 is the top half of a float32: widen the 16 bits into the high half of 32 (exact).
-        array = (raw.astype(np.uint32) << 16).view(np.float32)
-    elif msg.dtype == pb.FLOAT16:
-        array = raw.astype(np.float32)
-    else:
-        array = raw.astype(wire.newbyteorder("="))  # native byte order, and a writable copy
-    if not as_torch:
-        return array
-    import torch
+    raw = np.frombuffer(data, dtype=wire).reshape(shape)
+    if as_torch:
+        import torch
 
-    tensor = torch.from_numpy(array)
-    return {pb.FLOAT16: tensor.half, pb.BFLOAT16: tensor.bfloat16}.get(msg.dtype, lambda: tensor)()
+        tensor = torch.from_numpy(raw.astype(wire.newbyteorder("=")))  # native order, writable
+        return tensor.view(torch.bfloat16) if code == pb.BFLOAT16 else tensor
+    if code == pb.BFLOAT16:
+        # bfloat16 is the top half of a float32: widen the 16 bits into the high half of 32 (exact).
+        return np.left_shift(raw, 16, dtype=np.uint32).view(np.float32)
+    if code == pb.FLOAT16:
+        return raw.astype(np.float32)
+    return raw.astype(wire.newbyteorder("="))  # native byte order, and a writable copy
 
 
 # -- KV blocks -------------------------------------------------------------------------------------

@@ -340,6 +340,8 @@ class GrpcServerMetrics(grpc.aio.ServerInterceptor):
             buckets=GRPC_BUCKETS,
             registry=registry,
         )
+        # method -> (the handler the inner interceptors returned, its wrapped form)
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -349,7 +351,17 @@ class GrpcServerMetrics(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        service, _, method = details.method.lstrip("/").rpartition("/")
+        # The wrapped handler is built once per method and handler: the inner interceptors return
+        # the same handler object call after call (a refused call's handler is new, and rewrapped).
+        cached = self._wrapped.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped_handler = self._wrap(details.method, handler)
+        self._wrapped[details.method] = (handler, wrapped_handler)
+        return wrapped_handler
+
+    def _wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        service, _, method = full_method.lstrip("/").rpartition("/")
         grpc_type = _GRPC_TYPES[(bool(handler.request_streaming), bool(handler.response_streaming))]
         call = _CallMetrics(self, (grpc_type, service, method))
         attr = {
@@ -374,11 +386,20 @@ class GrpcServerMetrics(grpc.aio.ServerInterceptor):
 
 
 class _CallMetrics:
-    """Counts the calls of one method (its label values fixed)."""
+    """Counts the calls of one method (its label values fixed, its series looked up once)."""
 
     def __init__(self, owner: GrpcServerMetrics, labels: tuple[str, str, str]) -> None:
         self.owner = owner
         self.labels = labels
+        self.started = owner.started.labels(*labels)
+        self.handling_seconds = owner.handling_seconds.labels(*labels)
+        self._handled: dict[grpc.StatusCode, Any] = {}
+
+    def handled(self, code: grpc.StatusCode) -> Any:
+        counter = self._handled.get(code)
+        if counter is None:
+            counter = self._handled[code] = self.owner.handled.labels(*self.labels, grpc_code_label(code))
+        return counter
 
     def wrap_coroutine(self, behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -413,16 +434,15 @@ class _Call:
     def __init__(self, method: _CallMetrics) -> None:
         self.method = method
         self.finished = False
-        method.owner.started.labels(*method.labels).inc()
+        method.started.inc()
         self.started = time.perf_counter()
 
     def finish(self, code: grpc.StatusCode) -> None:
         if self.finished:
             return
         self.finished = True
-        owner, labels = self.method.owner, self.method.labels
-        owner.handling_seconds.labels(*labels).observe(time.perf_counter() - self.started)
-        owner.handled.labels(*labels, grpc_code_label(code)).inc()
+        self.method.handling_seconds.observe(time.perf_counter() - self.started)
+        self.method.handled(code).inc()
 
     def context(self, context: grpc.aio.ServicerContext) -> grpc.aio.ServicerContext:
         return _CountingContext(context, self)  # type: ignore[return-value]

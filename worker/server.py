@@ -125,6 +125,8 @@ class CallGate(grpc.aio.ServerInterceptor):
         self.inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # method -> (the handler the service returned, its counted form)
+        self._counted: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def wait_idle(self, timeout: float) -> bool:
         if self._idle.is_set():  # wait_for(..., 0) would time out before the wait could run
@@ -146,9 +148,16 @@ class CallGate(grpc.aio.ServerInterceptor):
                 grpc.StatusCode.UNAVAILABLE,
                 "the worker is draining; send the call elsewhere",
             )
-        behavior = handler.unary_unary
-        if behavior is None:  # every ModelWorker method is unary; nothing else to count
+        if handler.unary_unary is None:  # every ModelWorker method is unary; nothing else to count
             return handler
+        # Built once per method and handler: the handler returned below is the same object call after call.
+        cached = self._counted.get(details.method)
+        if cached is None or cached[0] is not handler:
+            cached = self._counted[details.method] = (handler, self._count(handler))
+        return cached[1]
+
+    def _count(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        behavior = handler.unary_unary
 
         async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
             self.inflight += 1

@@ -2,7 +2,7 @@
 
 Model work runs in a thread executor inside `torch.inference_mode`, so the event loop stays free for
 ListModels, Info and health. A per-model asyncio.Lock serializes the calls that touch a model's
-state; the executor future is shielded, so a cancelled call keeps the lock until its thread is done.
+state; a cancelled call keeps the lock until its thread is done.
 Errors are raised as `registry.errors` types and mapped to status codes in `status.py`.
 """
 
@@ -125,7 +125,11 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
 
     async def _locked(self, model_id: str, fn: Callable[[], T]) -> T:
         """fn under the model's asyncio lock, in the executor. The lock is released when the thread
-        finishes, not when the caller gives up, so nothing can free the model under a running call."""
+        finishes, not when the caller gives up, so nothing can free the model under a running call.
+
+        One hop each way: the thread hands its outcome to the loop with a single call_soon_threadsafe,
+        whose callback releases the lock and resolves the future the caller awaits (no wrapped
+        concurrent future, no shield: each of those costs another turn of the loop per call)."""
         lock = self._lock_for(model_id)
         waited = time.perf_counter()
         try:
@@ -134,21 +138,34 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
             self._lock_done(model_id)
             raise
         self.observer.lock_waited(model_id, time.perf_counter() - waited)
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[T] = loop.create_future()
+
+        def finished(result: object, error: BaseException | None) -> None:  # on the loop
+            lock.release()
+            self._lock_done(model_id)
+            if outcome.cancelled():  # the caller gave up; nobody wants the result
+                return
+            if error is None:
+                outcome.set_result(result)  # type: ignore[arg-type]
+            else:
+                outcome.set_exception(error)
+
+        def body() -> None:  # in the thread
+            try:
+                result = _inference(fn)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(finished, None, exc)
+            else:
+                loop.call_soon_threadsafe(finished, result, None)
+
         try:
-            loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(self._executor, functools.partial(_inference, fn))
+            self._executor.submit(body)
         except BaseException:
             lock.release()
             self._lock_done(model_id)
             raise
-
-        def finished(f: asyncio.Future) -> None:
-            lock.release()
-            self._lock_done(model_id)
-            _consume(f)
-
-        future.add_done_callback(finished)
-        return await asyncio.shield(future)
+        return await outcome
 
     async def _on_model(self, model_id: str, fn: Callable[[Model], T]) -> T:
         """fn(model) under the lock, with exclusive access to the READY model (NOT_FOUND first)."""

@@ -12,9 +12,9 @@ import asyncio
 import contextvars
 import functools
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -114,7 +114,7 @@ def request_id_of(context: grpc.aio.ServicerContext | None) -> str:
         for key, value in context.invocation_metadata() or ():
             if key == REQUEST_ID_KEY and isinstance(value, str) and _CLIENT_REQUEST_ID.fullmatch(value):
                 return value
-    return uuid.uuid4().hex[:16]
+    return os.urandom(8).hex()  # 16 hex digits, without building a UUID object per call
 
 
 def log_call(

@@ -296,19 +296,27 @@ def test_denied_calls_are_counted_and_registries_are_per_server(
     aio_loop: asyncio.AbstractEventLoop, model_root: Path, worker: RunningServer, flow: Flow
 ) -> None:
     """Auth rejects before the servicer runs: the outermost metrics interceptor still counts it. This
-    second server's registry is its own (the first server's counters did not move)."""
+    second server's registry is its own (the first server's counters did not move). Denied and
+    accepted calls alternate twice: the interceptors' per-method handler caches never serve one for
+    the other."""
     port = free_port()
     running = start_server(aio_loop, make_settings(model_root, metrics_port=port, auth_token="s3cret"))
     try:
-        err = rpc_error(lambda: running.stub().ListModels(pb.ListModelsRequest()))
-        assert err.code() is grpc.StatusCode.UNAUTHENTICATED
-        ok = running.stub().ListModels(pb.ListModelsRequest(), metadata=[("authorization", "Bearer s3cret")])
-        assert list(ok.models) == []
+        for _ in range(2):
+            err = rpc_error(lambda: running.stub().ListModels(pb.ListModelsRequest()))
+            assert err.code() is grpc.StatusCode.UNAUTHENTICATED
+            ok = running.stub().ListModels(
+                pb.ListModelsRequest(), metadata=[("authorization", "Bearer s3cret")]
+            )
+            assert list(ok.models) == []
         s = scrape(port)
         assert (
-            s.value("grpc_server_handled_total", grpc_method="ListModels", grpc_code="Unauthenticated") == 1
+            s.value("grpc_server_handled_total", grpc_method="ListModels", grpc_code="Unauthenticated") == 2
         )
-        assert s.value("grpc_server_handled_total", grpc_method="ListModels", grpc_code="OK") == 1
+        assert s.value("grpc_server_handled_total", grpc_method="ListModels", grpc_code="OK") == 2
+        # A refused call is served by a request-streaming handler that never reads the request.
+        for grpc_type in ("unary", "client_stream"):
+            assert s.value("grpc_server_started_total", grpc_method="ListModels", grpc_type=grpc_type) == 2
         assert s.value("grpc_server_started_total", grpc_method="Forward") is None
         first = scrape(worker.server.metrics_http.port)
         assert first.value("grpc_server_handled_total", grpc_method="ListModels", grpc_code="OK") == 1
