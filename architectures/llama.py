@@ -105,13 +105,17 @@ class LlamaAttention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
     ) -> torch.Tensor:
         lead = x.shape[:-1]  # [batch, seq] (dense) or [num_tokens] (paged)
-        q, k, v = self.qkv_proj(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.view(*lead, self.num_heads, self.head_dim)
-        k = k.view(*lead, self.num_kv_heads, self.head_dim)
+        qk_size = self.q_size + self.kv_size
+        qk, v = self.qkv_proj(x).split((qk_size, self.kv_size), dim=-1)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+            q, k = qk.split((self.q_size, self.kv_size), dim=-1)
+            q = self.q_norm(q.view(*lead, self.num_heads, self.head_dim))
+            k = self.k_norm(k.view(*lead, self.num_kv_heads, self.head_dim))
+            qk = torch.cat((q, k), dim=-2)
+        else:  # q and k are adjacent columns of the fused output: their heads in one view
+            qk = qk.view(*lead, self.num_heads + self.num_kv_heads, self.head_dim)
+        # RoPE turns q's and k's heads alike: one op sequence over both instead of two.
+        q, k = apply_rotary(qk, cos, sin).split((self.num_heads, self.num_kv_heads), dim=-2)
         v = v.view(*lead, self.num_kv_heads, self.head_dim)
         if self.softcap is None:
             out = ctx.attend(self.layer_idx, q, k, v, self.window, self.scale)

@@ -33,12 +33,13 @@ class PagedContext(Generic[PlanT]):
         self.batch = batch
         self.backend = backend
         self.plan: PlanT = backend.plan(cache, batch)  # per-call metadata reused by every layer
+        self._backend_store = getattr(backend, "store", None)  # looked up once, not per layer
 
     def store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """One indexed copy per side for the whole batch (no loop over tokens), or the backend's own
         store kernel where it has one."""
         b = self.batch
-        backend_store = getattr(self.backend, "store", None)
+        backend_store = self._backend_store
         if backend_store is not None:
             backend_store(self.cache, layer_idx, k, v, b)
             return

@@ -161,6 +161,8 @@ def _as_int_list(values: object, field: str) -> list[int]:
         out = list(values)  # type: ignore[call-overload]
     except TypeError:
         raise InvalidRequest(f"{field} must be a list of integers, got {type(values).__name__}") from None
+    if all(type(x) is int for x in out):  # the usual case (bool is not int here): nothing to convert
+        return out
     for i, x in enumerate(out):
         try:
             if isinstance(x, bool):
@@ -423,8 +425,16 @@ def _build_batch(
     )
 
 
+_NUMPY_DTYPES = {torch.long: np.int64, torch.int32: np.int32}
+
+
 def _to_device(device: torch.device, dtype: torch.dtype, parts: list[np.ndarray]) -> list[torch.Tensor]:
-    """`parts` converted to `dtype` on `device`, through one copy: contiguous views of one buffer."""
+    """`parts` converted to `dtype` on `device`, through one copy: contiguous views of one buffer.
+    On the CPU there is no transfer to save: each part is converted by NumPy (a copy, so the batch
+    never shares memory with the caller's arrays), which costs less than slicing one buffer."""
+    if device.type == "cpu":
+        np_dtype = _NUMPY_DTYPES[dtype]
+        return [torch.from_numpy(np.array(p, dtype=np_dtype, order="C")) for p in parts]
     flat = torch.from_numpy(np.concatenate([p.reshape(-1) for p in parts])).to(device=device, dtype=dtype)
     out, offset = [], 0
     for p in parts:

@@ -35,10 +35,18 @@ REASONS: dict[str, str] = {
     f"prefill-512-{SMOL}": _PREFILL,
     f"decode-with_cache-{SMOL}": (
         "~80% of both is the same MKL GEMV on [out, in] weights (~12 GB/s); an [in, out] copy would run it "
-        "25% faster but cost a transposing Load and ~8% on batch ≥ 4"
+        "25% faster but cost a transposing Load and ~8% on batch ≥ 4; of the rest, attention is the same "
+        "SDPA kernel as transformers' (it handles GQA without repeating K/V), norms and RoPE are one op "
+        "sequence each"
     ),
-    f"decode-paged-{SMOL}": "as forward_with_cache + gathering 512 keys from blocks in 30 layers (~2.3 ms)",
-    f"decode-paged-{TINY}": "a fixed cost per call against a 0.5 ms step: batch validation and index tensors (~0.1 ms), the K/V store and block gather in each layer",
+    f"decode-paged-{SMOL}": (
+        "as forward_with_cache; a sequence on consecutive blocks is attended over a view of the cache, "
+        "one on scattered blocks gathers its 512 keys in each of 30 layers (~2.3 ms)"
+    ),
+    f"decode-paged-{TINY}": (
+        "a fixed cost per call against a 0.5 ms step: batch validation and index tensors (~0.1 ms), "
+        "the backend's plan and the K/V store in each layer"
+    ),
     f"decode-with_cache-{TINY}": "per-call argument checks against a sub-millisecond step",
     "batched-step": (
         "gathering 16 × 256 keys per layer from blocks (190 MB/step) vs appending to a contiguous cache; "

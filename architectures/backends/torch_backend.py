@@ -58,19 +58,28 @@ class _PrefillSeq:
 @dataclass
 class _DecodeKeys:
     """Where one chunk of a decode group's keys are: `index` long [B * n] (whole blocks when
-    `by_block`, else slots), mask bool [B, 1, 1, c]."""
+    `by_block`, else slots), mask bool [B, 1, 1, c] (None: every key is seen).
+
+    `blocks`: for one sequence whose blocks of the chunk are consecutive in the cache, their range;
+    the chunk is then a view of the cache (no gather)."""
 
     index: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | None
     by_block: bool
+    rows: int
+    keys: int
+    blocks: slice | None = None
 
     def gather(self, k_flat: torch.Tensor, v_flat: torch.Tensor, cache: PagedKvCache) -> KeyChunk:
-        b, c = self.mask.shape[0], self.mask.shape[-1]
+        b, c = self.rows, self.keys
         n_kv, d = cache.num_kv_heads, cache.head_dim
         if self.by_block:  # rows of block_size * Hkv * D: a few large copies instead of one per token
             k_flat = k_flat.view(-1, cache.block_size * n_kv * d)
             v_flat = v_flat.view(-1, cache.block_size * n_kv * d)
-        k, v = k_flat.index_select(0, self.index), v_flat.index_select(0, self.index)
+        if self.blocks is not None:
+            k, v = k_flat[self.blocks], v_flat[self.blocks]
+        else:
+            k, v = k_flat.index_select(0, self.index), v_flat.index_select(0, self.index)
         return k.view(b, c, n_kv, d).transpose(1, 2), v.view(b, c, n_kv, d).transpose(1, 2), self.mask
 
 
@@ -85,6 +94,7 @@ class TorchPlan:
     # The decode keys of a call that is one group and one chunk, per window (the hot path: every
     # layer reuses them).
     decode_by_window: dict[int | None, _DecodeKeys | None] = field(default_factory=dict)
+    decode_tables_host: list[list[int]] = field(default_factory=list)  # the block tables, on the host
 
     @property
     def decode_max_ctx(self) -> int:
@@ -114,7 +124,13 @@ class TorchBackend:
         ctx = batch.context_lens_t.long()
         if not prefill:  # the hot path: every index is already on the device
             return TorchPlan(
-                batch.last_token_indices, ctx, tables, list(batch.context_lens), [], all_decode=True
+                batch.last_token_indices,
+                ctx,
+                tables,
+                list(batch.context_lens),
+                [],
+                all_decode=True,
+                decode_tables_host=batch.block_tables,
             )
         if decode:
             idx = torch.tensor(decode, dtype=torch.long).to(dev)
@@ -127,6 +143,7 @@ class TorchBackend:
                 [batch.context_lens[s] for s in decode],
                 prefill,
                 all_decode=False,
+                decode_tables_host=[batch.block_tables[s] for s in decode],
             )
         return TorchPlan(None, None, None, [], prefill, all_decode=False)
 
@@ -190,6 +207,9 @@ def _decode(
         rows, width, chunk = groups[0]
         if width <= chunk:  # one group, one chunk: keep its indices for the other layers
             keys = next(_decode_keys(plan, cache, rows, width, chunk, window))
+            if all(c == width for c in plan.decode_ctx_host):  # every key is seen: no mask to apply
+                keys.mask = None
+            keys.blocks = _consecutive_blocks(plan, cache, rows, width, window)
             plan.decode_by_window[window] = keys
             return _sdpa(q4, *keys.gather(k_flat, v_flat, cache), scale, softcap).reshape(bd, heads, d)
     plan.decode_by_window[window] = None
@@ -201,6 +221,20 @@ def _decode(
         )
         out[rows] = _attend_chunks(q4[rows], chunks, width <= chunk, scale, softcap)
     return out.reshape(bd, heads, d)
+
+
+def _consecutive_blocks(
+    plan: TorchPlan, cache: PagedKvCache, rows: slice, width: int, window: int | None
+) -> slice | None:
+    """The blocks of a one-sequence group's `width` keys (whole blocks, no window) when they are
+    consecutive in the cache, in order: attention then reads a view of the cache, no gather."""
+    if window is not None or rows.stop - rows.start != 1 or not plan.decode_tables_host:
+        return None
+    table = plan.decode_tables_host[rows.start][: width // cache.block_size]
+    first = table[0]
+    if table != list(range(first, first + len(table))):
+        return None
+    return slice(first, first + len(table))
 
 
 def _decode_width(ctx: int, cache: PagedKvCache, window: int | None) -> int:
@@ -259,7 +293,7 @@ def _decode_keys(
         else:
             valid = j[None, :] < seen[:, None]
             index = _slots(tables, torch.where(valid, start[:, None] + j[None, :], 0), bs).reshape(-1)
-        yield _DecodeKeys(index, valid[:, None, None, :], by_block=window is None)
+        yield _DecodeKeys(index, valid[:, None, None, :], window is None, len(ctx), c)
 
 
 def _prefill(
@@ -352,7 +386,7 @@ def _sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     scale: float,
     softcap: float | None = None,
 ) -> torch.Tensor:

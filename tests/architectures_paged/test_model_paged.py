@@ -95,6 +95,26 @@ def test_decode_matches_forward_with_cache(model_dirs) -> None:
         torch.testing.assert_close(paged, dense, rtol=0, atol=TOL)
 
 
+@pytest.mark.parametrize("table", [[3, 4, 5, 6, 7, 8], [9, 2, 14, 0, 5, 7]], ids=["consecutive", "scattered"])
+def test_decode_over_consecutive_or_scattered_blocks(model_dirs, table: list[int]) -> None:
+    """Without a window, a sequence whose blocks are consecutive is attended over a view of the
+    cache, others through a gather; both match forward_with_cache, at contexts that fill their
+    last block (no mask) and that do not."""
+    model = load(model_dirs, "llama-gqa", 4, 16, max_batch_size=1, max_seq_len=64)
+    gen = torch.Generator().manual_seed(6)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 10), generator=gen)
+    slot = lambda i: table[i // 4] * 4 + i % 4
+    dense = model.forward_with_cache(prompt, 0, 10, all_logits=False)
+    paged = model.forward_paged(
+        prompt[0], torch.arange(10), [table], [slot(i) for i in range(10)], [10], True
+    )
+    for pos in range(10, 21):
+        tok = paged.argmax(-1)
+        dense = model.forward_with_cache(tok[:, None], pos, 1, all_logits=False)
+        paged = model.forward_paged(tok, torch.tensor([pos]), [table], [slot(pos)], [pos + 1], False)
+        torch.testing.assert_close(paged, dense, rtol=0, atol=TOL)
+
+
 def test_rejected_call_leaves_the_paged_cache_unchanged(model_dirs) -> None:
     model = load(model_dirs, "llama-gqa", 16, 8)
     sched = Scheduler(model, seed=1)
