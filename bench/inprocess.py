@@ -124,7 +124,7 @@ def _decode(b: Bench, model: BenchModel) -> None:
                 stats[kind].fmt(),
                 reference_cell(name, ref),
                 ratio(stats[kind], ref),
-                Goal(0.9),
+                decode_goal(kind, model is b.smol),
                 key=f"decode-{kind}-{model.label}",
                 spread=(stats[kind], ref),
             )
@@ -133,6 +133,14 @@ def _decode(b: Bench, model: BenchModel) -> None:
     b.figures[f"decode-paged-{model.label}"] = stats["paged"]
     b.figures[f"decode-ref-{model.label}"] = ref
     b.labels[f"decode-ref-{model.label}"] = f"transformers {name}"
+
+
+def decode_goal(kind: str, real_model: bool) -> Goal:
+    """Issue 19's goals: forward_with_cache 0.85×; forward_paged 0.9× for SmolLM2, and 1.0× for the
+    tiny model, whose step is short enough that a paged call's fixed cost weighs."""
+    if kind == "with_cache":
+        return Goal(0.85)
+    return Goal(0.9) if real_model else Goal(1.0)
 
 
 def batched_decode(b: Bench) -> None:
