@@ -35,7 +35,9 @@ def dequantized_tp_checkpoint(model_dir: Path, out_dir: Path, method: str, world
     down_cols = [
         (a, b - a) for a, b in (even_range(cfg["intermediate_size"], world, r) for r in range(world))
     ]
-    scheme = QuantScheme(method, "dense", 8 if method == "int8" else 4)
+    scheme = QuantScheme(
+        method, "dense", 4 if method == "int4" else 8
+    )  # quantize_dense: int8, int4, else fp8
 
     def roundtrip(w: torch.Tensor) -> torch.Tensor:
         return quantize_dense(scheme, w).dequantize()

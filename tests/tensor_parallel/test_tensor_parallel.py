@@ -479,6 +479,13 @@ def test_quantized_at_load_over_two_ranks(server, models, tmp_path, method) -> N
     # Per rank: half the codes, scales and vocabulary rows; the norms and row-parallel scales whole.
     assert 0.45 * single.weight_bytes <= loaded.model.weight_bytes <= 0.6 * single.weight_bytes
     server.stub.Unload(pb.UnloadRequest(model_id=model_id))
+    # The default on CPU: bfloat16 activations, each rank's slice on the kernel chosen for its shape.
+    server.stub.Load(pb.LoadRequest(model_id=model_id, model_dir=str(model_dir), quantization=method))
+    out = server.stub.Forward(
+        pb.ForwardRequest(model_id=model_id, token_ids=ids.tolist(), logits_mode=pb.LOGITS_ALL)
+    )
+    assert (decode_tensor(out.logits).float() - got).abs().max() <= 5e-2 * got.abs().max()
+    server.stub.Unload(pb.UnloadRequest(model_id=model_id))
 
 
 def test_smollm2_says_paris_over_two_ranks(server) -> None:
