@@ -123,7 +123,7 @@ def server(models) -> Server:
     srv.log.kill()
 
 
-def _reference(model_dir: Path) -> CausalLM:
+def _reference(model_dir: Path, quantization: str = "") -> CausalLM:
     """The same checkpoint on one rank, built in this process."""
     from architectures import llama, mixtral, qwen2, qwen2_moe, qwen3_moe
 
@@ -135,7 +135,7 @@ def _reference(model_dir: Path) -> CausalLM:
         "Qwen2MoeForCausalLM": qwen2_moe,
         "Qwen3MoeForCausalLM": qwen3_moe,
     }[config.architecture]
-    opts = LoadOptions(dtype=torch.float32)
+    opts = LoadOptions(dtype=torch.float32, quantization=quantization)
     return cls.build(model_dir, torch.device("cpu"), opts)
 
 
@@ -430,16 +430,19 @@ def test_uneven_expert_and_quantized_loads_are_refused_and_the_group_keeps_servi
     server.stub.Unload(pb.UnloadRequest(model_id="after"))
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_quantized_at_load_over_two_ranks(server, models, tmp_path, method) -> None:
+@pytest.mark.parametrize(
+    ("variant", "method"),
+    [("llama_kv2", "int8"), ("llama_kv2", "int4"), ("qwen2_bias", "int8"), ("tied_uneven", "int4")],
+)
+def test_quantized_at_load_over_two_ranks(server, models, tmp_path, variant, method) -> None:
     """Each rank quantizes its own slice of the dense checkpoint: the logits equal a float32 model
     holding every rank's dequantized slice (tests/tensor_parallel/quantized_reference.py), stay
     as close to the dense model as the same quantization on one rank, and each rank holds
-    about half of one rank's quantized bytes."""
-    from architectures import llama
+    about half of one rank's quantized bytes. Llama (even split), Qwen2 (q/k/v biases sliced with their
+    rows) and the uneven Llama (KV groups 2 + 1, intermediate 99 → 50 + 49, vocabulary 127)."""
     from tests.tensor_parallel.quantized_reference import dequantized_tp_checkpoint
 
-    model_dir = models["llama_kv2"]
+    model_dir = models[variant]
     ref = _reference(dequantized_tp_checkpoint(model_dir, tmp_path / "ref", method, 2))
     model_id = f"q-{method}"
     loaded = server.stub.Load(
@@ -465,15 +468,13 @@ def test_quantized_at_load_over_two_ranks(server, models, tmp_path, method) -> N
     )
     assert (decode_tensor(step.logits) - got[-1:]).abs().max() <= TOL
 
-    single = llama.build(
-        model_dir, torch.device("cpu"), LoadOptions(dtype=torch.float32, quantization=method)
-    )
+    single = _reference(model_dir, method)
     want = single.forward(ids.view(1, -1))[0]
     # Against the dense float32 model: two ranks' quantization is about as accurate as one rank's
     # (row-parallel slices get their own int8 scales and int4 groups), and the two differ by less than
     # one rank's own quantization error (int4 on this model: 0.16 vs dense on one rank, 0.12 on two).
-    error_one = (want - _reference(model_dir).forward(ids.view(1, -1))[0]).abs().max()
-    error_two = (got - _reference(model_dir).forward(ids.view(1, -1))[0]).abs().max()
+    dense = _reference(model_dir).forward(ids.view(1, -1))[0]
+    error_one, error_two = (want - dense).abs().max(), (got - dense).abs().max()
     assert error_two <= 1.5 * error_one
     assert (got - want).abs().max() <= error_one
     # Per rank: half the codes, scales and vocabulary rows; the norms and row-parallel scales whole.
