@@ -78,7 +78,8 @@ def build_causal_lm(
         parallel = plan.parallel
         with torch.device("meta"):
             if parallel.enabled:
-                _check_shardable(network_class, config, parallel.world_size, quantized=scheme is not None)
+                prequantized = scheme is not None and not scheme.on_the_fly
+                _check_shardable(network_class, config, parallel.world_size, quantized=prequantized)
                 network = network_class(config, parallel)  # type: ignore[call-arg]
             else:
                 network = network_class(config)
@@ -109,11 +110,12 @@ def _check_shardable(
         raise InvalidConfig(
             f"{config.architecture} does not support tensor parallelism (asked for {world_size} ranks)"
         )
-    if quantized:  # quantized layers are not sharded yet
+    if quantized:  # a pre-quantized checkpoint's packed layers are not sliced (quantizing at Load is)
         raise InvalidConfig(
             f"quantized {config.architecture} does not support tensor parallelism yet: its quantized "
             f"layers (packed weights and their scales) are not split across ranks (asked for {world_size} "
-            f"ranks); load it dense or with tensor_parallel_size 1"
+            f"ranks); load it with tensor_parallel_size 1, or load a dense checkpoint with quantization "
+            f"int8 / int4 / fp8 (each rank quantizes its own slice)"
         )
     attention_shard(config.num_attention_heads, config.num_key_value_heads, world_size, 0)
 

@@ -7,6 +7,14 @@ marker tensor) → the network is materialised (placeholders own only their bias
 reads each layer's tensors, unpacks and fuses them, and installs the kernel-ready layer → the dense
 loader loads everything else, skipping the tensors consumed here. Peak memory stays near the quantized
 size: a dense (on-the-fly) layer is quantized right after it is read.
+
+Under tensor parallelism (on-the-fly only; pre-quantized checkpoints are refused before this runs)
+each rank cuts its slice of the dense tensor (the sharded layer's `checkpoint_slices`) and quantizes
+that slice as a single-rank Load quantizes a whole tensor: column-parallel slices are whole output
+rows (the same int8 scales as one rank); row-parallel slices are a run of input columns, so int8
+scales are per output row of the slice and int4 groups are chosen for the per-rank input size
+(`int4_group_size`), never straddling the split. A row-parallel layer all-reduces its partial output
+before adding its (whole) bias.
 """
 
 from __future__ import annotations
@@ -19,12 +27,14 @@ import torch
 from torch import nn
 
 from registry import CorruptCheckpoint, InvalidConfig, WeightMapping
+from registry.parallel import ParallelContext, TensorSlice
 from registry.quantization.formats import FORMAT_MARKER, FORMAT_TENSORS, fuse, read_quantized
 from registry.quantization.scheme import QuantScheme
 from registry.safetensors_loader import TensorEntry
 from registry.weights import WeightTarget
 
 from .moe import StackedExperts
+from .parallel_layers import RowParallelLinear
 from .quantized_experts import QuantizedExperts
 from .quantized_linear import QuantizedLinear, make_quantized_linear
 
@@ -37,6 +47,11 @@ class QuantizedSlot:
     in_features: int
     out_features: int
     bias: bool
+    # Tensor parallelism: this rank's part of the checkpoint weight (one per part, or several cut
+    # from one fused tensor), the bias slices, and the group a row-parallel layer all-reduces over.
+    slices: tuple[TensorSlice, ...] | None = None
+    bias_slices: tuple[TensorSlice, ...] | None = None
+    reduce: ParallelContext | None = None
 
 
 class _Placeholder(QuantizedLinear):
@@ -98,6 +113,9 @@ def plan_quantized_layers(
                 f"{', '.join(parts)} are fused into {name} but only some are quantized "
                 f"({', '.join(p for p, q in zip(parts, present, strict=True) if q)})"
             )
+        cuts = getattr(module, "checkpoint_slices", None) or {}
+        if cuts and not scheme.on_the_fly:  # _check_shardable refuses these first; kept as a guard
+            raise InvalidConfig(f"{name}: a pre-quantized layer cannot be split across tensor-parallel ranks")
         slot = QuantizedSlot(
             name,
             parts,
@@ -105,9 +123,14 @@ def plan_quantized_layers(
             module.in_features,
             module.out_features,
             module.bias is not None,
+            cuts.get("weight"),
+            cuts.get("bias"),
+            module.parallel if isinstance(module, RowParallelLinear) else None,
         )
         _set_module(
-            network, name, _Placeholder(slot.in_features, slot.out_features, slot.bias, slot.shard_sizes)
+            network,
+            name,
+            _tp_layer(_Placeholder(slot.in_features, slot.out_features, slot.bias, slot.shard_sizes), slot),
         )
         slots.append(slot)
     if not slots and not scheme.on_the_fly:
@@ -138,6 +161,11 @@ def _plan_experts(
     present = [f"{p}.{marker}" in entries for parts in gate_up + down for p in parts]
     if not any(present):
         return []
+    if getattr(experts, "checkpoint_slices", None) or getattr(experts, "expert_range", None):
+        raise InvalidConfig(
+            f"{name}: experts quantized at Load are not split across tensor-parallel ranks yet; load "
+            f"this mixture-of-experts model with tensor_parallel_size 1 or without quantization"
+        )
     if not all(present):
         missing = next(p for parts in gate_up + down for p in parts if f"{p}.{marker}" not in entries)
         raise CorruptCheckpoint(f"{name}: some experts are quantized but {missing} has no {marker!r} tensor")
@@ -171,7 +199,7 @@ def fill_quantized_layers(
         return read_tensor(entry)
 
     for slot in slots:
-        parts = [read_quantized(scheme, get, part) for part in slot.parts]
+        parts = [read_quantized(scheme, _slicing(get, slot, i), part) for i, part in enumerate(slot.parts)]
         weight = fuse(parts, slot.module)
         del parts
         if weight.shape != (slot.out_features, slot.in_features):
@@ -180,7 +208,7 @@ def fill_quantized_layers(
                 f"expected {[slot.out_features, slot.in_features]}"
             )
         old = network.get_submodule(slot.module)
-        layer = make_quantized_linear(weight, device, dtype, slot.bias, slot.shard_sizes)
+        layer = _tp_layer(make_quantized_linear(weight, device, dtype, slot.bias, slot.shard_sizes), slot)
         if slot.bias:
             layer.bias = old.bias  # already materialised; the dense loader fills it
         _set_module(network, slot.module, layer)
@@ -189,6 +217,48 @@ def fill_quantized_layers(
         del old, weight, layer
         _return_free_heap()
     return frozenset(consumed)
+
+
+def _tp_layer(layer: QuantizedLinear, slot: QuantizedSlot) -> QuantizedLinear:
+    """Give a quantized layer its tensor-parallel part: the bias slices the dense loader reads, and
+    the all-reduce of a row-parallel layer."""
+    if slot.bias_slices is not None:
+        layer.checkpoint_slices = {"bias": slot.bias_slices}
+    layer.reduce = slot.reduce
+    return layer
+
+
+def _slicing(get, slot: QuantizedSlot, index: int):
+    """`get` for part `index` of `slot`, returning only this rank's slice of its dense weight."""
+    if slot.slices is None:
+        return get
+    cuts = slot.slices if len(slot.parts) == 1 else slot.slices[index : index + 1]
+
+    def sliced(name: str) -> torch.Tensor | None:
+        t = get(name)
+        if t is None or not name.endswith(".weight"):
+            return t
+        return _cut(t, cuts, name)
+
+    return sliced
+
+
+def _cut(t: torch.Tensor, cuts: tuple[TensorSlice, ...], name: str) -> torch.Tensor:
+    """This rank's slice of checkpoint tensor `name`: one cut, or one per part of a fused tensor
+    (the parts' full sizes laid end to end along dim 0)."""
+    if len(cuts) == 1:
+        c = cuts[0]
+        if t.dim() != 2 or t.shape[c.dim] != c.full:
+            raise CorruptCheckpoint(f"tensor {name} is {list(t.shape)}, expected {c.full} along dim {c.dim}")
+        return t.narrow(c.dim, c.start, c.length).contiguous()
+    total = sum(c.full for c in cuts)
+    if t.dim() != 2 or t.shape[0] != total:
+        raise CorruptCheckpoint(f"tensor {name} is {list(t.shape)}, expected {total} rows")
+    pieces, offset = [], 0
+    for c in cuts:
+        pieces.append(t.narrow(0, offset + c.start, c.length))
+        offset += c.full
+    return torch.cat(pieces)
 
 
 def _return_free_heap() -> None:

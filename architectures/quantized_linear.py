@@ -47,6 +47,9 @@ class QuantizedLinear(nn.Module):
 
     kind = "quantized"
     kernel = DEQUANTIZE
+    # Tensor parallelism: a row-parallel layer's group; its partial output is summed over the ranks
+    # before the (whole) bias is added. None: a complete output.
+    reduce = None
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, shard_sizes: tuple[int, ...] | None = None
@@ -60,6 +63,8 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         y = self.matmul(x.reshape(-1, self.in_features))
+        if self.reduce is not None:
+            y = self.reduce.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)

@@ -123,7 +123,7 @@ def server(models) -> Server:
     srv.log.kill()
 
 
-def _reference(model_dir: Path) -> CausalLM:
+def _reference(model_dir: Path, quantization: str = "") -> CausalLM:
     """The same checkpoint on one rank, built in this process."""
     from architectures import llama, mixtral, qwen2, qwen2_moe, qwen3_moe
 
@@ -135,7 +135,7 @@ def _reference(model_dir: Path) -> CausalLM:
         "Qwen2MoeForCausalLM": qwen2_moe,
         "Qwen3MoeForCausalLM": qwen3_moe,
     }[config.architecture]
-    opts = LoadOptions(dtype=torch.float32)
+    opts = LoadOptions(dtype=torch.float32, quantization=quantization)
     return cls.build(model_dir, torch.device("cpu"), opts)
 
 
@@ -393,8 +393,8 @@ def test_fewer_query_heads_than_ranks_is_invalid_argument(server, models) -> Non
 
 
 def test_uneven_expert_and_quantized_loads_are_refused_and_the_group_keeps_serving(server, models) -> None:
-    """Expert rows must divide by the ranks, and quantized layers (on-the-fly int8, a pre-quantized
-    FP8 checkpoint) are not sharded: INVALID_ARGUMENT, nothing loaded."""
+    """Expert rows must divide by the ranks; a pre-quantized checkpoint's packed layers are not
+    sliced, nor are experts quantized at Load: INVALID_ARGUMENT, nothing loaded."""
     root = next(iter(models.values())).parent
     uneven = make_moe_model_dir(root / "uneven_moe", "qwen3_moe", moe_intermediate_size=15)
     with pytest.raises(grpc.RpcError) as err:
@@ -406,13 +406,10 @@ def test_uneven_expert_and_quantized_loads_are_refused_and_the_group_keeps_servi
     )
     with pytest.raises(grpc.RpcError) as err:
         server.stub.Load(
-            pb.LoadRequest(model_id="q", model_dir=str(models["llama_kv2"]), quantization="int8")
+            pb.LoadRequest(model_id="qm", model_dir=str(models["qwen3_moe"]), quantization="int8")
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert (
-        "quantized LlamaForCausalLM does not support tensor parallelism yet: its quantized layers "
-        "(packed weights and their scales) are not split across ranks (asked for 2 ranks)"
-    ) in err.value.details()
+    assert "experts quantized at Load are not split across tensor-parallel ranks yet" in err.value.details()
     # A pre-quantized checkpoint (FP8 block-wise) likewise.
     from tests.quantization.checkpoints import fp8_block_config, fp8_block_layer, write_checkpoint
 
@@ -420,7 +417,10 @@ def test_uneven_expert_and_quantized_loads_are_refused_and_the_group_keeps_servi
     with pytest.raises(grpc.RpcError) as err:
         server.stub.Load(pb.LoadRequest(model_id="fp8", model_dir=str(fp8)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "quantized LlamaForCausalLM does not support tensor parallelism yet" in err.value.details()
+    assert (
+        "quantized LlamaForCausalLM does not support tensor parallelism yet: its quantized layers "
+        "(packed weights and their scales) are not split across ranks (asked for 2 ranks)"
+    ) in err.value.details()
     assert not server.stub.ListModels(pb.ListModelsRequest()).models
     server.stub.Load(pb.LoadRequest(model_id="after", model_dir=str(models["llama_kv2"])))
     out = server.stub.Forward(
@@ -428,6 +428,65 @@ def test_uneven_expert_and_quantized_loads_are_refused_and_the_group_keeps_servi
     )
     assert decode_tensor(out.logits).shape[-1] == _reference(models["llama_kv2"]).config.vocab_size
     server.stub.Unload(pb.UnloadRequest(model_id="after"))
+
+
+@pytest.mark.parametrize(
+    ("variant", "method"),
+    [("llama_kv2", "int8"), ("llama_kv2", "int4"), ("qwen2_bias", "int8"), ("tied_uneven", "int4")],
+)
+def test_quantized_at_load_over_two_ranks(server, models, tmp_path, variant, method) -> None:
+    """Each rank quantizes its own slice of the dense checkpoint: the logits equal a float32 model
+    holding every rank's dequantized slice (tests/tensor_parallel/quantized_reference.py), stay
+    as close to the dense model as the same quantization on one rank, and each rank holds
+    about half of one rank's quantized bytes. Llama (even split), Qwen2 (q/k/v biases sliced with their
+    rows) and the uneven Llama (KV groups 2 + 1, intermediate 99 → 50 + 49, vocabulary 127)."""
+    from tests.tensor_parallel.quantized_reference import dequantized_tp_checkpoint
+
+    model_dir = models[variant]
+    ref = _reference(dequantized_tp_checkpoint(model_dir, tmp_path / "ref", method, 2))
+    model_id = f"q-{method}"
+    loaded = server.stub.Load(
+        pb.LoadRequest(model_id=model_id, model_dir=str(model_dir), dtype="float32", quantization=method)
+    )
+    assert loaded.model.quantization == method and loaded.model.tensor_parallel_size == 2
+    ids = torch.randint(0, ref.config.vocab_size, (9,), generator=torch.Generator().manual_seed(5))
+    out = server.stub.Forward(
+        pb.ForwardRequest(model_id=model_id, token_ids=ids.tolist(), logits_mode=pb.LOGITS_ALL)
+    )
+    got = decode_tensor(out.logits)
+    assert (got - ref.forward(ids.view(1, -1))[0]).abs().max() <= TOL
+    # A cached prefill then a decode step take the same path.
+    server.stub.Forward(pb.ForwardRequest(model_id=model_id, token_ids=ids[:8].tolist(), use_cache=True))
+    step = server.stub.Forward(
+        pb.ForwardRequest(
+            model_id=model_id,
+            token_ids=ids[8:].tolist(),
+            use_cache=True,
+            start_pos=8,
+            logits_mode=pb.LOGITS_LAST,
+        )
+    )
+    assert (decode_tensor(step.logits) - got[-1:]).abs().max() <= TOL
+
+    single = _reference(model_dir, method)
+    want = single.forward(ids.view(1, -1))[0]
+    # Against the dense float32 model: two ranks' quantization is about as accurate as one rank's
+    # (row-parallel slices get their own int8 scales and int4 groups), and the two differ by less than
+    # one rank's own quantization error (int4 on this model: 0.16 vs dense on one rank, 0.12 on two).
+    dense = _reference(model_dir).forward(ids.view(1, -1))[0]
+    error_one, error_two = (want - dense).abs().max(), (got - dense).abs().max()
+    assert error_two <= 1.5 * error_one
+    assert (got - want).abs().max() <= error_one
+    # Per rank: half the codes, scales and vocabulary rows; the norms and row-parallel scales whole.
+    assert 0.45 * single.weight_bytes <= loaded.model.weight_bytes <= 0.6 * single.weight_bytes
+    server.stub.Unload(pb.UnloadRequest(model_id=model_id))
+    # The default on CPU: bfloat16 activations, each rank's slice on the kernel chosen for its shape.
+    server.stub.Load(pb.LoadRequest(model_id=model_id, model_dir=str(model_dir), quantization=method))
+    out = server.stub.Forward(
+        pb.ForwardRequest(model_id=model_id, token_ids=ids.tolist(), logits_mode=pb.LOGITS_ALL)
+    )
+    assert (decode_tensor(out.logits).float() - got).abs().max() <= 5e-2 * got.abs().max()
+    server.stub.Unload(pb.UnloadRequest(model_id=model_id))
 
 
 def test_smollm2_says_paris_over_two_ranks(server) -> None:
