@@ -35,14 +35,10 @@ def parse_tags(tags: Iterable[str]) -> tuple[str, ...]:
 
 @dataclass
 class _Storage:
-    tensor: torch.Tensor  # a parameter (its .data is swapped) or a cache tensor (storage resized)
+    tensor: torch.Tensor  # a weight (its .data is swapped) or a cache tensor (storage resized)
     nbytes: int
-    host: torch.Tensor | None = None  # a parameter's values on the host when offloaded
+    host: torch.Tensor | None = None  # a weight's values on the host when offloaded
     swap_data: bool = False  # a weight (parameter or quantized layer's buffer): .data is swapped
-
-
-def _is_parameter(t: torch.Tensor) -> bool:
-    return isinstance(t, nn.Parameter)
 
 
 @dataclass
@@ -111,14 +107,14 @@ def _own_resizable_storage(tensors: list[torch.Tensor]) -> None:
 
 
 def _drop(s: _Storage) -> None:
-    if s.swap_data or _is_parameter(s.tensor):
+    if s.swap_data:
         s.tensor.data = torch.empty(0, dtype=s.tensor.dtype, device=s.tensor.device)
     else:
         s.tensor.untyped_storage().resize_(0)
 
 
 def _regrow(s: _Storage, shape: torch.Size) -> None:
-    if s.swap_data or _is_parameter(s.tensor):
+    if s.swap_data:
         s.tensor.data = torch.empty(shape, dtype=s.tensor.dtype, device=s.tensor.device)
     else:
         s.tensor.untyped_storage().resize_(s.nbytes)

@@ -772,7 +772,12 @@ def _weak_ref(obj: object) -> weakref.ref | None:
 
 def _inference(fn: Callable[[], T]) -> T:
     with torch.inference_mode():
-        return fn()
+        try:
+            return fn()
+        except StopIteration as exc:
+            # An asyncio future refuses StopIteration (TypeError in the loop's callback): the caller
+            # would never get a reply. As a RuntimeError it reaches the caller, as INTERNAL.
+            raise RuntimeError(f"model work raised StopIteration {exc!r}") from exc
 
 
 def _consume(future: asyncio.Future) -> None:

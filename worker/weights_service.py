@@ -93,8 +93,9 @@ class WeightsServicerMixin:
             groups = self._groups = {}
         return groups
 
-    def _resident_model(self, model_id: str) -> object:
-        """The model whose weights an update may replace (not loading, weights not released)."""
+    def _resident_model(self, model_id: str, *, refuse_quantized: bool = True) -> object:
+        """The model whose weights an update may replace (not loading, weights not released, and
+        unless refuse_quantized is False, not quantized)."""
         entry = self.registry.get_entry(model_id)
         model = entry.model
         if model is None or entry.state not in (ModelState.READY, ModelState.SLEEPING):
@@ -103,14 +104,8 @@ class WeightsServicerMixin:
             raise ModelSleeping(
                 f"model {model_id!r} has released its weights; ResumeMemory(tags=['weights']) before updating them"
             )
-        quantization = getattr(model, "quantization", "")
-        if quantization:
-            # Updates carry dense tensors by checkpoint name; a quantized model holds repacked codes
-            # under other names. Load the new weights as a model instead (quantized again at Load).
-            raise FailedPrecondition(
-                f"model {model_id!r} is quantized ({quantization}); weight updates and broadcasts need a "
-                "dense model: Load the updated checkpoint (with the same quantization) instead"
-            )
+        if refuse_quantized:
+            _refuse_quantized(model, model_id)
         return model
 
     async def _apply_staged(
@@ -303,7 +298,7 @@ class WeightsServicerMixin:
             tensor_spec(name, wire_dtype(dtype, f"tensor {name!r}"), shape.dims)
             for name, dtype, shape in zip(request.names, request.dtypes, request.shapes, strict=True)
         ]
-        model = self._resident_model(model_id)
+        model = self._resident_model(model_id, refuse_quantized=False)  # refused after receiving
         where = f"weights group {request.group_name!r}"
         # The trainer broadcasts every announced tensor whatever the worker thinks of them: receive
         # them all even when the update is refused, so its collectives complete and the group stays
@@ -312,6 +307,7 @@ class WeightsServicerMixin:
         plan: UpdatePlan = []
         target = None
         try:
+            _refuse_quantized(model, model_id)
             _refuse_sharded(model, model_id, "UpdateWeightsFromDistributed")
             target = update_target(model)
             plan = check_update(target, specs, where=where)
@@ -448,6 +444,17 @@ class WeightsServicerMixin:
 
 def _sharded(model: object) -> bool:
     return getattr(model, "tensor_parallel_size", 1) > 1
+
+
+def _refuse_quantized(model: object, model_id: str) -> None:
+    """Updates carry dense tensors by checkpoint name; a quantized model holds repacked codes under
+    other names. Load the new weights as a model instead (quantized again at Load)."""
+    quantization = getattr(model, "quantization", "")
+    if quantization:
+        raise FailedPrecondition(
+            f"model {model_id!r} is quantized ({quantization}); weight updates and broadcasts need a "
+            "dense model: Load the updated checkpoint (with the same quantization) instead"
+        )
 
 
 def _refuse_sharded(model: object, model_id: str, rpc: str) -> None:

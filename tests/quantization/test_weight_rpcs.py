@@ -73,3 +73,31 @@ def test_release_without_a_host_copy_is_refused(client) -> None:
     with pytest.raises(FailedPreconditionError, match=r"'int8' is quantized \(int8\).*offload: true"):
         client.release_memory("int8", ["weights"], offload=False)
     assert next(m for m in client.list_models() if m.id == "int8").state == "READY"
+
+
+def test_broadcast_to_a_quantized_model_is_refused_after_receiving(client, root) -> None:
+    """Every announced tensor is still received (the trainer's collectives complete and the group
+    stays usable), then FAILED_PRECONDITION naming the quantization; nothing changes."""
+    import multiprocessing as mp
+
+    from tests.weights.trainer import free_port, rounds, specs, trainer_main
+
+    before = _logits(client, "int8")
+    port, group = free_port(), "quant-sync"
+    trainer = mp.get_context("spawn").Process(
+        target=trainer_main, args=(port, group, str(root / "dense")), daemon=True
+    )
+    trainer.start()
+    try:
+        # The group is made for no model (InitWeightsGroup naming "int8" is refused at once).
+        client.init_weights_group("127.0.0.1", port, 2, group, timeout_seconds=60)
+        for tensors in rounds(root / "dense"):
+            with pytest.raises(FailedPreconditionError, match=r"'int8' is quantized \(int8\)"):
+                client.update_weights_from_distributed("int8", group, specs(tensors))
+        client.destroy_weights_group(group)
+        trainer.join(60)
+        assert trainer.exitcode == 0
+    finally:
+        if trainer.is_alive():
+            trainer.kill()
+    assert np.array_equal(_logits(client, "int8"), before)

@@ -421,6 +421,30 @@ def test_unexpected_errors_are_internal_with_a_request_id(
     assert model_ids(served) == ["a"]
 
 
+def _raise_stop_iteration(*args, **kwargs):
+    raise StopIteration  # e.g. next() on an empty iterator deep in model code
+
+
+def test_stop_iteration_in_model_work_is_internal_not_a_hang(served: RunningServer) -> None:
+    """An asyncio future refuses StopIteration: unconverted, the reply never came (the caller waited
+    for its deadline), both for locked model work (Forward) and a Load's thread."""
+    model = served.registry.get_model("a")
+    model.forward = _raise_stop_iteration  # this instance only; removed below
+    try:
+        err = rpc_error(
+            lambda: served.stub().Forward(pb.ForwardRequest(model_id="a", token_ids=[1, 2, 3]), timeout=20)
+        )
+    finally:
+        del model.forward
+    assert_status(err, Code.INTERNAL, "request id")
+    forward_works(served)
+    served.registry.register_architecture("StopForCausalLM", _raise_stop_iteration)
+    request = load_request("stop", "llama-b", architecture="StopForCausalLM")
+    err = rpc_error(lambda: served.stub().Load(request, timeout=20))
+    assert_status(err, Code.INTERNAL, "request id")
+    assert model_ids(served) == ["a"]
+
+
 def test_client_request_id_is_used(served: RunningServer, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="modelworker"):
         err = rpc_error(
