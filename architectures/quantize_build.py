@@ -33,7 +33,7 @@ from registry.quantization.scheme import QuantScheme
 from registry.safetensors_loader import TensorEntry
 from registry.weights import WeightTarget
 
-from .moe import StackedExperts
+from .moe import SparseMoeBlock, StackedExperts
 from .parallel_layers import RowParallelLinear
 from .quantized_experts import QuantizedExperts
 from .quantized_linear import QuantizedLinear, make_quantized_linear
@@ -87,6 +87,15 @@ def plan_quantized_layers(
     tied = {
         id(p) for name, m in network.named_modules() if isinstance(m, nn.Embedding) for p in m.parameters()
     }
+    # Routers pick experts by small logit margins: quantizing at Load keeps them dense, as serving
+    # stacks do (a checkpoint that ships them quantized is read as it is).
+    routers = {
+        id(r)
+        for m in network.modules()
+        if isinstance(m, SparseMoeBlock)
+        for r in (m.gate, getattr(m, "shared_expert_gate", None))
+        if r is not None
+    }
     slots: list[QuantizedSlot] = []
     for name, module in list(network.named_modules()):
         if isinstance(module, StackedExperts):
@@ -94,7 +103,7 @@ def plan_quantized_layers(
             continue
         if not isinstance(module, nn.Linear) or id(module.weight) in tied:
             continue
-        if scheme.on_the_fly and name == "lm_head":
+        if scheme.on_the_fly and (name == "lm_head" or id(module) in routers):
             continue  # the output projection stays in the compute dtype, like the embeddings
         sizes = getattr(module, "shard_sizes", None)
         shards = range(len(sizes)) if sizes is not None else [None]

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import architectures
+from architectures.moe import SparseMoeBlock
 from architectures.quantized_experts import QuantizedExperts
 from architectures.quantized_linear import QuantizedLinear
 from registry import KvCacheOptions, LoadOptions, ModelRegistry
@@ -171,6 +172,8 @@ def test_mixtral_quantized_while_loading(tmp_path: Path, quantization: str) -> N
     model_dir = _save(ref, _per_expert("mixtral", ref.state_dict()), tmp_path / "mixtral", None)
     model = _load(model_dir, quantization)
     assert model.quantization == quantization
+    routers = [m.gate for m in model.network.modules() if isinstance(m, SparseMoeBlock)]
+    assert routers and all(type(r) is torch.nn.Linear for r in routers)  # routers stay dense
     _check(model, _dequantized_reference(ref, model))
     dense = _load(model_dir)
     assert model.weight_bytes < 0.5 * dense.weight_bytes
