@@ -22,7 +22,7 @@ from .common import Case, Goal, Report, Row
 from .context import Bench
 from .inprocess import _reference_prefill
 from .models import BENCH_KV, DECODE_CONTEXT, LOAD_KV, PREFILL_LENGTHS, BenchModel, ReferenceDecoder
-from .peer import Comparison, PeerProcess, compare
+from .peer import Comparison, PeerProcess, compare, exit_reason
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: `-m bench.llamacpp_runner` runs from here
 PYPROJECT = ROOT / "pyproject.toml"
@@ -145,9 +145,7 @@ def gguf_files(src: Path, cache: Path, python: str = sys.executable) -> dict[str
             out[fmt] = dst
         else:
             tmp.unlink(missing_ok=True)
-            out[fmt] = f"conversion to {fmt} failed: " + (
-                f"crashed: signal {-proc.returncode}" if proc.returncode < 0 else f"status {proc.returncode}"
-            )
+            out[fmt] = f"conversion to {fmt} failed: {exit_reason(proc.returncode, proc.stderr)}"
     return out
 
 

@@ -176,6 +176,27 @@ def test_install_then_import(tmp_path: Path, capsys) -> None:
     )
 
 
+def test_gguf_conversions_are_cached_and_a_crashed_one_is_named(tmp_path: Path) -> None:
+    src = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    src.write_bytes(b"GGUF")
+    crashing = tmp_path / "crashing-python"
+    crashing.write_text("#!/bin/sh\nkill -SEGV $$\n")
+    crashing.chmod(0o755)
+    cache = tmp_path / "cache"
+    files = gguf_files(src, cache, python=str(crashing))
+    assert files == {
+        "Q4_1": src,
+        "F32": "conversion to F32 failed: crashed: signal 11",
+        "Q8_0": "conversion to Q8_0 failed: crashed: signal 11",
+    }
+    assert sorted(p.name for p in cache.iterdir()) == []  # no half-written file left
+    for fmt in ("F32", "Q8_0"):
+        (cache / f"SmolLM2-135M-Instruct.{fmt}.gguf").write_bytes(b"GGUF")
+    files = gguf_files(src, cache, python=str(crashing))  # cached: nothing runs
+    assert files["F32"] == cache / "SmolLM2-135M-Instruct.F32.gguf"
+    assert files["Q8_0"] == cache / "SmolLM2-135M-Instruct.Q8_0.gguf"
+
+
 def test_the_extra_is_declared_in_pyproject() -> None:
     assert bench_requirements() == ["llama-cpp-python==0.3.36"]
 
