@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .common import Case, Goal, Report, Row, Stats, alternate, ratio
 
@@ -33,20 +35,30 @@ class PeerProcess:
     """One subprocess running `argv`; `request` sends a JSON object and returns the answer."""
 
     def __init__(
-        self, argv: Sequence[str], cwd: Path | None = None, env: dict[str, str] | None = None
+        self,
+        argv: Sequence[str],
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+        timeout_s: float = 600.0,
     ) -> None:
         self.argv = list(argv)
         self.cwd = cwd
         self.env = env
+        self.timeout_s = timeout_s  # a request unanswered this long: the process is killed
         self.proc: subprocess.Popen[str] | None = None
+        self.stderr: IO[str] | None = None  # a file, not a pipe: a chatty library cannot block on it
+        self.hung = False
         self.ready: dict[str, Any] = {}
 
     def start(self) -> dict[str, Any]:
+        self.stop()  # what is left of a process that died
+        self.stderr = tempfile.TemporaryFile("w+")
+        self.hung = False
         self.proc = subprocess.Popen(
             self.argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=self.stderr,
             text=True,
             cwd=self.cwd,
             env=self.env,
@@ -74,16 +86,21 @@ class PeerProcess:
 
     def _read(self) -> dict[str, Any]:
         assert self.proc is not None and self.proc.stdout is not None
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                self._died()
-            try:
-                answer = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # something the library printed on stdout
-            if isinstance(answer, dict):
-                break
+        watchdog = threading.Timer(self.timeout_s, self._kill_hung)
+        watchdog.start()
+        try:
+            while True:
+                line = self.proc.stdout.readline()
+                if not line:
+                    self._died()
+                try:
+                    answer = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # something the library printed on stdout
+                if isinstance(answer, dict):
+                    break
+        finally:
+            watchdog.cancel()
         if "error" in answer:
             raise PeerFailed(f"error: {answer['error']}")
         return answer
@@ -95,8 +112,19 @@ class PeerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        stderr = self.proc.stderr.read() if self.proc.stderr is not None else ""
-        raise PeerFailed(exit_reason(self.proc.returncode, stderr[-2000:]))
+        if self.hung:
+            raise PeerFailed(f"no answer within {self.timeout_s:g} s (killed)")
+        stderr = ""
+        if self.stderr is not None:
+            self.stderr.seek(0)
+            stderr = self.stderr.read()[-2000:]
+        raise PeerFailed(exit_reason(self.proc.returncode, stderr))
+
+    def _kill_hung(self) -> None:
+        if self.alive:
+            assert self.proc is not None
+            self.hung = True
+            self.proc.kill()
 
     def stop(self) -> None:
         if self.proc is None:
@@ -110,10 +138,10 @@ class PeerProcess:
             except (BrokenPipeError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
-        for stream in (self.proc.stdout, self.proc.stderr):
+        for stream in (self.proc.stdout, self.stderr):
             if stream is not None:
                 stream.close()
-        self.proc = None
+        self.proc = self.stderr = None
 
 
 @dataclass

@@ -30,7 +30,7 @@ from bench.peer import Comparison, PeerFailed, PeerProcess, compare, exit_reason
 
 FAKE_RUNNER = textwrap.dedent(
     """
-    import json, os, signal, sys
+    import json, os, signal, sys, time
     print("a banner the library printed", flush=True)
     print(json.dumps({"ready": True, "version": "fake"}), flush=True)
     for line in sys.stdin:
@@ -39,6 +39,8 @@ FAKE_RUNNER = textwrap.dedent(
             break
         if msg["op"] == os.environ.get("CRASH_ON"):
             os.kill(os.getpid(), signal.SIGSEGV)
+        if msg["op"] == "hang":
+            time.sleep(60)
         if msg["op"] == "bad":
             print(json.dumps({"error": "no such thing"}), flush=True)
             continue
@@ -121,6 +123,13 @@ def test_peer_errors_and_exits_are_named(fake_runner, tmp_path: Path) -> None:
         with pytest.raises(PeerFailed, match="^error: no such thing$"):
             peer.request({"op": "bad"})
         assert peer.alive  # an error answer is not a crash
+    finally:
+        peer.stop()
+    peer = PeerProcess(fake_runner, timeout_s=0.5)
+    try:
+        with pytest.raises(PeerFailed, match=r"^no answer within 0.5 s \(killed\)$"):
+            peer.request({"op": "hang"})
+        assert peer.request({"op": "x"})["seconds"] == 0.002  # a fresh process
     finally:
         peer.stop()
     dying = tmp_path / "dying.py"
