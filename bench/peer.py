@@ -138,9 +138,12 @@ class PeerProcess:
             except (BrokenPipeError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
-        for stream in (self.proc.stdout, self.stderr):
+        for stream in (self.proc.stdin, self.proc.stdout, self.stderr):
             if stream is not None:
-                stream.close()
+                try:
+                    stream.close()
+                except BrokenPipeError:  # stdin's buffered bytes to a dead process
+                    pass
         self.proc = self.stderr = None
 
 

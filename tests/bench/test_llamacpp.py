@@ -136,8 +136,10 @@ def test_peer_errors_and_exits_are_named(fake_runner, tmp_path: Path) -> None:
     dying.write_text(
         "import sys\nprint('llama_cpp: cannot open shared object', file=sys.stderr)\nsys.exit(3)\n"
     )
+    peer = PeerProcess([sys.executable, str(dying)])
     with pytest.raises(PeerFailed, match="^exited with status 3: llama_cpp: cannot open shared object$"):
-        PeerProcess([sys.executable, str(dying)]).start()
+        peer.start()
+    peer.stop()
     assert exit_reason(-signal.SIGSEGV, "") == "crashed: signal 11"
     assert exit_reason(1, "") == "exited with status 1"
 
