@@ -10,7 +10,7 @@ import json
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -150,13 +150,12 @@ class PeerProcess:
 @dataclass
 class Comparison:
     """One row: `ours` and `others` (e.g. transformers) in-process, and the peer's timed request
-    `peer_op` (after the untimed `setup` requests), alternating round by round. `peer_op` may be a
-    function of nothing that returns the next request (fresh tokens per round)."""
+    `peer_op` (after the untimed `setup` requests), alternating round by round."""
 
     item: str
     key: str
     ours: Case
-    peer_op: dict[str, Any] | Callable[[], dict[str, Any]]
+    peer_op: dict[str, Any]
     peer_label: str  # "llama.cpp F32"
     goal: Goal | str | None = None
     setup: list[dict[str, Any]] = field(default_factory=list)
@@ -179,8 +178,7 @@ def compare(
     peer_samples: list[float] = []
 
     def run_peer() -> None:
-        op = c.peer_op() if callable(c.peer_op) else c.peer_op
-        peer_samples.append(peer.timed(op))
+        peer_samples.append(peer.timed(c.peer_op))
 
     try:
         for msg in c.setup:
