@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import inprocess, kv_transfer, moe, quantized, sampling, serving, tensor_parallel
+from . import inprocess, kv_transfer, llamacpp, moe, quantized, sampling, serving, tensor_parallel
 from . import weights as weight_updates
 from .common import (
     FRESH_PAGES_ENV,
@@ -44,7 +44,7 @@ from .models import (
 from .reasons import REASONS
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ITEMS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15)
+ITEMS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -183,6 +183,7 @@ def run_items(
         (4, "batched decode", inprocess.batched_decode),
         (6, "roofline", inprocess.roofline),
         (13, "quantized decode", quantized.quantized_decode),
+        (14, "llama.cpp as the CPU peer", llamacpp.llamacpp),
     )
     for number, title, fn in steps:
         if number in items:
