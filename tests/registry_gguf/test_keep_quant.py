@@ -153,3 +153,44 @@ def test_config_with_other_block_types_is_refused():
         )
     with pytest.raises(InvalidConfig, match="tensor_types must be a non-empty object"):
         parse_quantization_config({"quant_method": "gguf"})
+
+
+@pytest.fixture(scope="module")
+def server_root(tmp_path_factory, tiny_llama) -> Path:
+    root = tmp_path_factory.mktemp("kept")
+    src = _mixed_gguf(root / "mixed.gguf", tiny_llama, MIXED)
+    import_gguf(src, root / "plain", tokenizer=False, progress=False)
+    out = import_gguf(src, root / "kept", tokenizer=False, progress=False, keep_quant="int4")
+    bad = root / "kept-q5"  # a config naming a block type no layer can keep
+    bad.mkdir()
+    (bad / "model.safetensors").symlink_to(out / "model.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["tensor_types"]["model.layers.1.mlp.up_proj"] = "Q5_0"
+    (bad / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def test_kept_model_through_a_real_server(aio_loop, server_root):
+    from tests.worker.harness import load_request, make_settings, rpc_error, start_server
+    from worker.pb.modelworker.v1 import worker_pb2 as pb
+
+    server = start_server(aio_loop, make_settings(server_root))
+    try:
+        stub = server.stub()
+        plain = stub.Load(load_request("plain", "plain", dtype="float32")).model
+        info = stub.Load(load_request("kept", "kept", dtype="float32")).model
+        assert info.quantization == "gguf-q4_0+q4_1+q8_0" and info.dtype == "float32"
+        assert plain.quantization == "" and info.weight_bytes < plain.weight_bytes // 2
+        tokens = torch.arange(14).reshape(2, 7) * 9 % 128
+        with torch.inference_mode():
+            logits = {}
+            for name in ("plain", "kept"):
+                with server.registry.get_model_mut(name) as model:
+                    logits[name] = model.forward(tokens, None, all_logits=True)
+        assert torch.equal(logits["kept"], logits["plain"])
+        err = rpc_error(lambda: stub.Load(load_request("bad", "kept-q5")))
+        assert err.code().name == "INVALID_ARGUMENT"
+        assert "tensor_types.model.layers.1.mlp.up_proj 'Q5_0' is not supported" in err.details()
+        assert "bad" not in {m.id for m in stub.ListModels(pb.ListModelsRequest()).models}
+    finally:
+        server.stop(grace=0.5)
