@@ -114,6 +114,18 @@ def test_kept_projections_compute_what_the_plain_import_computes(
     assert torch.equal(got, expected)
 
 
+def test_kept_tensors_shard_like_dense_ones(tmp_path, tiny_llama):
+    src = _mixed_gguf(tmp_path / "mixed.gguf", tiny_llama, MIXED)
+    whole = import_gguf(src, tmp_path / "whole", tokenizer=False, progress=False, keep_quant="int4")
+    sharded = import_gguf(
+        src, tmp_path / "sharded", tokenizer=False, progress=False, keep_quant="int4", max_shard_bytes=20_000
+    )
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    assert "model.layers.0.mlp.down_proj.gguf_mins" in index["weight_map"]
+    assert torch.equal(_logits(sharded)[0], _logits(whole)[0])
+
+
 def _cli_error(capsys, *args: str) -> tuple[int, str]:
     capsys.readouterr()
     code = main_import([*map(str, args), "--no-tokenizer", "--no-progress"])
