@@ -8,7 +8,7 @@ dequantizes to. How:
   (_weight_int4pack_mm_for_cpu on CPU, _weight_int4pack_mm on CUDA; groups of 32..256 along the input).
   Act-order checkpoints (GPTQ desc_act) have their input columns sorted by group at Load and the
   activations gathered in that order.
-- GroupedIntLinear: any bits / groups / zero points / g_idx; codes stored packed (two per byte at
+- GroupedIntLinear: any bits / groups / zero points / g_idx / additive offsets (GGUF Q4_1); codes stored packed (two per byte at
   4 bits), dequantized per call. Used with float32 activations and where no kernel fits.
 - Fp8Linear: float8_e4m3fn codes with per-row, per-column-block scales: torch._scaled_mm on CUDA
   (sm_89+) when there is one scale per row, otherwise dequantized per call.
@@ -128,6 +128,8 @@ class Int4PackedLinear(QuantizedLinear):
         scales = w.scales[:, cols]  # [n, k / group]
         # The kernel computes (q - 8) * scale + zero; the formats give (q - z) * scale.
         zeros = (8 - w.zeros[:, cols]) * scales
+        if w.offsets is not None:  # GGUF Q4_1: w = d * q + m = (q - 8) * d + (8 * d + m)
+            zeros = zeros + w.offsets[:, cols]
         self.group = group
         if kernel == CPU_INT4:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1).to(device)
@@ -170,6 +172,7 @@ class GroupedIntLinear(QuantizedLinear):
         self.register_buffer("scales", w.scales.to(device))
         self.register_buffer("zeros", w.zeros.to(device))
         self.register_buffer("g_idx", w.groups_of_columns().to(device))
+        self.register_buffer("offsets", None if w.offsets is None else w.offsets.to(device))
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         q = self.codes
@@ -177,7 +180,10 @@ class GroupedIntLinear(QuantizedLinear):
             q = torch.stack([q & 0xF, q >> 4], dim=-1).reshape(q.shape[0], -1)[:, : self.in_features]
         g = self.g_idx
         compute = torch.float32 if dtype == torch.float32 else dtype
-        return ((q.to(compute) - self.zeros[:, g].to(compute)) * self.scales[:, g].to(compute)).to(dtype)
+        w = (q.to(compute) - self.zeros[:, g].to(compute)) * self.scales[:, g].to(compute)
+        if self.offsets is not None:
+            w = w + self.offsets[:, g].to(compute)
+        return w.to(dtype)
 
 
 class Fp8Linear(QuantizedLinear):

@@ -7,6 +7,8 @@ dequantize), and writes a directory the registry loads like any HF checkpoint:
     model.safetensors               float32 or bfloat16, HF tensor names (or shards + index past a size)
     tokenizer.json, ...             when the GGUF has a tokenizer and transformers is installed
     gguf_import.json                the source file's size and sha256: marks a complete import
+With `keep_quant` ("int4" / "int8"), projections stored as Q4_0 / Q4_1 / Q8_0 keep their blocks as
+codes and scales under a `quant_method: gguf` quantization_config (keep_quant.py).
 
 Two llama.cpp conventions are undone: tensor names (`blk.N.attn_q.weight` →
 `model.layers.N.self_attn.q_proj.weight`) and, for the llama architecture only, the row permutation of

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .keep_quant import KEEP_QUANT_MODES
 from .reader import GgufImportError
 from .writer import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -87,7 +88,8 @@ def _summary(result: ImportResult, source: Path) -> str:
 
 
 def main_import(argv: Sequence[str]) -> int:
-    """`modelworker import-gguf FILE OUT_DIR [--dtype] [--max-shard-bytes N] [--force] [--no-tokenizer]`."""
+    """`modelworker import-gguf FILE OUT_DIR [--dtype] [--max-shard-bytes N] [--force] [--no-tokenizer]
+    [--keep-quant int4|int8]`."""
     prog = "modelworker import-gguf"
     parser = _ArgumentParser(
         prog=prog,
@@ -107,6 +109,13 @@ def main_import(argv: Sequence[str]) -> int:
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it is not empty")
     parser.add_argument("--no-tokenizer", action="store_true", help="do not write tokenizer files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    parser.add_argument(
+        "--keep-quant",
+        choices=sorted(KEEP_QUANT_MODES),
+        default=None,
+        help="keep the projections' GGUF blocks exactly: int4 keeps Q4_0/Q4_1/Q8_0, int8 keeps Q8_0 "
+        "(other projections are dequantized)",
+    )
 
     def body() -> int:
         try:
@@ -121,6 +130,7 @@ def main_import(argv: Sequence[str]) -> int:
             False if args.no_progress else None,
             force=args.force,
             tokenizer=not args.no_tokenizer,
+            keep_quant=args.keep_quant,
         )
         print(_summary(result, args.file))
         return 0

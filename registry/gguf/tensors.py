@@ -42,6 +42,7 @@ class TensorPlan:
     source: GgufTensor
     shape: tuple[int, ...]  # HF shape
     unpermute_heads: int  # > 0: undo llama.cpp's rotary row permutation with this many heads
+    keep: str | None = None  # --keep-quant: the block type this projection keeps (keep_quant.py)
 
     def nbytes(self, dtype: torch.dtype) -> int:
         return math.prod(self.shape) * dtype.itemsize

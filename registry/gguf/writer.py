@@ -23,6 +23,7 @@ from typing import Any, TextIO
 import torch
 
 from .config import build_config
+from .keep_quant import kept_shapes, kept_tensors, plan_kept, quantization_config
 from .reader import GgufFile, GgufImportError, read_gguf
 from .tensors import TensorPlan, convert_tensor, plan_tensors
 
@@ -68,64 +69,99 @@ class Progress:
             self.stream.flush()
 
 
-def _shards(plans: Sequence[TensorPlan], dtype: torch.dtype, max_shard_bytes: int) -> list[list[TensorPlan]]:
-    """Consecutive groups under max_shard_bytes (a tensor larger than that gets a shard of its own)."""
-    shards: list[list[TensorPlan]] = [[]]
-    size = 0
+@dataclass(frozen=True)
+class _Output:
+    """One safetensors tensor: a dense weight in the output dtype, or a kept projection's part."""
+
+    name: str
+    dtype: str  # safetensors dtype
+    shape: tuple[int, ...]
+    plan: TensorPlan
+    suffix: str = ""  # kept projections: gguf_codes / gguf_scales / gguf_mins
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _ITEMSIZE[self.dtype]
+
+
+_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "U8": 1}
+
+
+def _outputs(plans: Sequence[TensorPlan], dtype: torch.dtype) -> list[_Output]:
+    out = []
     for plan in plans:
-        n = plan.nbytes(dtype)
+        if plan.keep is None:
+            out.append(_Output(plan.hf_name, SAFETENSORS_DTYPE[dtype], plan.shape, plan))
+            continue
+        layer = plan.hf_name.removesuffix(".weight")
+        for suffix, (st_dtype, shape) in kept_shapes(plan).items():
+            out.append(_Output(f"{layer}.{suffix}", st_dtype, shape, plan, suffix))
+    return out
+
+
+def _shards(outputs: Sequence[_Output], max_shard_bytes: int) -> list[list[_Output]]:
+    """Consecutive groups under max_shard_bytes (a tensor larger than that gets a shard of its own)."""
+    shards: list[list[_Output]] = [[]]
+    size = 0
+    for output in outputs:
+        n = output.nbytes
         if shards[-1] and size + n > max_shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append(plan)
+        shards[-1].append(output)
         size += n
     return shards
 
 
 def _write_safetensors(
-    path: Path, gf: GgufFile, plans: Sequence[TensorPlan], dtype: torch.dtype, progress: Progress
+    path: Path, gf: GgufFile, outputs: Sequence[_Output], dtype: torch.dtype, progress: Progress
 ) -> None:
     """One safetensors file, header first (every size is known), then each tensor as converted."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for plan in plans:
-        n = plan.nbytes(dtype)
-        header[plan.hf_name] = {
-            "dtype": SAFETENSORS_DTYPE[dtype],
-            "shape": list(plan.shape),
-            "data_offsets": [offset, offset + n],
+    for output in outputs:
+        header[output.name] = {
+            "dtype": output.dtype,
+            "shape": list(output.shape),
+            "data_offsets": [offset, offset + output.nbytes],
         }
-        offset += n
+        offset += output.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the safetensors library writes it
+    kept: dict[str, Any] = {}  # the parts of the kept projection being written
     with path.open("wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for plan in plans:
-            tensor = convert_tensor(gf, plan, dtype)
-            # bytes of a little-endian host (safetensors is little-endian; so is every torch target)
-            f.write(tensor.view(torch.int16 if dtype == torch.bfloat16 else torch.int32).numpy())
-            progress.update(plan.nbytes(dtype))
+        for output in outputs:
+            if output.suffix:
+                if output.plan.hf_name not in kept:
+                    kept = {output.plan.hf_name: kept_tensors(gf, output.plan)}
+                f.write(kept[output.plan.hf_name][output.suffix].tobytes())
+            else:
+                tensor = convert_tensor(gf, output.plan, dtype)
+                # bytes of a little-endian host (safetensors is little-endian; so is every torch target)
+                f.write(tensor.view(torch.int16 if dtype == torch.bfloat16 else torch.int32).numpy())
+            progress.update(output.nbytes)
 
 
 def _write_weights(
     out: Path,
     gf: GgufFile,
-    plans: Sequence[TensorPlan],
+    outputs: Sequence[_Output],
     dtype: torch.dtype,
     max_shard_bytes: int,
     progress: Progress,
 ) -> list[str]:
-    shards = _shards(plans, dtype, max_shard_bytes)
+    shards = _shards(outputs, max_shard_bytes)
     if len(shards) == 1:
-        _write_safetensors(out / "model.safetensors", gf, plans, dtype, progress)
+        _write_safetensors(out / "model.safetensors", gf, outputs, dtype, progress)
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards, strict=True):
         _write_safetensors(out / name, gf, shard, dtype, progress)
-        weight_map.update({p.hf_name: name for p in shard})
-    index = {"metadata": {"total_size": sum(p.nbytes(dtype) for p in plans)}, "weight_map": weight_map}
+        weight_map.update({o.name: name for o in shard})
+    index = {"metadata": {"total_size": sum(o.nbytes for o in outputs)}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return [*names, "model.safetensors.index.json"]
 
@@ -176,10 +212,14 @@ def read_marker(out_dir: Path) -> dict[str, Any] | None:
 
 
 def is_complete_import(
-    out_dir: Path, gguf_path: Path, dtype: str | None = None, fingerprint: dict[str, Any] | None = None
+    out_dir: Path,
+    gguf_path: Path,
+    dtype: str | None = None,
+    fingerprint: dict[str, Any] | None = None,
+    keep_quant: str | None = None,
 ) -> bool:
     """Whether out_dir holds a complete import of this very file (same size and sha256), in `dtype`
-    if given, with every file it wrote still there at its size."""
+    if given and with this `keep_quant`, with every file it wrote still there at its size."""
     marker = read_marker(out_dir)
     if marker is None:
         return False
@@ -189,6 +229,7 @@ def is_complete_import(
         not isinstance(source, dict)
         or source.get("size") != size
         or (dtype is not None and marker.get("dtype") != dtype)
+        or marker.get("keep_quant") != keep_quant
     ):
         return False
     files = marker.get("files")
@@ -265,15 +306,24 @@ def import_gguf(
     *,
     force: bool = False,
     tokenizer: bool = True,
+    keep_quant: str | None = None,
 ) -> Path:
     """Convert a GGUF file into an HF-layout directory at out_dir and return out_dir.
 
     progress: None shows a bar when stderr is a terminal. force: replace a non-empty out_dir.
     tokenizer: also write tokenizer files (needs transformers; skipped with a note otherwise).
+    keep_quant: "int4" / "int8" keeps the projections' Q4_0/Q4_1/Q8_0 blocks as they are (keep_quant.py).
     Raises GgufImportError; on any failure out_dir is left as it was.
     """
     return import_gguf_detailed(
-        gguf_path, out_dir, dtype, max_shard_bytes, progress, force=force, tokenizer=tokenizer
+        gguf_path,
+        out_dir,
+        dtype,
+        max_shard_bytes,
+        progress,
+        force=force,
+        tokenizer=tokenizer,
+        keep_quant=keep_quant,
     ).out_dir
 
 
@@ -287,6 +337,7 @@ def import_gguf_detailed(
     force: bool = False,
     tokenizer: bool = True,
     fingerprint: dict[str, Any] | None = None,
+    keep_quant: str | None = None,
 ) -> ImportResult:
     """`import_gguf`, returning what was written."""
     start = time.monotonic()
@@ -303,8 +354,12 @@ def import_gguf_detailed(
     gf = read_gguf(gguf_path)
     config = build_config(gf, dtype)
     plans = plan_tensors(gf, config)
+    if keep_quant is not None:
+        plans = plan_kept(gf, plans, keep_quant)
+        config["quantization_config"] = quantization_config(plans, keep_quant)
     torch_dtype = OUTPUT_DTYPES[dtype]
-    total = sum(p.nbytes(torch_dtype) for p in plans)
+    outputs = _outputs(plans, torch_dtype)
+    total = sum(o.nbytes for o in outputs)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_imports(out_dir)
     free = shutil.disk_usage(out_dir.parent).free
@@ -314,7 +369,7 @@ def import_gguf_detailed(
     tmp.mkdir()
     bar = Progress(total, f"import {gguf_path.name}", progress)
     try:
-        files = _write_weights(tmp, gf, plans, torch_dtype, max_shard_bytes, bar)
+        files = _write_weights(tmp, gf, outputs, torch_dtype, max_shard_bytes, bar)
         bar.close()
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         files.append("config.json")
@@ -329,6 +384,7 @@ def import_gguf_detailed(
             "format": MARKER_FORMAT,
             "source": {"path": str(gguf_path), **(fingerprint or file_fingerprint(gguf_path))},
             "dtype": dtype,
+            "keep_quant": keep_quant,
             "gguf_architecture": gf.architecture,
             "gguf_package": _package_version("gguf"),
             "tokenizer": note,

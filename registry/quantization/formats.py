@@ -5,7 +5,8 @@ path is checked against).
 Canonical forms (CPU tensors, output rows first, like nn.Linear's weight [out, in]):
 - IntWeight: unsigned codes q [n, k] in [0, 2^bits), float32 scales and zero points
   [n, groups], and the group of every input column (`g_idx`, None = column // group_size):
-  W[j, i] = (q[j, i] - zeros[j, g(i)]) * scales[j, g(i)].
+  W[j, i] = (q[j, i] - zeros[j, g(i)]) * scales[j, g(i)] (+ offsets[j, g(i)] when a format has an
+  additive float offset: GGUF Q4_1's w = d * q + m, which no integer zero point holds exactly).
 - Fp8Weight: float8_e4m3fn codes [n, k] and float32 scales [n, ceil(k / block_cols)], scales expanded
   to every row (a block-wise scale repeats over its block's rows; per-tensor scales over all), so
   that projections of any height fuse by concatenation: W[j, i] = w[j, i] * scales[j, i // block_cols].
@@ -35,6 +36,9 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # column c of a word sits in nibble AWQ_REVERSE_ORDER[c]
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
+GGUF_GROUP = 32  # llama.cpp's Q4_0 / Q4_1 / Q8_0 blocks (gguf_blocks.py)
+GGUF_TENSORS = ("gguf_codes", "gguf_scales", "gguf_mins")
+
 TensorGetter = Callable[[str], "torch.Tensor | None"]
 
 
@@ -46,6 +50,7 @@ class IntWeight:
     zeros: torch.Tensor  # float32 [n, groups]: integers in the checkpoint formats, any value on the fly
     group_size: int  # input columns per group (k when one group per row)
     g_idx: torch.Tensor | None = None  # int64 [k], None = arange(k) // group_size
+    offsets: torch.Tensor | None = None  # float32 [n, groups] added after scaling (GGUF Q4_1's m)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -59,7 +64,8 @@ class IntWeight:
     def dequantize(self) -> torch.Tensor:
         """float32 [n, k]."""
         g = self.groups_of_columns()
-        return (self.q.float() - self.zeros[:, g]) * self.scales[:, g]
+        w = (self.q.float() - self.zeros[:, g]) * self.scales[:, g]
+        return w if self.offsets is None else w + self.offsets[:, g]
 
 
 @dataclass
@@ -131,6 +137,7 @@ FORMAT_TENSORS: dict[str, tuple[str, ...]] = {
     "fp8-block": ("weight", "weight_scale_inv", "input_scale"),
     "fp8-tensor": ("weight", "weight_scale", "input_scale"),
     "dense": ("weight",),
+    "gguf": GGUF_TENSORS,
 }
 # The tensor whose presence marks a layer as quantized in the checkpoint (ignored layers lack it).
 FORMAT_MARKER = {
@@ -142,6 +149,7 @@ FORMAT_MARKER = {
     "fp8-block": "weight_scale_inv",
     "fp8-tensor": "weight_scale",
     "dense": "weight",
+    "gguf": GGUF_TENSORS[0],
 }
 
 
@@ -183,6 +191,8 @@ def read_quantized(scheme: QuantScheme, get: TensorGetter, prefix: str) -> Quant
         return _read_fp8(scheme, r)
     if scheme.fmt == "dense":
         return quantize_dense(scheme, r.required("weight"))
+    if scheme.fmt == "gguf":
+        return _read_gguf(scheme, r)
     raise ValueError(f"unknown format {scheme.fmt!r}")  # QuantScheme parsing refuses these
 
 
@@ -351,6 +361,43 @@ def _read_fp8(scheme: QuantScheme, r: _Reader) -> Fp8Weight:
     return Fp8Weight(weight, scale.reshape(1, 1).expand(n, 1).contiguous(), k)
 
 
+def _read_gguf(scheme: QuantScheme, r: _Reader) -> IntWeight:
+    from .gguf_blocks import gguf_weight  # it builds IntWeights: imported here, not at the top
+
+    block_type = scheme.gguf_type(r.prefix)
+    if block_type is None:
+        raise CorruptCheckpoint(
+            f"tensor {r.name(GGUF_TENSORS[0])}: config.json quantization_config.tensor_types has no entry "
+            f"for {r.prefix}"
+        )
+    codes, scales = r.required("gguf_codes"), r.required("gguf_scales")
+    mins = r.optional("gguf_mins")
+    bits = 8 if block_type == "Q8_0" else 4
+    n = codes.shape[0] if codes.dim() == 2 else 0
+    k = scales.shape[1] * GGUF_GROUP if scales.dim() == 2 else 0
+    r.check(
+        codes.dtype == torch.uint8 and codes.dim() == 2 and codes.shape[1] * 8 // bits == k,
+        "gguf_codes",
+        codes,
+        f"uint8 [n, k * {bits} / 8] for {block_type} (k = 32 × the scales' columns)",
+    )
+    r.check(
+        scales.dtype == torch.float16 and scales.shape == (n, k // GGUF_GROUP),
+        "gguf_scales",
+        scales,
+        f"F16 [{n}, {k // GGUF_GROUP}]",
+    )
+    if block_type == "Q4_1":
+        mins = r.required("gguf_mins")
+        r.check(
+            mins.dtype == torch.float16 and mins.shape == scales.shape,
+            "gguf_mins",
+            mins,
+            f"F16 {list(scales.shape)}",
+        )
+    return gguf_weight(block_type, codes, scales, mins if block_type == "Q4_1" else None)
+
+
 # -- quantizing dense weights ---------------------------------------------------------------------
 
 
@@ -431,6 +478,11 @@ def fuse(parts: list[QuantizedWeight], where: str) -> QuantizedWeight:
             f"{where}: the fused projections are quantized differently (bits, group size or act-order g_idx); "
             "projections of one input must share them"
         )
+    offsets = None
+    if any(p.offsets is not None for p in parts):
+        offsets = torch.cat(
+            [p.offsets if p.offsets is not None else torch.zeros_like(p.scales) for p in parts]
+        )
     return IntWeight(
         first.bits,
         torch.cat([p.q for p in parts]),
@@ -438,4 +490,5 @@ def fuse(parts: list[QuantizedWeight], where: str) -> QuantizedWeight:
         torch.cat([p.zeros for p in parts]),
         first.group_size,
         first.g_idx,
+        offsets,
     )

@@ -11,7 +11,8 @@ from typing import Any
 
 from ..errors import InvalidArgument, InvalidConfig
 
-CHECKPOINT_METHODS = ("fp8", "compressed-tensors", "gptq", "awq")
+CHECKPOINT_METHODS = ("fp8", "compressed-tensors", "gptq", "awq", "gguf")
+GGUF_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # what `import-gguf --keep-quant` keeps
 LOAD_QUANTIZATIONS = ("", "int8", "int4", "fp8")
 CT_FORMATS = ("pack-quantized", "float-quantized")
 INT4_GROUP_SIZES = (128, 64, 32)  # on-the-fly int4: the first that divides the input size
@@ -36,6 +37,10 @@ class QuantScheme:
     act_order: bool = False
     strategy: str = ""  # compressed-tensors: tensor / channel / group / block
     block: tuple[int, int] | None = None  # fp8 block-wise: (rows, columns) per scale
+    tensor_types: tuple[tuple[str, str], ...] = ()  # gguf: (layer, block type) of every kept layer
+
+    def gguf_type(self, layer: str) -> str | None:
+        return dict(self.tensor_types).get(layer)
 
     @property
     def on_the_fly(self) -> bool:
@@ -46,6 +51,8 @@ class QuantScheme:
         """ModelInfo.quantization: e.g. "gptq-int4-g128", "awq-int4-g128", "fp8-block128x128", "int8"."""
         if self.on_the_fly:
             return "fp8" if self.method == "fp8-dynamic" else self.method
+        if self.method == "gguf":  # e.g. "gguf-q4_1", "gguf-q4_0+q8_0"
+            return "gguf-" + "+".join(sorted({t.lower() for _, t in self.tensor_types}))
         if self.block is not None:
             detail = f"block{self.block[0]}x{self.block[1]}"
         elif self.group_size is not None:
@@ -117,6 +124,8 @@ def parse_quantization_config(q: Any) -> QuantScheme:
         return _parse_awq(q)
     if method == "fp8":
         return _parse_fp8(q)
+    if method == "gguf":
+        return _parse_gguf(q)
     return _parse_compressed_tensors(q)
 
 
@@ -188,6 +197,24 @@ def _parse_fp8(q: dict) -> QuantScheme:
             f"{_FIELD}.weight_block_size must be [rows, columns] of positive integers, got {block!r}"
         )
     return QuantScheme("fp8", "fp8-block", 8, strategy="block", block=(block[0], block[1]))
+
+
+def _parse_gguf(q: dict) -> QuantScheme:
+    """Our own config, written by `import-gguf --keep-quant`: `tensor_types` maps every kept layer
+    (e.g. model.layers.0.self_attn.q_proj) to its llama.cpp block type."""
+    types = q.get("tensor_types")
+    if not isinstance(types, dict) or not types:
+        raise InvalidConfig(f"{_FIELD}.tensor_types must be a non-empty object (layer → block type)")
+    for layer, block_type in types.items():
+        if block_type not in GGUF_BLOCK_TYPES:
+            raise InvalidConfig(
+                f"{_FIELD}.tensor_types.{layer} {block_type!r} is not supported "
+                f"(supported: {', '.join(GGUF_BLOCK_TYPES)})"
+            )
+    bits = 4 if any(t != "Q8_0" for t in types.values()) else 8
+    return QuantScheme(
+        "gguf", "gguf", bits, 32, symmetric=False, strategy="group", tensor_types=tuple(sorted(types.items()))
+    )
 
 
 def _parse_compressed_tensors(q: dict) -> QuantScheme:
