@@ -54,18 +54,19 @@ REASONS: dict[str, str] = {
     ),
     "batched-speedup": "batch 16 is compute-bound GEMMs, batch 1 bandwidth-bound GEMVs",
     "memory-after": "allocator overhead beyond weights + KV",
-    # Item 14, against llama.cpp F32 (profile of issue 24, same machine, 2 threads).
+    # Item 14, against llama.cpp F32 (2 threads; profiles of 2026-11-26 and 2026-12-02).
     "llamacpp-load": (
         "llama.cpp maps the file and points its tensors into the mapping; ours also copies the fused "
         "q/k/v (66 MB), builds 272 modules on the meta device + to_empty and the 8192-position RoPE table"
     ),
     "llamacpp-prefill-512": (
-        "both run 512-row GEMMs over the same F32 weights; ours through MKL and SDPA, llama.cpp through "
-        "its own F32 kernels: ~2× apart, where the goal asks for more"
+        "both run 512-row GEMMs over the same F32 weights, ours through MKL and SDPA, llama.cpp through "
+        "its own F32 kernels; ours is the faster, but not by the 2× the goal asks"
     ),
     "llamacpp-decode": (
-        "our fp32 step: ~28 ms in the 120 linear GEMVs, ~7 ms in the tied lm_head, ~18 ms in the rest "
-        "(attention over the context, norms, RoPE, Python per layer); llama.cpp's whole step ~39 ms"
+        "~80% of our fp32 step is MKL's GEMV over the 121 [out, in] weight matrices (transformers' too), "
+        "where llama.cpp runs its own F32 GEMV kernels (on the 2026-12-02 AVX2 host our GEMVs alone took "
+        "longer than llama.cpp's whole step)"
     ),
     "memory-peak": "transient buffers while loading",
 }
