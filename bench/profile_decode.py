@@ -1,9 +1,10 @@
 """Profile one model's batch-1 decode step (the bench's item 3 call) with torch.profiler.
 
     python -m bench.profile_decode [--model smol|tiny] [--mode with_cache|paged] [--steps 20]
-                                   [--context 512] [--threads 2] [--top 25]
+                                   [--context 512] [--threads 2] [--top 25] [--quantization int8|int4]
 
-Loads the model as the bench does (float32, CPU, mmap), fills the cache with `context - 1` tokens,
+Loads the model as the bench does (float32, CPU, mmap; with --quantization, quantized at Load in the
+default compute dtype, as item 13 does), fills the cache with `context - 1` tokens,
 then times `steps` decode steps of the `context`-th token (rewinding the cache each time, so every
 step attends over the same context) and prints:
 
@@ -31,6 +32,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from architectures.kv_cache import ContiguousContext
 from architectures.paged import PagedContext
+from registry import LoadOptions
 
 from .models import BENCH_KV, BLOCK_SIZE, load_ours, new_registry, smollm2, tiny
 
@@ -105,13 +107,19 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--quantization", choices=("int8", "int4"), default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         bench_model = smollm2() if args.model == "smol" else tiny(Path(tmp))
         registry = new_registry([bench_model.root])
-        model = load_ours(registry, "profiled", bench_model, BENCH_KV)
+        if args.quantization:
+            options = LoadOptions(device="cpu", quantization=args.quantization, kv_cache=BENCH_KV)
+            registry.load_model_auto("profiled", bench_model.path, False, options)
+            model = registry.get_model("profiled")
+        else:
+            model = load_ours(registry, "profiled", bench_model, BENCH_KV)
         vocab = model.config.vocab_size
         ids = torch.randint(0, vocab, (1, args.context), generator=torch.Generator().manual_seed(0))
         call = _decode_call(model, ids, args.mode)
@@ -135,7 +143,8 @@ def main() -> None:
 
     events = prof.key_averages()
     print(
-        f"{bench_model.label}, {args.mode}, context {args.context}, {args.threads} threads: "
+        f"{bench_model.label}{f' {args.quantization}' if args.quantization else ''}, {args.mode}, "
+        f"context {args.context}, {args.threads} threads: "
         f"step {plain:.3f} ms (median of {args.steps}, no profiler)"
     )
     print(f"\nTop ops by self CPU time, µs per step ({args.steps} steps):")

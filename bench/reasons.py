@@ -68,6 +68,21 @@ REASONS: dict[str, str] = {
         "where llama.cpp runs its own F32 GEMV kernels (on the 2026-12-02 AVX2 host our GEMVs alone took "
         "longer than llama.cpp's whole step)"
     ),
+    # Item 13 (python -m bench.profile_decode --quantization int8|int4, 2026-12-02, a busy host: shares only).
+    "quant-decode-int8": (
+        "torch's _weight_int8pack_mm takes ~40% of the step and bfloat16 SDPA over the 512-token context "
+        "~20% (float32 attention's share of the float32 step is no smaller); the quantized GEMVs read "
+        "163 MB but run at a fraction of the bandwidth on this AVX2 CPU"
+    ),
+    "quant-decode-int4": (
+        "torch's _weight_int4pack_mm_for_cpu takes ~35% of the step and bfloat16 SDPA over the context "
+        "~20%; then the tied lm_head (a bfloat16 GEMV over the 49152-token vocabulary) and the norms"
+    ),
+    # Item 12.
+    "prefill-moe": (
+        "tokens sorted by expert and one GEMM per expert with tokens, as transformers' own loop; "
+        "within run-to-run noise of 1.0× (0.93× on 2026-11-26)"
+    ),
     "memory-peak": "transient buffers while loading",
 }
 for _mode in ("LOGITS_LAST float32", "LOGITS_LAST bfloat16", "LOGITS_NONE"):
