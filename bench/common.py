@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import os
 import platform
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,23 @@ class Stats:
             f"{_sig(self.median * scale, digits)} {unit} "
             f"({_sig(self.p10 * scale, digits)}–{_sig(self.p90 * scale, digits)})"
         )
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def time_calls(fn: Callable[[], object], reps: int) -> Stats:
+    """`reps` back-to-back calls of `fn`, each timed alone (seconds)."""
+    samples = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return Stats(tuple(samples))
 
 
 def _sig(x: float, digits: int) -> str:

@@ -12,29 +12,24 @@ on the CPU (the tests do, with a tiny shape).
 from __future__ import annotations
 
 import math
-import socket
 import tempfile
 import traceback
 from pathlib import Path
 
 import torch
 
-# Smaller than gpu_check's 1B shape so that its checkpoint is written in seconds (~190 M parameters).
-SHAPE: dict = dict(
-    architectures=["LlamaForCausalLM"],
-    model_type="llama",
-    vocab_size=32000,
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=8,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    hidden_act="silu",
-    tie_word_embeddings=False,
-)
+from bench.gpu_check import LLAMA_1B
+from bench.tensor_parallel import run_ranks
+
+# gpu_check's 1B shape made smaller, so that its checkpoint is written in seconds (~190 M parameters).
+SHAPE: dict = {
+    **LLAMA_1B,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 16,
+    "tie_word_embeddings": False,
+}
 PROMPT = 64
 CONTEXT = 512
 BATCH_SIZES = (1, 16)
@@ -171,13 +166,8 @@ def run(
 ) -> dict:
     """Shard `shape` over `world` ranks (one per GPU, or gloo processes on the CPU): rank 0's
     {max_error, max_logit, tp1_ms, tpn_ms (by batch size)}."""
-    import torch.multiprocessing as mp
-
     with tempfile.TemporaryDirectory(prefix="modelworker-tp-check-") as tmp:
         model_dir = write_checkpoint(shape, Path(tmp) / "model")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         settings = dict(
             context=context,
             iters=iters,
@@ -186,22 +176,7 @@ def run(
             vocab_size=shape["vocab_size"],
             prompt=prompt,
         )
-        ctx = mp.get_context("spawn")
-        out = ctx.Queue()
-        procs = [
-            ctx.Process(target=_rank, args=(r, world, port, device_type, str(model_dir), settings, out))
-            for r in range(world)
-        ]
-        for p in procs:
-            p.start()
-        try:
-            result = out.get(timeout=timeout)
-        finally:
-            for p in procs:
-                p.join(30)
-                if p.is_alive():
-                    p.kill()
-                    p.join(5)
+        result = run_ranks(_rank, world, (device_type, str(model_dir), settings), timeout)
     if "error" in result:
         raise RuntimeError(f"rank 0 failed:\n{result['error']}")
     return result

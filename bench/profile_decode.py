@@ -20,9 +20,7 @@ The ranges add a few µs each, so the breakdown's sum is slightly above the plai
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +32,7 @@ from architectures.kv_cache import ContiguousContext
 from architectures.paged import PagedContext
 from registry import LoadOptions
 
+from .common import time_calls
 from .models import BENCH_KV, BLOCK_SIZE, load_ours, new_registry, smollm2, tiny
 
 
@@ -90,15 +89,6 @@ def _decode_call(model, ids: torch.Tensor, mode: str) -> Callable[[], object]:
     return lambda: model.forward_paged(step[0], last, [table], slot, [ctx], False)
 
 
-def _median_ms(call: Callable[[], object], steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=("smol", "tiny"), default="smol")
@@ -125,7 +115,7 @@ def main() -> None:
         call = _decode_call(model, ids, args.mode)
         for _ in range(3):
             call()
-        plain = _median_ms(call, args.steps)
+        plain = time_calls(call, args.steps).median * 1e3
 
         network = model.network
         layers = len(network.model.layers)

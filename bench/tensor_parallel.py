@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import socket
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from .common import free_port
 
 
 def _rank(rank: int, world: int, port: int, threads: int, model_dir: str, args: dict, out) -> None:  # noqa: ANN001
@@ -61,24 +62,30 @@ def _rank(rank: int, world: int, port: int, threads: int, model_dir: str, args: 
         dist.destroy_process_group()
 
 
-def measure(world: int, threads: int, model_dir: Path, args: dict) -> tuple[float, float, float]:
+def run_ranks(target, world: int, rank_args: tuple, timeout: float | None = None):  # noqa: ANN001, ANN201
+    """Spawn `world` processes running `target(rank, world, port, *rank_args, out)` around a free
+    loopback port; returns the one result rank 0 puts on `out`. Ranks still alive 30 s after it are
+    killed."""
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [
-        ctx.Process(target=_rank, args=(r, world, port, threads, str(model_dir), args, out))
-        for r in range(world)
-    ]
+    procs = [ctx.Process(target=target, args=(r, world, port, *rank_args, out)) for r in range(world)]
     for p in procs:
         p.start()
-    result = out.get()
-    for p in procs:
-        p.join()
-    return result
+    try:
+        return out.get(timeout=timeout)
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
+def measure(world: int, threads: int, model_dir: Path, args: dict) -> tuple[float, float, float]:
+    return run_ranks(_rank, world, (threads, str(model_dir), args))
 
 
 def item(b, model_dir: Path, world: int = 2) -> None:  # noqa: ANN001 - bench.context.Bench

@@ -8,10 +8,7 @@ and kept in host memory). Throughputs are checkpoint bytes per second.
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
-from collections.abc import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -19,27 +16,12 @@ from safetensors.torch import load_file
 from registry.safetensors_loader import checkpoint_files
 from worker.weights_group import WeightsGroup
 
-from .common import Row, Stats
+from .common import Row, Stats, free_port, time_calls
 from .context import Bench
 from .models import BenchModel
 from .serving import WorkerProcess, load_remote
 
 MODEL_ID = "smol-weights"
-
-
-def _times(fn: Callable[[], object], reps: int) -> Stats:
-    samples = []
-    for _ in range(reps):
-        started = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - started)
-    return Stats(tuple(samples))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _checkpoint(model: BenchModel) -> dict[str, torch.Tensor]:
@@ -62,7 +44,7 @@ def updates(b: Bench, worker: WorkerProcess) -> None:
     def rate(stats: Stats) -> str:
         return f"{stats.fmt('s')}, {nbytes / stats.median / 1e9:.2f} GB/s"
 
-    disk = _times(lambda: client.update_weights(MODEL_ID, model.path), reps)
+    disk = time_calls(lambda: client.update_weights(MODEL_ID, model.path), reps)
     b.report.add(
         Row(
             f"11. UpdateWeights from disk, {model.label}",
@@ -73,7 +55,7 @@ def updates(b: Bench, worker: WorkerProcess) -> None:
             spread=(disk,),
         )
     )
-    stream = _times(lambda: client.update_weights_from_stream(MODEL_ID, tensors), reps)
+    stream = time_calls(lambda: client.update_weights_from_stream(MODEL_ID, tensors), reps)
     b.report.add(
         Row(
             f"11. UpdateWeightsFromStream (16 MiB chunks, loopback), {model.label}",
@@ -85,7 +67,7 @@ def updates(b: Bench, worker: WorkerProcess) -> None:
         )
     )
 
-    port = _free_port()
+    port = free_port()
     name = f"bench-{port}"
     joined = threading.Thread(
         target=lambda: client.init_weights_group("127.0.0.1", port, 2, name, model_id=MODEL_ID)
@@ -103,7 +85,7 @@ def updates(b: Bench, worker: WorkerProcess) -> None:
         call.join()
 
     try:
-        gloo = _times(broadcast, reps)
+        gloo = time_calls(broadcast, reps)
     finally:
         client.destroy_weights_group(name)
         group.destroy()
