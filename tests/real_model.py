@@ -28,6 +28,18 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def greedy_tokens(model, prompt: torch.Tensor, steps: int) -> list[int]:  # noqa: ANN001 - one of our models
+    """`steps` greedy tokens after `prompt` ([1, n] ids) through the model's contiguous cache."""
+    model.reset_kv_cache()
+    logits = model.forward_with_cache(prompt, 0, prompt.shape[1], all_logits=False)
+    tokens, pos = [], prompt.shape[1]
+    for _ in range(steps):
+        tokens.append(int(logits[0].argmax()))
+        logits = model.forward_with_cache(torch.tensor([[tokens[-1]]]), pos, 1, all_logits=False)
+        pos += 1
+    return tokens
+
+
 @functools.lru_cache(maxsize=1)
 def transformers_smollm2():
     """(model, tokenizer) read by transformers from the GGUF, float32, eval mode. Reading the GGUF takes

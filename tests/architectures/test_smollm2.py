@@ -7,7 +7,7 @@ import torch
 
 from architectures import llama
 from registry import KvCacheOptions, LoadOptions
-from tests.real_model import PROMPT, smollm2_hf_dir, transformers_smollm2
+from tests.real_model import PROMPT, greedy_tokens, smollm2_hf_dir, transformers_smollm2
 
 pytestmark = pytest.mark.slow
 
@@ -24,15 +24,7 @@ def test_greedy_decoding_matches_transformers(ours):
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         expected = ref.generate(prompt, max_new_tokens=16, do_sample=False)[0, prompt.shape[1] :].tolist()
-    ours.reset_kv_cache()
-    logits = ours.forward_with_cache(prompt, 0, prompt.shape[1], all_logits=False)
-    tokens = []
-    pos = prompt.shape[1]
-    for _ in range(16):
-        token = int(logits[0].argmax())
-        tokens.append(token)
-        logits = ours.forward_with_cache(torch.tensor([[token]]), pos, 1, all_logits=False)
-        pos += 1
+    tokens = greedy_tokens(ours, prompt, 16)
     assert tokens == expected
     assert " Paris" in tokenizer.decode(tokens)
 

@@ -16,7 +16,7 @@ from architectures.quantized_linear import QuantizedLinear
 from registry import KvCacheOptions, LoadOptions
 from registry.gguf import is_complete_import
 from registry.gguf_import import main_import
-from tests.real_model import CACHE_ROOT, PROMPT, smollm2_gguf
+from tests.real_model import CACHE_ROOT, PROMPT, greedy_tokens, smollm2_gguf
 
 from .test_smollm2 import imported  # noqa: F401  (the plain import, a module fixture)
 
@@ -79,10 +79,5 @@ def test_bfloat16_kernel_path_answers_paris(kept, imported):  # noqa: F811
     print(f"bfloat16: layers {_kinds(model)}, weights {model.weight_bytes / 1e6:.0f} MB")
     assert 100e6 <= model.weight_bytes <= 130e6
     prompt = torch.tensor([tokenizer.encode(PROMPT, add_special_tokens=False).ids])
-    logits = model.forward_with_cache(prompt, 0, prompt.shape[1], all_logits=False)
-    tokens, pos = [], prompt.shape[1]
-    for _ in range(6):
-        tokens.append(int(logits[0].argmax()))
-        logits = model.forward_with_cache(torch.tensor([[tokens[-1]]]), pos, 1, all_logits=False)
-        pos += 1
+    tokens = greedy_tokens(model, prompt, 6)
     assert " Paris" in tokenizer.decode(tokens), tokenizer.decode(tokens)

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from architectures import llama
 from registry import KvCacheOptions, LoadOptions
 from registry.gguf_import import main_prepare_demo
-from tests.real_model import CACHE_ROOT, PROMPT, smollm2_gguf, transformers_smollm2
+from tests.real_model import CACHE_ROOT, PROMPT, greedy_tokens, smollm2_gguf, transformers_smollm2
 
 pytestmark = pytest.mark.slow
 IMPORTED = CACHE_ROOT / "smollm2-135m-gguf-import"
@@ -106,11 +106,5 @@ def test_our_llama_matches_transformers_and_answers_paris(imported):
     assert diff <= 1e-3
 
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
-    model.reset_kv_cache()
-    logits = model.forward_with_cache(prompt, 0, prompt.shape[1], all_logits=False)
-    tokens, pos = [], prompt.shape[1]
-    for _ in range(6):
-        tokens.append(int(logits[0].argmax()))
-        logits = model.forward_with_cache(torch.tensor([[tokens[-1]]]), pos, 1, all_logits=False)
-        pos += 1
+    tokens = greedy_tokens(model, prompt, 6)
     assert " Paris" in tokenizer.decode(tokens), tokenizer.decode(tokens)
