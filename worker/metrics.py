@@ -30,6 +30,7 @@ from registry.registry import ModelEntry
 
 from . import devices
 from .gpu_memory import has_context
+from .handler_cache import WrappedHandlers
 from .logs import LOGGER_NAME
 from .metrics_http import start_metrics_http
 from .observer import WorkerObserver
@@ -340,8 +341,7 @@ class GrpcServerMetrics(grpc.aio.ServerInterceptor):
             buckets=GRPC_BUCKETS,
             registry=registry,
         )
-        # method -> (the handler the inner interceptors returned, its wrapped form)
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped = WrappedHandlers(self._wrap)
 
     async def intercept_service(
         self,
@@ -351,14 +351,7 @@ class GrpcServerMetrics(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        # The wrapped handler is built once per method and handler: the inner interceptors return
-        # the same handler object call after call (a refused call's handler is new, and rewrapped).
-        cached = self._wrapped.get(details.method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped_handler = self._wrap(details.method, handler)
-        self._wrapped[details.method] = (handler, wrapped_handler)
-        return wrapped_handler
+        return self._wrapped.get(details.method, handler)
 
     def _wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         service, _, method = full_method.lstrip("/").rpartition("/")

@@ -23,6 +23,7 @@ import architectures
 from registry import ModelRegistry, load_entry_point_architectures
 
 from .devices import resolve_default_device
+from .handler_cache import WrappedHandlers
 from .logs import LOGGER_NAME, fields
 from .metrics import MetricsHttpServer, create_worker_metrics, serve_metrics
 from .observer import NULL_OBSERVER, WorkerObserver
@@ -125,8 +126,7 @@ class CallGate(grpc.aio.ServerInterceptor):
         self.inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        # method -> (the handler the service returned, its counted form)
-        self._counted: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._counted = WrappedHandlers(self._count)
 
     async def wait_idle(self, timeout: float) -> bool:
         if self._idle.is_set():  # wait_for(..., 0) would time out before the wait could run
@@ -150,13 +150,9 @@ class CallGate(grpc.aio.ServerInterceptor):
             )
         if handler.unary_unary is None:  # every ModelWorker method is unary; nothing else to count
             return handler
-        # Built once per method and handler: the handler returned below is the same object call after call.
-        cached = self._counted.get(details.method)
-        if cached is None or cached[0] is not handler:
-            cached = self._counted[details.method] = (handler, self._count(handler))
-        return cached[1]
+        return self._counted.get(details.method, handler)
 
-    def _count(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _count(self, _method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         behavior = handler.unary_unary
 
         async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
