@@ -18,6 +18,7 @@ from torch import nn
 from registry import (
     BackendRequirements,
     CacheSpec,
+    FailedPrecondition,
     InvalidConfig,
     InvalidRequest,
     KvLayout,
@@ -34,6 +35,7 @@ from registry.parallel import attention_shard
 from registry.safetensors_loader import index_checkpoint, load_checkpoint
 
 from .backends import BACKENDS, AttentionBackend
+from .compiled_decode import CompiledDecode, check_compilable
 from .kv_cache import ContiguousContext, ContiguousKvCache, DenseContext
 from .layers import RotaryEmbedding
 from .paged import PagedContext, PagedKvCache, prepare_paged_batch
@@ -83,6 +85,8 @@ def build_causal_lm(
                 network = network_class(config, parallel)  # type: ignore[call-arg]
             else:
                 network = network_class(config)
+        if options.compile_decode:  # refused before any weight is read
+            check_compilable(config, device, network, parallel.enabled)
         if scheme is not None:  # quantized layers become placeholders that own only their bias
             entries = index_checkpoint(model_dir)
             slots = plan_quantized_layers(network, entries, mapping, scheme)
@@ -168,6 +172,25 @@ class CausalLM(Model):
         self.graphs = None  # DecodeGraphs when decode steps replay CUDA graphs
         if self._graphs_apply(plan.options):
             self._capture_graphs()
+        self.compiled_decode: CompiledDecode | None = None
+        if plan.options.compile_decode:
+            self._compile_decode()
+
+    def _compile_decode(self) -> None:
+        compiled = CompiledDecode(self.network.model, self.contiguous, self.rotary)
+        try:
+            compiled.warm_up(self._device)
+        except Exception as exc:  # e.g. no C++ compiler for inductor on this host
+            if is_out_of_memory(exc):
+                raise OutOfResources(
+                    f"out of memory on {self._device} while compiling decode steps: {exc}"
+                ) from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise FailedPrecondition(
+                f"compile_decode: torch.compile failed on this host ({type(exc).__name__}: {first}); "
+                "load without compile_decode"
+            ) from exc
+        self.compiled_decode = compiled
 
     # -- CUDA graphs ---------------------------------------------------------------------------
     def _graphs_apply(self, options: LoadOptions) -> bool:
@@ -239,6 +262,10 @@ class CausalLM(Model):
         return self._mapped_bytes
 
     @property
+    def compile_seconds(self) -> float:
+        return self.compiled_decode.compile_seconds if self.compiled_decode is not None else 0.0
+
+    @property
     def load_mode(self) -> str:
         return self._load_mode
 
@@ -304,9 +331,10 @@ class CausalLM(Model):
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.network.compute_logits(hidden).float()
 
-    def _run(self, ids: torch.Tensor, pos: torch.Tensor, ctx) -> torch.Tensor:
+    def _run(self, ids: torch.Tensor, pos: torch.Tensor, ctx, body: nn.Module | None = None) -> torch.Tensor:
+        """The network body (or `body`, its compiled form) over one call's tokens."""
         try:
-            return self.network.model(ids, pos, self.rotary, ctx)
+            return (self.network.model if body is None else body)(ids, pos, self.rotary, ctx)
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise OutOfResources(
@@ -343,7 +371,10 @@ class CausalLM(Model):
                     f"start_pos {start_pos} leaves a gap in cache row {row}, which holds {cache.filled[row]} tokens"
                 )
         ids, pos = self._prepare_dense(ids, positions, start_pos)
-        hidden = self._run(ids, pos, ContiguousContext(cache, start_pos))
+        compiled, body = self.compiled_decode, None
+        if compiled is not None and compiled.applies(batch, seq_len, start_pos):
+            ids, pos, body = compiled.inputs(ids, pos) + (compiled.module,)
+        hidden = self._run(ids, pos, ContiguousContext(cache, start_pos), body)
         for row in range(batch):
             cache.filled[row] = start_pos + seq_len
         return self._logits(hidden if all_logits else hidden[:, -1])
@@ -484,6 +515,7 @@ class CausalLM(Model):
         freed = self._weight_bytes + self._cache_spec.total_bytes if self.network is not None else 0
         self.network = None
         self.graphs = None
+        self.compiled_decode = None
         self.contiguous = None
         self.paged = None
         self.rotary = None

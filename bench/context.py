@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from registry import Model, ModelRegistry
+from registry import LoadOptions, Model, ModelRegistry
 
 from .common import Report, Stats
-from .models import BenchModel
+from .models import BENCH_KV, BenchModel
 
 
 @dataclass
@@ -26,6 +26,17 @@ class Bench:
     figures: dict[str, Stats] = field(default_factory=dict)  # measured by one item, used by another
     labels: dict[str, str] = field(default_factory=dict)  # names that go with figures
     seed: int = 0
+    compiled: dict[str, Model] = field(default_factory=dict)  # label → the same model with compile_decode
+
+    def compiled_model(self, model: BenchModel) -> Model:
+        """`model` loaded again with compile_decode (items 3 and 14), once per run; the compile time
+        is in its compile_seconds."""
+        if model.label not in self.compiled:
+            model_id = "bench-compiled-" + model.label.lower().replace(" ", "-")
+            options = LoadOptions(dtype=torch.float32, device="cpu", kv_cache=BENCH_KV, compile_decode=True)
+            self.registry.load_model_auto(model_id, model.path, False, options)
+            self.compiled[model.label] = self.registry.get_model(model_id)
+        return self.compiled[model.label]
 
     @property
     def smol(self) -> BenchModel:

@@ -34,6 +34,9 @@ class LoadOptions:
     attention_backend: str = "auto"
     kv_cache: KvCacheOptions = field(default_factory=KvCacheOptions)
     enforce_eager: bool = False  # no CUDA graphs for decode steps
+    # CPU: single-sequence decode steps of forward_with_cache run torch.compile'd code, compiled at
+    # Load (architectures/compiled_decode.py).
+    compile_decode: bool = False
     # "mmap": CPU parameters whose bytes are the checkpoint's are views of the mapped file (see
     # registry.safetensors_loader.load_checkpoint); "copy": every parameter owns its memory.
     load_mode: str = "mmap"
@@ -128,6 +131,11 @@ class Model(abc.ABC):
     def load_mode(self) -> str:
         """ "mmap" when some weights are views of the memory-mapped checkpoint, else "copy"."""
         return "copy"
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds the Load spent compiling decode steps (LoadOptions.compile_decode); 0 when not."""
+        return 0.0
 
     @property
     def mapped_weight_bytes(self) -> int:

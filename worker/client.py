@@ -290,6 +290,7 @@ class ModelInfo:
     weights_version: int = 0  # +1 per applied weight update
     released: tuple[str, ...] = ()  # memory tags ReleaseMemory freed (state "SLEEPING")
     quantization: str = ""
+    compile_seconds: float = 0.0  # spent compiling decode steps (load(compile_decode=True))
 
 
 @dataclass(frozen=True)
@@ -668,10 +669,12 @@ def _load_request(
     kv_cache: KvCacheConfig | None,
     attention_backend: str,
     quantization: str = "",
+    compile_decode: bool = False,
 ) -> pb.LoadRequest:
     kv = kv_cache or KvCacheConfig()
     return pb.LoadRequest(
         quantization=quantization,
+        compile_decode=compile_decode,
         model_id=model_id,
         model_dir=str(model_dir),
         architecture=architecture,
@@ -817,6 +820,7 @@ def _model_info(msg: pb.ModelInfo) -> ModelInfo:
         weights_version=msg.weights_version,
         released=tuple(msg.released),
         quantization=msg.quantization,
+        compile_seconds=msg.compile_seconds,
     )
 
 
@@ -958,6 +962,7 @@ class ModelWorkerClient(WeightsClientMethods, _ClientBase):
         attention_backend: str = "",
         timeout: float | None = None,
         quantization: str = "",
+        compile_decode: bool = False,
     ) -> LoadResult:
         """Load `model_dir` (inside a model root of the worker) as `model_id`. Empty strings and a
         zero KvCacheConfig mean the worker's defaults. The same spec again returns already_loaded."""
@@ -971,6 +976,7 @@ class ModelWorkerClient(WeightsClientMethods, _ClientBase):
             kv_cache,
             attention_backend,
             quantization,
+            compile_decode,
         )
         response = self._call("Load", self._stub, request, timeout)
         return LoadResult(_model_info(response.model), response.already_loaded)
@@ -1210,6 +1216,7 @@ class AsyncModelWorkerClient(AsyncWeightsClientMethods, _ClientBase):
         attention_backend: str = "",
         timeout: float | None = None,
         quantization: str = "",
+        compile_decode: bool = False,
     ) -> LoadResult:
         request = _load_request(
             model_id,
@@ -1221,6 +1228,7 @@ class AsyncModelWorkerClient(AsyncWeightsClientMethods, _ClientBase):
             kv_cache,
             attention_backend,
             quantization,
+            compile_decode,
         )
         response = await self._call("Load", self._stub, request, timeout)
         return LoadResult(_model_info(response.model), response.already_loaded)

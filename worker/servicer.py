@@ -276,6 +276,7 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
             quantization=request.quantization.strip().lower(),
             attention_backend=backend,
             enforce_eager=request.enforce_eager,
+            compile_decode=request.compile_decode,
             load_mode=self._load_mode(request.load_mode),
             kv_cache=KvCacheOptions(
                 block_size=kv.block_size,
@@ -718,6 +719,7 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
         info.tensor_parallel_size = getattr(model, "tensor_parallel_size", 1)
         info.load_mode = model.load_mode
         info.mapped_weight_bytes = model.mapped_weight_bytes
+        info.compile_seconds = model.compile_seconds
         info.load_seconds = entry.load_seconds
         info.loaded_at.FromNanoseconds(int(entry.loaded_at * 1e9))
         return info

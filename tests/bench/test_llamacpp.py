@@ -171,7 +171,7 @@ def test_a_failed_install_gives_not_installed_rows_and_the_bench_goes_on(tmp_pat
     b = _bench(tmp_path)
     llamacpp(b, install=lambda: (ok, reason))
     titles = [title for title, _ in row_titles("SmolLM2-135M")]
-    assert [r.item for r in b.report.rows] == titles and len(titles) == 6
+    assert [r.item for r in b.report.rows] == titles and len(titles) == 7
     for row in b.report.rows:
         assert row.reference == f"llama.cpp: not installed: {reason}" and row.met is None
 
