@@ -142,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         + (": expect noise (rows marked noisy), and rerun on a quiet machine." if foreign > 0.05 else ".")
     )
     for row in report.rows:
-        if row.met is False and row.key in REASONS:
-            row.note = f"{REASONS[row.key]}; {row.note}" if row.note else REASONS[row.key]
+        reason = b.reasons.get(row.key) or REASONS.get(row.key)
+        if row.met is False and reason:
+            row.note = f"{reason}; {row.note}" if row.note else reason
     report.footer = [f"Run time: {time.monotonic() - began:.0f} s."]
     text = report.markdown()
     print()

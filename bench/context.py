@@ -27,6 +27,10 @@ class Bench:
     labels: dict[str, str] = field(default_factory=dict)  # names that go with figures
     seed: int = 0
     compiled: dict[str, Model] = field(default_factory=dict)  # label → the same model with compile_decode
+    # Measured in this run: label → (seconds, bytes) of the decode step's GEMVs alone (item 3), and
+    # row key → why its goal is missed, which takes the place of the written reason in reasons.py.
+    gemv_floors: dict[str, tuple[float, int]] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
 
     def compiled_model(self, model: BenchModel) -> Model:
         """`model` loaded again with compile_decode (items 3 and 14), once per run; the compile time

@@ -3,6 +3,7 @@ float32, alternating call by call; and the decode step against the memory-bandwi
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -143,8 +144,50 @@ def _decode(b: Bench, model: BenchModel) -> None:
     b.figures[f"decode-with_cache-{model.label}"] = stats["with_cache"]
     b.figures[f"decode-paged-{model.label}"] = stats["paged"]
     b.figures[f"decode-compiled-{model.label}"] = stats["compiled"]
+    if model is b.smol:
+        b.gemv_floors[model.label] = gemv_floor(ours)
+        for kind in ("with_cache", "compiled", "paged"):
+            b.reasons[f"decode-{kind}-{model.label}"] = decode_reason(b, model, stats[kind], kind)
     b.figures[f"decode-ref-{model.label}"] = ref
     b.labels[f"decode-ref-{model.label}"] = f"transformers {name}"
+
+
+def gemv_floor(model: Model, reps: int = 20) -> tuple[float, int]:
+    """(seconds, bytes): every dense weight matrix of `model` applied to one token back to back, as
+    a decode step applies them (gate/up and q/k/v as the fused matrices they are) — the part of the
+    step no fusing of the rest can remove. The median of `reps` passes."""
+    import torch.nn.functional as F
+
+    weights = [m.weight for m in model.network.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(1, 1, w.shape[1], dtype=w.dtype) for w in weights}
+
+    def one_pass() -> None:
+        for w in weights:
+            F.linear(inputs[w.shape[1]], w)
+
+    with torch.inference_mode():
+        one_pass()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            one_pass()
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2], sum(w.numel() * w.element_size() for w in weights)
+
+
+def decode_reason(b: Bench, model: BenchModel, step: Stats, kind: str) -> str:
+    """The measured split of a decode step: its GEMVs alone, and what the rest costs."""
+    seconds, nbytes = b.gemv_floors[model.label]
+    rest = step.median - seconds
+    text = (
+        f"measured here: the step's GEMVs alone (the {nbytes / 1e6:.0f} MB of weight matrices back to back) "
+        f"take {seconds * 1e3:.1f} ms ({nbytes / seconds / 1e9:.1f} GB/s; memory read {b.bandwidth / 1e9:.1f} GB/s) "
+        f"of the {step.median * 1e3:.1f} ms step, leaving {rest * 1e3:.1f} ms for attention over the context, "
+        "norms, RoPE and per-op dispatch"
+    )
+    if kind == "with_cache":
+        text += " (compile_decode fuses the latter: see its row)"
+    return text
 
 
 def decode_goal(kind: str, real_model: bool) -> Goal:
@@ -223,6 +266,7 @@ def roofline(b: Bench) -> None:
     limit_text = f"limit {limit * 1e3:.1f} ms = {need / 1e6:.0f} MB ÷ {b.bandwidth / 1e9:.1f} GB/s"
     for key, label in (
         (f"decode-with_cache-{model.label}", "ours forward_with_cache"),
+        (f"decode-compiled-{model.label}", "ours forward_with_cache compiled"),
         (f"decode-paged-{model.label}", "ours forward_paged"),
         (f"decode-ref-{model.label}", b.labels[f"decode-ref-{model.label}"]),
     ):

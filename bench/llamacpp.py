@@ -20,7 +20,7 @@ from registry import LoadOptions
 
 from .common import Case, Goal, Report, Row
 from .context import Bench
-from .inprocess import _reference_prefill
+from .inprocess import _reference_prefill, decode_reason, gemv_floor
 from .models import BENCH_KV, DECODE_CONTEXT, LOAD_KV, PREFILL_LENGTHS, BenchModel, ReferenceDecoder
 from .peer import Comparison, PeerProcess, compare, exit_reason
 
@@ -256,7 +256,7 @@ def _float32_rows(b: Bench, model: BenchModel, peer: PeerProcess, titles: dict[s
     for key, decoder in (("llamacpp-decode", ours), ("llamacpp-decode-compiled", b.compiled_model(model))):
         decoder.reset_kv_cache()
         decoder.forward_with_cache(ids[:, : ctx - 1], 0, ctx - 1, all_logits=False)
-        compare(
+        stats = compare(
             b.report,
             peer,
             Comparison(
@@ -274,6 +274,14 @@ def _float32_rows(b: Bench, model: BenchModel, peer: PeerProcess, titles: dict[s
             max_reps=200,
             warmup=2,
         )
+        if stats is not None:
+            if model.label not in b.gemv_floors:
+                b.gemv_floors[model.label] = gemv_floor(ours)
+            kind = "compiled" if key.endswith("compiled") else "with_cache"
+            b.reasons[key] = (
+                f"{decode_reason(b, model, stats['ours'], kind)}; llama.cpp's whole step takes "
+                f"{stats['peer'].median * 1e3:.1f} ms"
+            )
 
 
 def _quantized_row(b: Bench, model: BenchModel, peer: PeerProcess, q: str, fmt: str, title: str) -> None:

@@ -1,6 +1,7 @@
 """Why a goal is missed, by row key: printed next to the figure when a run misses it. Each reason
-comes from profiling on the development machine (2-core AMD EPYC, MKL 2024.2, torch 2.13 CPU);
-the figures they quote are from there."""
+comes from profiling on a development machine (2-core AMD EPYC, MKL 2024.2, torch 2.13 CPU);
+the figures they quote are from there. The SmolLM2 decode rows (items 3 and 14) measure their
+reason in the run instead (bench.inprocess.decode_reason), which takes precedence."""
 
 from __future__ import annotations
 
@@ -33,16 +34,6 @@ REASONS: dict[str, str] = {
     f"load-reference-{TINY}": "fixed cost of building the model (see the in-process Load)",
     f"prefill-128-{SMOL}": _PREFILL,
     f"prefill-512-{SMOL}": _PREFILL,
-    f"decode-with_cache-{SMOL}": (
-        "~80% of both is the same MKL GEMV on [out, in] weights (~12 GB/s); an [in, out] copy would run it "
-        "25% faster but cost a transposing Load and ~8% on batch ≥ 4; of the rest, attention is the same "
-        "SDPA kernel as transformers' (it handles GQA without repeating K/V), norms and RoPE are one op "
-        "sequence each"
-    ),
-    f"decode-paged-{SMOL}": (
-        "as forward_with_cache; a sequence on consecutive blocks is attended over a view of the cache, "
-        "one on scattered blocks gathers its 512 keys in each of 30 layers (~2.3 ms)"
-    ),
     f"decode-paged-{TINY}": (
         "a fixed cost per call against a 0.5 ms step: batch validation and index tensors (~0.1 ms), "
         "the backend's plan and the K/V store in each layer"
@@ -62,11 +53,6 @@ REASONS: dict[str, str] = {
     "llamacpp-prefill-512": (
         "both run 512-row GEMMs over the same F32 weights, ours through MKL and SDPA, llama.cpp through "
         "its own F32 kernels; ours is the faster, but not by the 2× the goal asks"
-    ),
-    "llamacpp-decode": (
-        "~80% of our fp32 step is MKL's GEMV over the 121 [out, in] weight matrices (transformers' too), "
-        "where llama.cpp runs its own F32 GEMV kernels (on the 2026-12-02 AVX2 host our GEMVs alone took "
-        "longer than llama.cpp's whole step)"
     ),
     # Item 13 (python -m bench.profile_decode --quantization int8|int4, 2026-12-02, a busy host: shares only).
     "quant-decode-int8": (
