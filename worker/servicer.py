@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from typing import TypeVar
 
 import grpc
@@ -33,12 +33,14 @@ from registry.safetensors_loader import index_checkpoint
 from . import __version__, kv_transfer, sampling_codec
 from . import devices as dev
 from . import request_limits as limits
+from .compute_threads import ComputeThreads, single_threaded_executor
 from .logs import LOGGER_NAME, fields
 from .observer import NULL_OBSERVER, WorkerObserver
 from .pb.modelworker.v1 import worker_pb2 as pb
 from .pb.modelworker.v1 import worker_pb2_grpc as pb_grpc
 from .settings import LOAD_MODES, Settings
 from .status import is_out_of_memory, map_exception, note, rpc_method
+from .tensor_parallel import intra_op_threads
 from .tensors import encode_tensor, fill_top_k, logits_dtype, logits_mode, logits_response_bytes, top_k
 from .weights_service import WeightsServicerMixin, released_tags
 
@@ -48,7 +50,8 @@ log = logging.getLogger(LOGGER_NAME)
 LOAD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 STATE_TO_PB = {ModelState.LOADING: pb.LOADING, ModelState.READY: pb.READY, ModelState.UNLOADING: pb.UNLOADING}
 STATE_TO_PB[ModelState.SLEEPING] = pb.SLEEPING
-# Threads for model work: forwards on different models overlap, and a slow Load leaves room for them.
+# Threads for model work (one primary, the rest overflow): forwards on different models overlap, and
+# a slow Load leaves room for them.
 EXECUTOR_THREADS = 8
 
 
@@ -75,15 +78,18 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
         registry: ModelRegistry,
         settings: Settings,
         observer: WorkerObserver = NULL_OBSERVER,
-        executor: ThreadPoolExecutor | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.registry = registry
         self.settings = settings
         self.observer = observer
         self.default_device = dev.resolve_default_device(settings.device)
-        self._executor = executor or ThreadPoolExecutor(EXECUTOR_THREADS, thread_name_prefix="model")
+        # The intra-op threads this process was started with (--threads), for model work on the
+        # primary compute thread; every other thread runs torch with one (worker/compute_threads.py).
+        self.compute_threads = intra_op_threads(settings)
+        self._executor = executor or ComputeThreads(self.compute_threads, EXECUTOR_THREADS - 1)
         # Loads run apart: a Load stuck reading a file cannot take the threads forwards need.
-        self._load_executor = ThreadPoolExecutor(settings.load_threads, thread_name_prefix="load")
+        self._load_executor = single_threaded_executor(settings.load_threads, "load")
         # One lock per model id while any call holds or waits for it; the entry goes when the last
         # user is done, so ids that come and go do not accumulate.
         self._locks: dict[str, asyncio.Lock] = {}
@@ -100,7 +106,7 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
         self._load_executor.shutdown(wait=wait, cancel_futures=not wait)
 
     # -- running model work ------------------------------------------------------------------
-    async def _in_thread(self, fn: Callable[[], T], executor: ThreadPoolExecutor | None = None) -> T:
+    async def _in_thread(self, fn: Callable[[], T], executor: Executor | None = None) -> T:
         """Run fn in the executor; a cancelled caller leaves the thread to finish."""
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(executor or self._executor, functools.partial(_inference, fn))
@@ -672,7 +678,7 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
             model_roots=[os.path.realpath(r) for r in self.registry.model_roots],
             architectures=self.registry.list_architectures(),
             world_size=s.tensor_parallel_size,
-            threads=torch.get_num_threads(),
+            threads=self.compute_threads,
         )
 
     # -- encoding ------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from registry.safetensors_loader import index_checkpoint
 from registry.weight_update import apply_staged_slices, check_update, read_staged_slices, update_target
 
 from .logs import LOGGER_NAME, fields
-from .settings import Settings
+from .settings import Settings, effective_threads
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -81,6 +81,14 @@ def ranks_per_node(settings: Settings) -> int:
 def threads_per_rank(settings: Settings) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // ranks_per_node(settings))
+
+
+def intra_op_threads(settings: Settings) -> int:
+    """Torch intra-op threads of this process's model work: --threads (worker/settings.py), or on
+    CPU under tensor parallelism the cores split among this host's ranks."""
+    if settings.tensor_parallel_size > 1 and not _uses_cuda(settings):
+        return threads_per_rank(settings)
+    return effective_threads(settings.threads)
 
 
 def _free_port() -> int:

@@ -42,6 +42,7 @@ from registry.weight_update import (
 )
 
 from . import devices as dev
+from .compute_threads import single_threaded_executor
 from .pb.modelworker.v1 import worker_pb2 as pb
 from .status import note, rpc_method
 from .weights_group import BACKENDS, GROUP_NAME, WeightsGroup
@@ -251,7 +252,7 @@ class WeightsServicerMixin:
         if name in groups:
             raise ModelAlreadyExists(f"weights group {name!r} exists; DestroyWeightsGroup first")
         timeout = request.timeout_seconds or DEFAULT_GROUP_TIMEOUT
-        thread = ThreadPoolExecutor(1, thread_name_prefix=f"weights-{name}")
+        thread = single_threaded_executor(1, f"weights-{name}")  # no OpenMP team of its own
         slot = _Group(None, thread, device if backend == "nccl" else torch.device("cpu"))  # type: ignore[arg-type]
         groups[name] = slot  # reserved while joining: a second Init of the name is refused
         try:
