@@ -152,14 +152,20 @@ def _decode(b: Bench, model: BenchModel) -> None:
     b.labels[f"decode-ref-{model.label}"] = f"transformers {name}"
 
 
-def gemv_floor(model: Model, reps: int = 20) -> tuple[float, int]:
-    """(seconds, bytes): every dense weight matrix of `model` applied to one token back to back, as
-    a decode step applies them (gate/up and q/k/v as the fused matrices they are) — the part of the
-    step no fusing of the rest can remove. The median of `reps` passes."""
+def matmul_floor(model: Model, rows: int = 1, reps: int = 20) -> tuple[float, int, int]:
+    """(seconds, weight bytes, flops): every dense weight matrix of `model` applied to `rows` tokens
+    back to back, as a forward applies them (q/k/v and gate/up as the fused matrices they are) — the
+    part no fusing of the rest can remove. With rows > 1 (a prefill) the lm_head is left out: it
+    scores only the last token. The median of `reps` passes."""
     import torch.nn.functional as F
 
-    weights = [m.weight for m in model.network.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {w.shape[1]: torch.randn(1, 1, w.shape[1], dtype=w.dtype) for w in weights}
+    head = model.network.lm_head
+    weights = [
+        m.weight
+        for m in model.network.modules()
+        if isinstance(m, torch.nn.Linear) and not (rows > 1 and m is head)
+    ]
+    inputs = {w.shape[1]: torch.randn(1, rows, w.shape[1], dtype=w.dtype) for w in weights}
 
     def one_pass() -> None:
         for w in weights:
@@ -172,7 +178,27 @@ def gemv_floor(model: Model, reps: int = 20) -> tuple[float, int]:
             start = time.perf_counter()
             one_pass()
             times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2], sum(w.numel() * w.element_size() for w in weights)
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    flops = sum(2 * rows * w.numel() for w in weights)
+    return sorted(times)[len(times) // 2], nbytes, flops
+
+
+def gemv_floor(model: Model) -> tuple[float, int]:
+    """(seconds, bytes) of a decode step's GEMVs alone (matmul_floor of one token)."""
+    seconds, nbytes, _ = matmul_floor(model)
+    return seconds, nbytes
+
+
+def prefill_reason(model: Model, tokens: int, ours: Stats, theirs: Stats) -> str:
+    """The measured split of a prefill: its GEMMs alone, and what the rest costs."""
+    seconds, _, flops = matmul_floor(model, tokens, reps=3)
+    return (
+        f"measured here: the prefill's GEMMs alone ({flops / 1e9:.0f} GFLOP over the weight matrices) take "
+        f"{seconds * 1e3:.0f} ms ({flops / seconds / 1e9:.0f} GFLOP/s) of our {ours.median * 1e3:.0f} ms, the "
+        f"rest (causal attention over {tokens} tokens, norms, RoPE) {(ours.median - seconds) * 1e3:.0f} ms; "
+        f"half of llama.cpp's {theirs.median * 1e3:.0f} ms would need the GEMMs alone to run "
+        f"{seconds / (theirs.median / 2):.2f}× as long as they do"
+    )
 
 
 def decode_reason(b: Bench, model: BenchModel, step: Stats, kind: str) -> str:

@@ -20,7 +20,7 @@ from registry import LoadOptions
 
 from .common import Case, Goal, Report, Row
 from .context import Bench
-from .inprocess import _reference_prefill, decode_reason, gemv_floor
+from .inprocess import _reference_prefill, decode_reason, gemv_floor, prefill_reason
 from .models import BENCH_KV, DECODE_CONTEXT, LOAD_KV, PREFILL_LENGTHS, BenchModel, ReferenceDecoder
 from .peer import Comparison, PeerProcess, compare, exit_reason
 
@@ -233,7 +233,7 @@ def _float32_rows(b: Bench, model: BenchModel, peer: PeerProcess, titles: dict[s
         ids = b.tokens(model, 1, n)
         key = f"llamacpp-prefill-{n}"
         others = [Case(attn, lambda hf=hf, ids=ids: _reference_prefill(hf, ids)) for attn, hf in refs.items()]
-        compare(
+        stats = compare(
             b.report,
             peer,
             Comparison(
@@ -248,6 +248,8 @@ def _float32_rows(b: Bench, model: BenchModel, peer: PeerProcess, titles: dict[s
             b.budget(12.0 if n > 128 else 6.0),
             max_reps=30,
         )
+        if stats is not None and f"prefill-{n}" in GOALS:
+            b.reasons[key] = prefill_reason(ours, n, stats["ours"], stats["peer"])
     ctx = DECODE_CONTEXT
     ids = b.tokens(model, 1, ctx)
     step = ids[:, ctx - 1 :]
