@@ -6,8 +6,6 @@ and are refused where they cannot apply."""
 from __future__ import annotations
 
 import gc
-import os
-import shutil
 import weakref
 from pathlib import Path
 
@@ -18,14 +16,15 @@ from torch._dynamo.utils import counters
 import architectures
 from architectures.compiled_decode import FIRST_COMPILED_POSITION, check_compilable
 from registry import InvalidConfig, KvCacheOptions, LoadOptions, ModelRegistry
+from tests.compiler import can_compile
 from tests.tiny_models import make_hf_model, save_hf_model
 
 from .test_new_architectures import ARCHS, BASE, make_reference
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(
-    shutil.which(os.environ.get("CXX", "g++")) is None,
-    reason="torch.compile needs a C++ compiler (g++ or $CXX)",
+    not can_compile(),
+    reason="torch.compile needs a C++ compiler (g++ or $CXX) and Python's headers",
 )
 
 TOL = 1e-4

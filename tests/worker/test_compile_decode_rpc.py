@@ -4,13 +4,13 @@ and a host whose compiler fails turns the Load into FAILED_PRECONDITION while th
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
+from tests.compiler import can_compile
 from tests.serve_process import ServeLog
 from tests.tiny_models import make_tiny_model_dir
 from worker.pb.modelworker.v1 import worker_pb2 as pb
@@ -24,8 +24,8 @@ def _logits(reply: pb.ForwardResponse) -> np.ndarray:
 
 
 @pytest.mark.skipif(
-    shutil.which(os.environ.get("CXX", "g++")) is None,
-    reason="torch.compile needs a C++ compiler (g++ or $CXX)",
+    not can_compile(),
+    reason="torch.compile needs a C++ compiler (g++ or $CXX) and Python's headers",
 )
 def test_compiled_decode_steps_over_grpc_equal_an_eager_load(worker: RunningServer) -> None:
     stub = worker.stub()
