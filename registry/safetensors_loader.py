@@ -14,6 +14,7 @@ import mmap
 import os
 import stat
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -534,20 +535,42 @@ def _reads_directly(target: torch.Tensor, entry: TensorEntry, narrows: Narrows =
 def _read_direct(target: torch.Tensor, entry: TensorEntry, f: BinaryIO, narrows: Narrows = ()) -> None:
     """read(2) straight into the parameter's memory: one copy (page cache → parameter), and unlike a
     memory map no file page is mapped into the process, so resident memory never holds the checkpoint
-    twice."""
+    twice. Positional reads (pread), so several threads may read one file at once."""
     offset, nbytes = _byte_run(entry, narrows) or (entry.offset, entry.nbytes)
     if nbytes == 0:
         return
     view = memoryview(target.detach().reshape(-1).view(torch.uint8).numpy())
-    f.seek(offset)
+    fd = f.fileno()
     done = 0
     while done < nbytes:
-        n = f.readinto(view[done:])
+        n = os.preadv(fd, [view[done:nbytes]], offset + done)
         if not n:
             raise CorruptCheckpoint(
                 f"{entry.file}: tensor {entry.name!r} ends early (the file shrank while loading)"
             )
         done += n
+
+
+# Direct reads of one Load run on up to this many threads: the copies out of the page cache, and the
+# page faults of the fresh parameter memory they land in, are the Load's main CPU cost.
+READ_THREADS = 4
+_PARALLEL_READ_BYTES = 16 << 20  # below this, one thread
+
+
+def _read_all_direct(reads: list[tuple[TensorEntry, torch.Tensor, Narrows]], f: BinaryIO) -> None:
+    """Every (entry, target, narrows) of `reads` read directly from `f`, in parallel when large."""
+    total = sum(t.numel() * e.dtype.itemsize for e, t, _ in reads)
+    threads = min(
+        READ_THREADS, len(reads), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    )
+    if threads < 2 or total < _PARALLEL_READ_BYTES:
+        for entry, target, narrows in reads:
+            _read_direct(target, entry, f, narrows)
+        return
+    # Plain threads: the reads are syscalls (no torch op, so no OpenMP team), the GIL is released.
+    with ThreadPoolExecutor(threads, thread_name_prefix="read") as pool:
+        for future in [pool.submit(_read_direct, t, e, f, n) for e, t, n in reads]:
+            future.result()
 
 
 LOAD_MODES = ("mmap", "copy")
@@ -660,10 +683,9 @@ def load_checkpoint(
                 targets.append((entry, view, narrows))
         mapped = [(e, t, n) for e, t, n in targets if not _reads_directly(t, e, n)]
         with open_regular(path, buffering=0) as f:
-            for entry, target, narrows in targets:
-                if _reads_directly(target, entry, narrows):
-                    _read_direct(target, entry, f, narrows)
-                    total += target.numel() * entry.dtype.itemsize
+            direct = [(e, t, n) for e, t, n in targets if _reads_directly(t, e, n)]
+            _read_all_direct(direct, f)
+            total += sum(t.numel() * e.dtype.itemsize for e, t, _ in direct)
             if not mapped:
                 continue
             # Conversions (dtype, device, strided targets) copy from a map of the file.

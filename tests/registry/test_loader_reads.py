@@ -89,3 +89,36 @@ def test_direct_read_fills_exactly_the_target_bytes(tmp_path: Path) -> None:
         loader._read_direct(param.narrow(0, 2, 3), entry, f)
     assert torch.equal(param[2:5], values)
     assert bool((param[:2] == -5.0).all()) and bool((param[5:] == -5.0).all())
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_parallel_direct_reads_fill_every_parameter(
+    tmp_path: Path, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large loads read on several threads (pread at each tensor's offset): every byte lands where a
+    serial read puts it, fused q/k/v and gate/up rows included."""
+    monkeypatch.setattr(loader, "_PARALLEL_READ_BYTES", 0)  # the tiny checkpoint takes the threaded path
+    monkeypatch.setattr(loader, "READ_THREADS", threads)
+    tensors = hf_tensors(seed=15, bias=True)
+    d = write_single(tensors, tmp_path / "m")
+    module = TinyLlama(bias=True)
+    load_weights(module, d, LLAMA_STYLE_MAPPING)
+    assert_loaded(module, expected_parameters(tensors, bias=True))
+
+
+def test_a_short_read_on_a_reader_thread_reaches_the_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loader, "_PARALLEL_READ_BYTES", 0)
+    path = tmp_path / "short.safetensors"
+    path.write_bytes(bytes(range(256)) * 4)
+    reads = [
+        (TensorEntry("a", path, torch.float32, (64,), offset=0, nbytes=256), torch.empty(64), ()),
+        (
+            TensorEntry("model.norm.weight", path, torch.float32, (64,), offset=1000, nbytes=256),
+            torch.empty(64),
+            (),
+        ),
+    ]
+    with path.open("rb", buffering=0) as f, pytest.raises(CorruptCheckpoint, match=r"model\.norm\.weight"):
+        loader._read_all_direct(reads, f)
