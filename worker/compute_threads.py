@@ -6,10 +6,12 @@ the process manages more OpenMP threads than it has CPUs it stops spinning betwe
 a decode step took 50 ms instead of 32 ms as soon as a second thread had run torch work with 2
 threads, and stayed there for the life of the process, in every thread.
 
-So one primary thread runs model work with the worker's torch threads (`--threads`), and every other
-thread that may touch tensors (forwards that overlap the primary's, Loads, weight transfers, the event
-loop) runs with one: it never starts a parallel region. Forwards on different models still overlap
-(the second runs on an overflow thread), as the concurrency contract asks.
+So one primary thread runs model work with the worker's torch threads (`--threads`), and the other
+threads that run tensor work (forwards that overlap the primary's, Loads, weight transfers) run with
+one: they never start a parallel region. Forwards on different models still overlap (the second runs
+on an overflow thread), as the concurrency contract asks. The event loop's thread is left alone: its
+tensor work is small, and calling set_num_threads on the main thread of a tensor-parallel rank 0
+made it abort at exit now and then (terminate called without an active exception).
 """
 
 from __future__ import annotations

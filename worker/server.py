@@ -22,7 +22,6 @@ from grpc_reflection.v1alpha import reflection
 import architectures
 from registry import ModelRegistry, load_entry_point_architectures
 
-from .compute_threads import use_threads
 from .devices import resolve_default_device
 from .handler_cache import WrappedHandlers
 from .logs import LOGGER_NAME, fields
@@ -194,9 +193,6 @@ class WorkerServer:
             observer = self.metrics.observer
         self.metrics_http: MetricsHttpServer | None = None
         self.servicer = ModelWorkerServicer(self.registry, settings, observer)
-        # The event loop's own tensor work (requests, replies) stays off OpenMP, so the process keeps
-        # one thread team: the primary compute thread's (worker/compute_threads.py).
-        use_threads(1)
         self.health = HealthServicer()
         self.gate = CallGate()
         chain: list[grpc.aio.ServerInterceptor] = [self.metrics.interceptor, *interceptors]
