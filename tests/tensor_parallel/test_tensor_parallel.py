@@ -581,7 +581,8 @@ def test_two_hosts_form_one_group(models) -> None:
         )
         want = _reference(model_dir).forward(torch.tensor([[3, 1, 4, 1, 5]]))[0]
         assert (decode_tensor(out.logits) - want).abs().max() <= TOL
-        assert log.stop(timeout=60) == 0
+        code = log.stop(timeout=60)
+        assert code == 0, "".join(log.raw[-40:])
         assert other.wait(30) == 0
     finally:
         log.kill()
