@@ -10,8 +10,7 @@ So one primary thread runs model work with the worker's torch threads (`--thread
 threads that run tensor work (forwards that overlap the primary's, Loads, weight transfers) run with
 one: they never start a parallel region. Forwards on different models still overlap (the second runs
 on an overflow thread), as the concurrency contract asks. The event loop's thread is left alone: its
-tensor work is small, and calling set_num_threads on the main thread of a tensor-parallel rank 0
-made it abort at exit now and then (terminate called without an active exception).
+tensor work (requests and replies are built on the model's thread) is too small to start one.
 """
 
 from __future__ import annotations
