@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from registry import LoadOptions, Model, ModelRegistry
+from registry import Model, ModelRegistry
 
 from .common import Report, Stats
-from .models import BENCH_KV, BenchModel
+from .models import BENCH_KV, BenchModel, load_ours
 
 
 @dataclass
@@ -37,9 +37,9 @@ class Bench:
         is in its compile_seconds."""
         if model.label not in self.compiled:
             model_id = "bench-compiled-" + model.label.lower().replace(" ", "-")
-            options = LoadOptions(dtype=torch.float32, device="cpu", kv_cache=BENCH_KV, compile_decode=True)
-            self.registry.load_model_auto(model_id, model.path, False, options)
-            self.compiled[model.label] = self.registry.get_model(model_id)
+            self.compiled[model.label] = load_ours(
+                self.registry, model_id, model, BENCH_KV, compile_decode=True
+            )
         return self.compiled[model.label]
 
     @property

@@ -3,14 +3,13 @@ float32, alternating call by call; and the decode step against the memory-bandwi
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
 
 from registry import Model
 
-from .common import Case, Goal, Row, Stats, alternate, ratio
+from .common import Case, Goal, Row, Stats, alternate, ratio, time_calls
 from .context import Bench
 from .models import (
     BATCH,
@@ -173,14 +172,10 @@ def matmul_floor(model: Model, rows: int = 1, reps: int = 20) -> tuple[float, in
 
     with torch.inference_mode():
         one_pass()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            one_pass()
-            times.append(time.perf_counter() - start)
+        seconds = time_calls(one_pass, reps).median
     nbytes = sum(w.numel() * w.element_size() for w in weights)
     flops = sum(2 * rows * w.numel() for w in weights)
-    return sorted(times)[len(times) // 2], nbytes, flops
+    return seconds, nbytes, flops
 
 
 def gemv_floor(model: Model) -> tuple[float, int]:
@@ -199,14 +194,14 @@ def attention_floor(model: Model, tokens: int, reps: int = 3) -> float:
     q = torch.randn(1, c.num_attention_heads, tokens, c.head_dim, generator=gen, dtype=model.dtype)
     k = torch.randn(1, c.num_key_value_heads, tokens, c.head_dim, generator=gen, dtype=model.dtype)
     gqa = c.num_attention_heads != c.num_key_value_heads
-    times = []
+
+    def every_layer() -> None:
+        for _ in range(c.num_hidden_layers):
+            F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=gqa)
+
     with torch.inference_mode():
-        for _ in range(reps + 1):
-            start = time.perf_counter()
-            for _ in range(c.num_hidden_layers):
-                F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=gqa)
-            times.append(time.perf_counter() - start)
-    return sorted(times[1:])[len(times[1:]) // 2]
+        every_layer()
+        return time_calls(every_layer, reps).median
 
 
 def prefill_reason(model: Model, tokens: int, ours: Stats, theirs: Stats) -> str:

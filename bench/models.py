@@ -76,9 +76,16 @@ def new_registry(roots: list[Path]) -> ModelRegistry:
 
 
 def load_ours(
-    registry: ModelRegistry, model_id: str, model: BenchModel, kv: KvCacheOptions, load_mode: str = "mmap"
+    registry: ModelRegistry,
+    model_id: str,
+    model: BenchModel,
+    kv: KvCacheOptions,
+    load_mode: str = "mmap",
+    compile_decode: bool = False,
 ) -> Model:
-    options = LoadOptions(dtype=torch.float32, device="cpu", kv_cache=kv, load_mode=load_mode)
+    options = LoadOptions(
+        dtype=torch.float32, device="cpu", kv_cache=kv, load_mode=load_mode, compile_decode=compile_decode
+    )
     registry.load_model_auto(model_id, model.path, False, options)
     return registry.get_model(model_id)
 

@@ -1,7 +1,9 @@
 """Why a goal is missed, by row key: printed next to the figure when a run misses it. Each reason
 comes from profiling on a development machine (2-core AMD EPYC, MKL 2024.2, torch 2.13 CPU);
-the figures they quote are from there. The SmolLM2 decode rows (items 3 and 14) measure their
-reason in the run instead (bench.inprocess.decode_reason), which takes precedence."""
+the figures they quote are from there. The SmolLM2 decode rows (items 3 and 14), item 14's
+prefill-512 row and the gRPC overhead rows (item 5) measure their reason in the run instead
+(bench.inprocess.decode_reason / prefill_reason, bench.serving.grpc_reason), which takes precedence
+over the one written here."""
 
 from __future__ import annotations
 

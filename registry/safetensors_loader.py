@@ -557,8 +557,9 @@ READ_THREADS = 4
 _PARALLEL_READ_BYTES = 16 << 20  # below this, one thread
 
 
-def _read_all_direct(reads: list[tuple[TensorEntry, torch.Tensor, Narrows]], f: BinaryIO) -> None:
-    """Every (entry, target, narrows) of `reads` read directly from `f`, in parallel when large."""
+def _read_all_direct(reads: list[tuple[TensorEntry, torch.Tensor, Narrows]], f: BinaryIO) -> int:
+    """Every (entry, target, narrows) of `reads` read directly from `f`, in parallel when large;
+    returns the bytes read."""
     total = sum(t.numel() * e.dtype.itemsize for e, t, _ in reads)
     threads = min(
         READ_THREADS, len(reads), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
@@ -566,11 +567,12 @@ def _read_all_direct(reads: list[tuple[TensorEntry, torch.Tensor, Narrows]], f: 
     if threads < 2 or total < _PARALLEL_READ_BYTES:
         for entry, target, narrows in reads:
             _read_direct(target, entry, f, narrows)
-        return
+        return total
     # Plain threads: the reads are syscalls (no torch op, so no OpenMP team), the GIL is released.
     with ThreadPoolExecutor(threads, thread_name_prefix="read") as pool:
         for future in [pool.submit(_read_direct, t, e, f, n) for e, t, n in reads]:
             future.result()
+    return total
 
 
 LOAD_MODES = ("mmap", "copy")
@@ -683,9 +685,7 @@ def load_checkpoint(
                 targets.append((entry, view, narrows))
         mapped = [(e, t, n) for e, t, n in targets if not _reads_directly(t, e, n)]
         with open_regular(path, buffering=0) as f:
-            direct = [(e, t, n) for e, t, n in targets if _reads_directly(t, e, n)]
-            _read_all_direct(direct, f)
-            total += sum(t.numel() * e.dtype.itemsize for e, t, _ in direct)
+            total += _read_all_direct([(e, t, n) for e, t, n in targets if _reads_directly(t, e, n)], f)
             if not mapped:
                 continue
             # Conversions (dtype, device, strided targets) copy from a map of the file.

@@ -45,7 +45,6 @@ class ComputeThreads(Executor):
     that thread is free, else on one of `overflow` threads (one torch thread each)."""
 
     def __init__(self, threads: int, overflow: int, thread_name_prefix: str = "model") -> None:
-        self.threads = threads
         self._primary = ThreadPoolExecutor(
             1,
             thread_name_prefix=f"{thread_name_prefix}-primary",
