@@ -12,7 +12,9 @@ through its entry point (see conftest.plugin_env), so calls can be made to last.
 from __future__ import annotations
 
 import shutil
+import socket
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -54,9 +56,38 @@ def wait_loading(worker: ServeProcess, model_id: str, timeout: float = 10) -> No
         time.sleep(0.01)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_started(worker: ServeProcess, method: str, count: int, timeout: float = 30) -> None:
+    """Until the server has started `count` calls of `method` (grpc_server_started_total on a real
+    scrape): a call the server started passed the drain gate. Futures sent on one channel reach
+    their handlers in any order, so the last one seen in the server does not prove the others are."""
+    port = int(worker.wait_for_msg(r"^metrics on http://.*:(\d+)/metrics$").group(1))
+    deadline = time.monotonic() + timeout
+    label = f'grpc_method="{method}"'
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        started = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("grpc_server_started_total{") and label in line
+        )
+        if started >= count:
+            return
+        assert time.monotonic() < deadline, f"{started:.0f} of {count} {method} calls started"
+        time.sleep(0.01)
+
+
 def test_sigterm_with_calls_in_flight(tmp_path: Path, model_root: Path, plugin_env: dict[str, str]) -> None:
     grace = 8.0
-    with ServeProcess(make_root(tmp_path, model_root), plugin_env, "--grace-seconds", str(grace)) as worker:
+    root = make_root(tmp_path, model_root)
+    args = ("--grace-seconds", str(grace), "--metrics-port", str(free_port()))
+    with ServeProcess(root, plugin_env, *args) as worker:
         stub = worker.stub
         stub.Load(pb.LoadRequest(model_id="fast", model_dir="fast", kv_cache=SMALL_KV))
         for model_id in ("s1", "s2", "s3"):
@@ -71,7 +102,8 @@ def test_sigterm_with_calls_in_flight(tmp_path: Path, model_root: Path, plugin_e
         ]
         forwards = [stub.Forward.future(r, timeout=30) for r in requests]
         load = stub.Load.future(pb.LoadRequest(model_id="late", model_dir="slow-load", kv_cache=SMALL_KV))
-        wait_loading(worker, "late")  # sent last: the forwards are in the server too
+        wait_loading(worker, "late")
+        wait_started(worker, "Forward", len(expected) + len(forwards))
         signaled = worker.terminate()
         worker.wait_for(lambda r: r["msg"] == "draining", timeout=5)
 
