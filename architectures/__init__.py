@@ -1,8 +1,19 @@
-"""Built-in architectures. Importing this package touches neither CUDA nor flash_attn."""
+"""Built-in architectures. Importing this package touches neither CUDA nor flash_attn.
+
+It asks MKL for results that do not depend on the thread count (`MKL_CBWR=AUTO,STRICT`, unless the
+environment says otherwise; MKL reads it at its first call, so it is set before any model runs).
+Without it MKL's GEMMs split their sums by thread: on an AMD EPYC the same 6-token forward gave
+other last bits on a 1-thread overflow compute thread than on the 2-thread primary one
+(worker/compute_threads.py), so a reply depended on what else the worker was doing. With it the
+SmolLM2 decode step and prefill ran as fast as before there.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
+
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 if TYPE_CHECKING:
     from registry import ModelRegistry

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+import architectures  # noqa: F401  (sets MKL_CBWR before this process's first GEMM)
+
 # Without CUDA the triton backend's kernels run under the Triton interpreter, which must be chosen
 # before anything (transformers does) imports triton: triton.language's own helpers are decorated
 # then. With CUDA they compile, and the interpreter tests skip (tests/triton_interpreter.py).
