@@ -36,6 +36,7 @@ from registry.safetensors_loader import index_checkpoint, load_checkpoint
 
 from .backends import BACKENDS, AttentionBackend
 from .compiled_decode import CompiledDecode, check_compilable
+from .cpu_gemm import use_gemm
 from .kv_cache import ContiguousContext, ContiguousKvCache, DenseContext
 from .layers import RotaryEmbedding
 from .paged import PagedContext, PagedKvCache, prepare_paged_batch
@@ -97,6 +98,7 @@ def build_causal_lm(
             mapping = SkippingMapping.around(mapping, consumed)
         loaded = load_checkpoint(network, model_dir, mapping, options.load_mode)
         network.eval().requires_grad_(False)
+        use_gemm(network, plan.options.cpu_gemm)
         return CausalLM(network, plan, mapped_bytes=loaded.mapped_bytes)
     except Exception as exc:
         # The cached blocks are released by the registry once the half-built model is dropped
@@ -144,6 +146,7 @@ class CausalLM(Model):
         self._quantization = plan.quantization.label if plan.quantization is not None else ""
         self._mapped_bytes = mapped_bytes
         self._load_mode = plan.options.load_mode if mapped_bytes else "copy"
+        self._cpu_gemm = plan.options.cpu_gemm
         if plan.attention_backend:
             self.backend: AttentionBackend = plan.create_backend()  # type: ignore[assignment]
         else:  # a registry without backends (only architectures registered): the built-in ones
@@ -268,6 +271,10 @@ class CausalLM(Model):
     @property
     def load_mode(self) -> str:
         return self._load_mode
+
+    @property
+    def cpu_gemm(self) -> str:
+        return self._cpu_gemm
 
     @property
     def cache_spec(self) -> CacheSpec:

@@ -11,6 +11,8 @@ from torch import nn
 
 from registry.config import ModelConfig, RopeScaling
 
+from .cpu_gemm import Linear
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -39,7 +41,7 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-class FusedLinear(nn.Linear):
+class FusedLinear(Linear):
     """Several projections of one input in one matmul; `shard_sizes` tells the weight loader which
     output rows each checkpoint tensor fills (q/k/v, gate/up)."""
 
@@ -59,7 +61,7 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, act: str, bias: bool) -> None:
         super().__init__()
         self.gate_up_proj = FusedLinear(hidden, (intermediate, intermediate), bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
         self.act = ACTIVATIONS[act]
         self.intermediate = intermediate
 
@@ -67,9 +69,10 @@ class GatedMLP(nn.Module):
         if not isinstance(self.gate_up_proj, nn.Linear):  # quantized: one fused matmul, then split
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
             return self.down_proj(self.act(gate) * up)
-        n, w, b = self.intermediate, self.gate_up_proj.weight, self.gate_up_proj.bias
-        gate = F.linear(x, w[:n], None if b is None else b[:n])
-        up = F.linear(x, w[n:], None if b is None else b[n:])
+        fused = self.gate_up_proj
+        n, w, b, gemm = self.intermediate, fused.weight, fused.bias, fused.gemm
+        gate = gemm(x, w[:n], None if b is None else b[:n])
+        up = gemm(x, w[n:], None if b is None else b[n:])
         return self.down_proj(self.act(gate) * up)
 
 

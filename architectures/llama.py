@@ -19,6 +19,7 @@ from registry.parallel import SINGLE, ParallelContext, attention_shard, even_ran
 
 from .attention import AttentionContext
 from .base import CausalLM, build_causal_lm
+from .cpu_gemm import Linear
 from .layers import FusedLinear, GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
 from .moe import MoeSpec, SparseMoeBlock
 from .parallel_layers import (
@@ -91,7 +92,7 @@ class LlamaAttention(nn.Module):
             self.qkv_proj = FusedLinear(
                 config.hidden_size, (self.q_size, self.kv_size, self.kv_size), bias=qkv_bias
             )
-            self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+            self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
         if variant.qk_norm:  # over head_dim, shared by every head
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, variant.norm_offset)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, variant.norm_offset)
@@ -225,7 +226,7 @@ class LlamaForCausalLM(nn.Module):
         if parallel.enabled:
             self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, parallel)
         else:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights(config)
 
     @classmethod

@@ -24,6 +24,7 @@ from torch import nn
 from registry.errors import InvalidConfig
 from registry.parallel import ParallelContext, TensorSlice, even_range
 
+from .cpu_gemm import Linear
 from .layers import FusedLinear
 from .moe import MoeSpec, SparseMoeBlock
 
@@ -44,7 +45,7 @@ def column_parallel_fused(
     return layer
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(Linear):
     """y = all_reduce(x_local @ W[:, cols]ᵀ) + b: x_local [..., length] holds input features
     [start, start + length) of `full_in`; W is [out, length] here, [out, full_in] in the checkpoint."""
 
@@ -56,7 +57,7 @@ class RowParallelLinear(nn.Linear):
         self.checkpoint_slices = {"weight": (TensorSlice(1, start, length, full_in),)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.parallel.all_reduce(F.linear(x, self.weight))
+        out = self.parallel.all_reduce(self.gemm(x, self.weight))
         return out if self.bias is None else out + self.bias
 
 
@@ -78,7 +79,7 @@ class VocabParallelEmbedding(nn.Embedding):
         return self.parallel.all_reduce(out)
 
 
-class ParallelLMHead(nn.Linear):
+class ParallelLMHead(Linear):
     """Vocabulary rows [start, end) of lm_head; forward gathers every rank's logits (ranks may hold
     different numbers of rows) into [..., vocab]."""
 
@@ -93,7 +94,7 @@ class ParallelLMHead(nn.Linear):
         self.checkpoint_slices = {"weight": (TensorSlice(0, start, end - start, vocab_size),)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.parallel.gather_last_dim(F.linear(x, self.weight), self.sizes)
+        return self.parallel.gather_last_dim(self.gemm(x, self.weight), self.sizes)
 
 
 def sharded_moe_block(

@@ -81,9 +81,29 @@ def header(b: Bench, started: datetime) -> list[str]:
         f"Models: {b.smol.label} ({shape}) and a tiny random Llama (2 layers, hidden 64, vocab 128), "
         "float32 on CPU; checkpoints in the page cache (warm).",
         f"Memory read bandwidth: {b.bandwidth / 1e9:.1f} GB/s (best of 5 sums over a 1 GiB float32 tensor).",
+        *gemm_line(b),
         "Figures: median (p10–p90) over alternating rounds (ours and reference back to back in every "
         "round); ratio = ours ÷ reference, the median of the per-round ratios. Reference: transformers, "
         "the faster of its eager and sdpa attention for each row (named).",
+    ]
+
+
+def gemm_line(b: Bench) -> list[str]:
+    """Which matmul kernel our float32 models ran (--cpu-gemm auto) and what each kernel takes for
+    SmolLM2's decode GEMVs alone on this host."""
+    from registry.cpu_gemm import cpu_vendor
+
+    from .inprocess import matmul_floor
+
+    smol = b.ours.get(b.smol.label)
+    if smol is None:
+        return []
+    floors = ", ".join(
+        f"{kernel} {matmul_floor(smol, kernel=kernel)[0] * 1e3:.1f} ms" for kernel in ("torch", "onednn")
+    )
+    return [
+        f"Matmul kernel of our float32 layers: {smol.cpu_gemm} (`--cpu-gemm auto` on this "
+        f"{cpu_vendor() or 'unknown'} CPU; transformers runs torch's). SmolLM2's decode GEMVs alone: {floors}."
     ]
 
 

@@ -151,12 +151,17 @@ def _decode(b: Bench, model: BenchModel) -> None:
     b.labels[f"decode-ref-{model.label}"] = f"transformers {name}"
 
 
-def matmul_floor(model: Model, rows: int = 1, reps: int = 20) -> tuple[float, int, int]:
+def matmul_floor(
+    model: Model, rows: int = 1, reps: int = 20, kernel: str | None = None
+) -> tuple[float, int, int]:
     """(seconds, weight bytes, flops): every dense weight matrix of `model` applied to `rows` tokens
-    back to back, as a forward applies them (q/k/v and gate/up as the fused matrices they are) — the
-    part no fusing of the rest can remove. With rows > 1 (a prefill) the lm_head is left out: it
-    scores only the last token. The median of `reps` passes."""
-    import torch.nn.functional as F
+    back to back with the model's matmul kernel (or `kernel`), as a forward applies them (q/k/v and
+    gate/up as the fused matrices they are) — the part no fusing of the rest can remove. With
+    rows > 1 (a prefill) the lm_head is left out: it scores only the last token. The median of
+    `reps` passes."""
+    from architectures.cpu_gemm import GEMMS
+
+    gemm = GEMMS[kernel or model.cpu_gemm]
 
     head = model.network.lm_head
     weights = [
@@ -168,7 +173,7 @@ def matmul_floor(model: Model, rows: int = 1, reps: int = 20) -> tuple[float, in
 
     def one_pass() -> None:
         for w in weights:
-            F.linear(inputs[w.shape[1]], w)
+            gemm(inputs[w.shape[1]], w)
 
     with torch.inference_mode():
         one_pass()

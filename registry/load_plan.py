@@ -15,6 +15,7 @@ import torch
 from .backends import BackendRegistry, BackendRequirements
 from .cache_plan import DEFAULT_BLOCK_SIZE, plan_cache
 from .config import ModelConfig
+from .cpu_gemm import resolve_cpu_gemm
 from .model import CacheSpec, LoadOptions
 from .parallel import SINGLE, ParallelContext
 from .quantization.estimate import estimate_quantized_bytes
@@ -144,7 +145,8 @@ def make_load_plan(
         model_dir=model_dir,
         architecture=architecture,
         config=config,
-        options=options,
+        # auto resolved here too: a builder called without the registry gets a concrete kernel.
+        options=replace(options, cpu_gemm=resolve_cpu_gemm(options.cpu_gemm, device, dtype)),
         device=device,
         dtype=dtype,
         weight_bytes=weight_bytes,

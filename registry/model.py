@@ -40,6 +40,9 @@ class LoadOptions:
     # "mmap": CPU parameters whose bytes are the checkpoint's are views of the mapped file (see
     # registry.safetensors_loader.load_checkpoint); "copy": every parameter owns its memory.
     load_mode: str = "mmap"
+    # The matmul kernel of dense float32 CPU layers: auto / torch / onednn (registry/cpu_gemm.py);
+    # the registry resolves auto before the Load, so a loaded model's spec names the kernel it runs.
+    cpu_gemm: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,11 @@ class Model(abc.ABC):
     def load_mode(self) -> str:
         """ "mmap" when some weights are views of the memory-mapped checkpoint, else "copy"."""
         return "copy"
+
+    @property
+    def cpu_gemm(self) -> str:
+        """The matmul kernel of the dense linear layers ("torch" or "onednn", registry/cpu_gemm.py)."""
+        return "torch"
 
     @property
     def compile_seconds(self) -> float:

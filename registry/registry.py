@@ -24,6 +24,7 @@ import torch
 
 from .backends import BackendRegistry
 from .config import ModelConfig, read_config_json
+from .cpu_gemm import resolve_cpu_gemm
 from .errors import (
     InvalidArgument,
     InvalidConfig,
@@ -194,9 +195,11 @@ class ModelRegistry:
             backend = self.attention_backends.check_name(backend)
         if options.load_mode not in LOAD_MODES:
             raise InvalidArgument(f"load_mode {options.load_mode!r} is not one of {', '.join(LOAD_MODES)}")
+        dtype = resolve_dtype(config, device, options.dtype, is_quantized_load(config, options))
         options = replace(
             options,
-            dtype=resolve_dtype(config, device, options.dtype, is_quantized_load(config, options)),
+            dtype=dtype,
+            cpu_gemm=resolve_cpu_gemm(options.cpu_gemm, device, dtype),
             attention_backend=backend,
             # Only CPU parameters can be views of a mapped file.
             load_mode=options.load_mode if device.type == "cpu" else "copy",

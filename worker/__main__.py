@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--load-mode", help="mmap | copy: CPU weights mapped from the checkpoint or read in (default mmap)"
     )
     serve.add_argument(
+        "--cpu-gemm",
+        help="auto | torch | onednn: the matmul kernel of CPU float32 layers (default auto: onednn on AMD)",
+    )
+    serve.add_argument(
         "--threads", help="torch intra-op threads (default: $OMP_NUM_THREADS, else the usable cores)"
     )
     serve.add_argument(

@@ -291,6 +291,7 @@ class ModelInfo:
     released: tuple[str, ...] = ()  # memory tags ReleaseMemory freed (state "SLEEPING")
     quantization: str = ""
     compile_seconds: float = 0.0  # spent compiling decode steps (load(compile_decode=True))
+    cpu_gemm: str = ""  # the dense layers' matmul kernel: "torch" or "onednn"
 
 
 @dataclass(frozen=True)
@@ -670,11 +671,13 @@ def _load_request(
     attention_backend: str,
     quantization: str = "",
     compile_decode: bool = False,
+    cpu_gemm: str = "",
 ) -> pb.LoadRequest:
     kv = kv_cache or KvCacheConfig()
     return pb.LoadRequest(
         quantization=quantization,
         compile_decode=compile_decode,
+        cpu_gemm=cpu_gemm,
         model_id=model_id,
         model_dir=str(model_dir),
         architecture=architecture,
@@ -821,6 +824,7 @@ def _model_info(msg: pb.ModelInfo) -> ModelInfo:
         released=tuple(msg.released),
         quantization=msg.quantization,
         compile_seconds=msg.compile_seconds,
+        cpu_gemm=msg.cpu_gemm,
     )
 
 
@@ -963,6 +967,7 @@ class ModelWorkerClient(WeightsClientMethods, _ClientBase):
         timeout: float | None = None,
         quantization: str = "",
         compile_decode: bool = False,
+        cpu_gemm: str = "",
     ) -> LoadResult:
         """Load `model_dir` (inside a model root of the worker) as `model_id`. Empty strings and a
         zero KvCacheConfig mean the worker's defaults. The same spec again returns already_loaded."""
@@ -977,6 +982,7 @@ class ModelWorkerClient(WeightsClientMethods, _ClientBase):
             attention_backend,
             quantization,
             compile_decode,
+            cpu_gemm,
         )
         response = self._call("Load", self._stub, request, timeout)
         return LoadResult(_model_info(response.model), response.already_loaded)
@@ -1217,6 +1223,7 @@ class AsyncModelWorkerClient(AsyncWeightsClientMethods, _ClientBase):
         timeout: float | None = None,
         quantization: str = "",
         compile_decode: bool = False,
+        cpu_gemm: str = "",
     ) -> LoadResult:
         request = _load_request(
             model_id,
@@ -1229,6 +1236,7 @@ class AsyncModelWorkerClient(AsyncWeightsClientMethods, _ClientBase):
             attention_backend,
             quantization,
             compile_decode,
+            cpu_gemm,
         )
         response = await self._call("Load", self._stub, request, timeout)
         return LoadResult(_model_info(response.model), response.already_loaded)

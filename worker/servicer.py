@@ -38,7 +38,7 @@ from .logs import LOGGER_NAME, fields
 from .observer import NULL_OBSERVER, WorkerObserver
 from .pb.modelworker.v1 import worker_pb2 as pb
 from .pb.modelworker.v1 import worker_pb2_grpc as pb_grpc
-from .settings import LOAD_MODES, Settings
+from .settings import CPU_GEMMS, LOAD_MODES, Settings
 from .status import is_out_of_memory, map_exception, note, rpc_method
 from .tensor_parallel import intra_op_threads
 from .tensors import encode_tensor, fill_top_k, logits_dtype, logits_mode, logits_response_bytes, top_k
@@ -284,6 +284,7 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
             enforce_eager=request.enforce_eager,
             compile_decode=request.compile_decode,
             load_mode=self._load_mode(request.load_mode),
+            cpu_gemm=self._cpu_gemm(request.cpu_gemm),
             kv_cache=KvCacheOptions(
                 block_size=kv.block_size,
                 num_blocks=kv.num_blocks,
@@ -316,6 +317,13 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
         if mode not in LOAD_MODES:
             raise InvalidArgument(f"load_mode {text!r} is not one of {', '.join(LOAD_MODES)}")
         return mode
+
+    def _cpu_gemm(self, text: str) -> str:
+        """ "" → the worker's --cpu-gemm; else auto, torch or onednn."""
+        name = (text or self.settings.cpu_gemm).strip().lower()
+        if name not in CPU_GEMMS:
+            raise InvalidArgument(f"cpu_gemm {text!r} is not one of {', '.join(CPU_GEMMS)}")
+        return name
 
     def _load_dtype(self, text: str) -> torch.dtype | None:
         """ "" → the worker's default; "auto" → None, which the registry's load plan resolves."""
@@ -726,6 +734,7 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
         info.load_mode = model.load_mode
         info.mapped_weight_bytes = model.mapped_weight_bytes
         info.compile_seconds = model.compile_seconds
+        info.cpu_gemm = model.cpu_gemm
         info.load_seconds = entry.load_seconds
         info.loaded_at.FromNanoseconds(int(entry.loaded_at * 1e9))
         return info

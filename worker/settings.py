@@ -26,6 +26,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_MODES = ("mmap", "copy")
+CPU_GEMMS = ("auto", "torch", "onednn")  # registry/cpu_gemm.py
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _SIZE_RE = re.compile(r"(\d+)\s*(?:([kmgt])(i)?)?b?", re.IGNORECASE)
 
@@ -66,6 +67,9 @@ class Settings:
     # mmap: CPU weights whose bytes are the checkpoint's stay views of the mapped file (checkpoints
     # must then be replaced by rename, never rewritten in place); copy: every weight is read in.
     load_mode: str = "mmap"
+    # The matmul kernel of CPU float32 dense layers: auto (onednn on AMD x86, else torch), torch
+    # (MKL on x86) or onednn (registry/cpu_gemm.py).
+    cpu_gemm: str = "auto"
     # torch intra-op threads; 0: $OMP_NUM_THREADS when set, else the cores this process may use.
     threads: int = 0
     # Working memory one ForwardPaged call may need (RESOURCE_EXHAUSTED above it).
@@ -207,6 +211,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "master_addr": lambda v: _parse_str(v).strip(),
     "master_port": _parse_int,
     "load_mode": _parse_lower,
+    "cpu_gemm": _parse_lower,
     "threads": _parse_int,
     "max_call_bytes": parse_bytes,
     "load_threads": _parse_int,
@@ -261,6 +266,8 @@ def _validate(s: Settings) -> None:
         fail("master_port", f"must be in [1, 65535] with several hosts (0: a free port), got {s.master_port}")
     if s.load_mode not in LOAD_MODES:
         fail("load_mode", f"must be one of {', '.join(LOAD_MODES)}, got {s.load_mode!r}")
+    if s.cpu_gemm not in CPU_GEMMS:
+        fail("cpu_gemm", f"must be one of {', '.join(CPU_GEMMS)}, got {s.cpu_gemm!r}")
     if s.threads < 0:
         fail("threads", f"must be >= 0 (0: the cores this process may use), got {s.threads}")
     if s.max_call_bytes < 1:

@@ -463,6 +463,10 @@ class TensorParallelModel(Model):
         return self.local.load_mode
 
     @property
+    def cpu_gemm(self) -> str:
+        return self.local.cpu_gemm
+
+    @property
     def mapped_weight_bytes(self) -> int:
         return self.local.mapped_weight_bytes
 

@@ -37,8 +37,10 @@ def _registry(root: Path) -> ModelRegistry:
     return reg
 
 
-def _load(reg: ModelRegistry, model_id: str, model_dir: Path, compile_decode: bool = True):
-    options = LoadOptions(kv_cache=KV, compile_decode=compile_decode)
+def _load(
+    reg: ModelRegistry, model_id: str, model_dir: Path, compile_decode: bool = True, cpu_gemm: str = "auto"
+):
+    options = LoadOptions(kv_cache=KV, compile_decode=compile_decode, cpu_gemm=cpu_gemm)
     return reg.load(model_id, model_dir, options=options).entry.model
 
 
@@ -52,12 +54,22 @@ def _graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-@pytest.mark.parametrize("name", ["LlamaForCausalLM", "Gemma2ForCausalLM"])
-def test_compiled_decode_steps_match_transformers(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "cpu_gemm"),
+    [("LlamaForCausalLM", "auto"), ("Gemma2ForCausalLM", "auto"), ("LlamaForCausalLM", "onednn")],
+)
+def test_compiled_decode_steps_match_transformers(
+    tmp_path: Path, name: str, cpu_gemm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onednn: its matmul is an opaque op in the graph (architectures/cpu_gemm.py), here in every layer
+    (the tiny model's layers are all below the size from which oneDNN is used)."""
+    monkeypatch.setattr(architectures.cpu_gemm, "ONEDNN_MIN_WEIGHT", 0)
     ref = _reference(name)
     model_dir = save_hf_model(ref, tmp_path / name)
-    model = _load(_registry(tmp_path), "compiled", model_dir)
+    model = _load(_registry(tmp_path), "compiled", model_dir, cpu_gemm=cpu_gemm)
     assert model.compiled_decode is not None and model.compile_seconds > 0
+    if cpu_gemm == "onednn":
+        assert model.network.lm_head.gemm is architectures.cpu_gemm.GEMMS["onednn"]
     vocab = ref.config.vocab_size
     gen = torch.Generator().manual_seed(11)
     tokens = torch.randint(3, vocab, (1, 30), generator=gen)

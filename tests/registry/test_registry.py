@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from registry import (
     PermissionDenied,
     UnknownArchitecture,
 )
+from registry.cpu_gemm import resolve_cpu_gemm
 from tests.registry.toy import TOY_ARCH, ToyModel, Tracker, toy_builder, write_toy_dir
 
 WAIT = 10.0  # upper bound for events that must happen; never reached when the code is right
@@ -161,6 +163,9 @@ def test_detect_unregistered_lists_the_registered(reg: ModelRegistry, root: Path
 
 
 # -- loading -----------------------------------------------------------------------------------
+RESOLVED_F32 = LoadOptions(
+    dtype=torch.float32, cpu_gemm=resolve_cpu_gemm("auto", torch.device("cpu"), torch.float32)
+)
 
 
 def test_load_model_auto_and_access(reg: ModelRegistry, root: Path, tracker: Tracker) -> None:
@@ -168,8 +173,8 @@ def test_load_model_auto_and_access(reg: ModelRegistry, root: Path, tracker: Tra
     assert reg.load_model_auto("m1", "a") == TOY_ARCH
     model = reg.get_model("m1")
     assert isinstance(model, ToyModel) and tracker.calls == [
-        # "auto" (dtype None) is resolved once, by the load plan: float32 on CPU
-        (root.resolve() / "a", torch.device("cpu"), LoadOptions(dtype=torch.float32))
+        # "auto" (dtype None, cpu_gemm auto) is resolved once, by the registry: float32 on CPU
+        (root.resolve() / "a", torch.device("cpu"), RESOLVED_F32)
     ]
     assert model.config.architecture == TOY_ARCH and model.config.vocab_size == 11
     (entry,) = reg.list_models()
@@ -205,6 +210,7 @@ def test_load_model_by_architecture_uses_the_named_builder(reg: ModelRegistry, r
 def test_options_reach_the_builder(reg: ModelRegistry, tracker: Tracker) -> None:
     options = LoadOptions(dtype=torch.bfloat16, device="cpu", kv_cache=KvCacheOptions(block_size=32))
     outcome = reg.load("m1", "a", options=options)
+    options = replace(options, cpu_gemm="torch")  # auto: bfloat16 keeps F.linear
     assert outcome.already_loaded is False and outcome.entry.spec.options == options
     assert tracker.calls[0][1:] == (torch.device("cpu"), options)
 
@@ -288,7 +294,7 @@ def test_failed_admission_builds_nothing(reg: ModelRegistry, root: Path, tracker
     assert (plan.model_dir, plan.architecture, plan.options) == (
         root.resolve() / "a",
         TOY_ARCH,
-        LoadOptions(dtype=torch.float32),
+        RESOLVED_F32,
     )
     assert plan.config.architecture == TOY_ARCH and plan.dtype == torch.float32
     assert plan.weight_bytes == 11 * 8 * 4  # the toy checkpoint's one float32 tensor

@@ -137,7 +137,7 @@ class KvCacheConfig(_message.Message):
     def __init__(self, block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_bytes: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model_id", "model_dir", "architecture", "is_quant_model", "dtype", "device", "kv_cache", "attention_backend", "quantization", "enforce_eager", "load_mode", "compile_decode")
+    __slots__ = ("model_id", "model_dir", "architecture", "is_quant_model", "dtype", "device", "kv_cache", "attention_backend", "quantization", "enforce_eager", "load_mode", "compile_decode", "cpu_gemm")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,7 @@ class LoadRequest(_message.Message):
     ENFORCE_EAGER_FIELD_NUMBER: _ClassVar[int]
     LOAD_MODE_FIELD_NUMBER: _ClassVar[int]
     COMPILE_DECODE_FIELD_NUMBER: _ClassVar[int]
+    CPU_GEMM_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_dir: str
     architecture: str
@@ -162,7 +163,8 @@ class LoadRequest(_message.Message):
     enforce_eager: bool
     load_mode: str
     compile_decode: bool
-    def __init__(self, model_id: _Optional[str] = ..., model_dir: _Optional[str] = ..., architecture: _Optional[str] = ..., is_quant_model: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., kv_cache: _Optional[_Union[KvCacheConfig, _Mapping]] = ..., attention_backend: _Optional[str] = ..., quantization: _Optional[str] = ..., enforce_eager: _Optional[bool] = ..., load_mode: _Optional[str] = ..., compile_decode: _Optional[bool] = ...) -> None: ...
+    cpu_gemm: str
+    def __init__(self, model_id: _Optional[str] = ..., model_dir: _Optional[str] = ..., architecture: _Optional[str] = ..., is_quant_model: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., kv_cache: _Optional[_Union[KvCacheConfig, _Mapping]] = ..., attention_backend: _Optional[str] = ..., quantization: _Optional[str] = ..., enforce_eager: _Optional[bool] = ..., load_mode: _Optional[str] = ..., compile_decode: _Optional[bool] = ..., cpu_gemm: _Optional[str] = ...) -> None: ...
 
 class LoadResponse(_message.Message):
     __slots__ = ("model", "already_loaded")
@@ -291,7 +293,7 @@ class ForwardPagedResponse(_message.Message):
     def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., next_token_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[_Iterable[_Union[TopK, _Mapping]]] = ..., compute_seconds: _Optional[float] = ..., outputs: _Optional[_Iterable[_Union[SequenceOutput, _Mapping]]] = ..., weights_version: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "architecture", "model_dir", "device", "dtype", "state", "num_parameters", "weight_bytes", "kv_cache_bytes", "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim", "max_position_embeddings", "sliding_window", "kv_block_size", "kv_num_blocks", "max_seq_len", "max_batch_size", "attention_backend", "is_quant_model", "load_seconds", "loaded_at", "quantization", "tensor_parallel_size", "weights_version", "cuda_graph_batch_sizes", "load_mode", "cuda_graph_bytes", "released", "buffer_bytes", "mapped_weight_bytes", "compile_seconds")
+    __slots__ = ("id", "architecture", "model_dir", "device", "dtype", "state", "num_parameters", "weight_bytes", "kv_cache_bytes", "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim", "max_position_embeddings", "sliding_window", "kv_block_size", "kv_num_blocks", "max_seq_len", "max_batch_size", "attention_backend", "is_quant_model", "load_seconds", "loaded_at", "quantization", "tensor_parallel_size", "weights_version", "cuda_graph_batch_sizes", "load_mode", "cuda_graph_bytes", "released", "buffer_bytes", "mapped_weight_bytes", "compile_seconds", "cpu_gemm")
     ID_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
@@ -327,6 +329,7 @@ class ModelInfo(_message.Message):
     BUFFER_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAPPED_WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     COMPILE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CPU_GEMM_FIELD_NUMBER: _ClassVar[int]
     id: str
     architecture: str
     model_dir: str
@@ -362,7 +365,8 @@ class ModelInfo(_message.Message):
     buffer_bytes: int
     mapped_weight_bytes: int
     compile_seconds: float
-    def __init__(self, id: _Optional[str] = ..., architecture: _Optional[str] = ..., model_dir: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., num_parameters: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., sliding_window: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_num_blocks: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., attention_backend: _Optional[str] = ..., is_quant_model: _Optional[bool] = ..., load_seconds: _Optional[float] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., quantization: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., weights_version: _Optional[int] = ..., cuda_graph_batch_sizes: _Optional[_Iterable[int]] = ..., load_mode: _Optional[str] = ..., cuda_graph_bytes: _Optional[int] = ..., released: _Optional[_Iterable[str]] = ..., buffer_bytes: _Optional[int] = ..., mapped_weight_bytes: _Optional[int] = ..., compile_seconds: _Optional[float] = ...) -> None: ...
+    cpu_gemm: str
+    def __init__(self, id: _Optional[str] = ..., architecture: _Optional[str] = ..., model_dir: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., num_parameters: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., sliding_window: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_num_blocks: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., attention_backend: _Optional[str] = ..., is_quant_model: _Optional[bool] = ..., load_seconds: _Optional[float] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., quantization: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., weights_version: _Optional[int] = ..., cuda_graph_batch_sizes: _Optional[_Iterable[int]] = ..., load_mode: _Optional[str] = ..., cuda_graph_bytes: _Optional[int] = ..., released: _Optional[_Iterable[str]] = ..., buffer_bytes: _Optional[int] = ..., mapped_weight_bytes: _Optional[int] = ..., compile_seconds: _Optional[float] = ..., cpu_gemm: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

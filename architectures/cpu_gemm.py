@@ -1,0 +1,67 @@
+"""The matmul kernels of dense linear layers (`cpu_gemm`; registry/cpu_gemm.py says which a Load
+takes and why): `Linear` multiplies with the kernel `use_gemm` gives it at Load.
+
+oneDNN's matmul costs ~22 µs a call whatever the size (primitive lookup, its own parallel region;
+measured on 2 threads against MKL's 3.5 µs for a 64×64 GEMV), which its faster loops pay back only on
+larger weights: under `onednn`, layers below `ONEDNN_MIN_WEIGHT` elements keep F.linear (a tiny
+model's decode step took 0.67 ms instead of 0.43 ms with every layer on oneDNN)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Gemm = Callable[..., torch.Tensor]
+
+
+def _linear_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise.default(x, weight, bias, "none", [], "")
+
+
+@torch.library.custom_op("modelworker::onednn_linear", mutates_args=())
+def _opaque_onednn_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The same op, opaque to torch.compile: inductor's lowering of the raw op expects a weight
+    prepacked at compile time, which weights updated in place (UpdateWeights) cannot be."""
+    return _linear_pointwise(x, weight, bias)
+
+
+@_opaque_onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear through oneDNN (float32 CPU tensors)."""
+    if torch.compiler.is_compiling():
+        return _opaque_onednn_linear(x, weight, bias)
+    return _linear_pointwise(x, weight, bias)
+
+
+GEMMS: dict[str, Gemm] = {"torch": F.linear, "onednn": onednn_linear}
+
+# 1 MiB of float32: SmolLM2's o_proj (576×576) and larger. Its decode step ran at the same speed with
+# this bound as with every layer on oneDNN; the lm_head alone gives most of the gain.
+ONEDNN_MIN_WEIGHT = 1 << 18
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose matmul is its model's kernel (set at Load by `use_gemm`)."""
+
+    gemm: Gemm = staticmethod(F.linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gemm(x, self.weight, self.bias)
+
+
+def use_gemm(network: nn.Module, kernel: str) -> None:
+    """The dense `Linear`s of `network` multiply with `kernel` (those under ONEDNN_MIN_WEIGHT with
+    F.linear; quantized layers are not `Linear`s and keep their own kernels)."""
+    gemm = GEMMS[kernel]
+    for module in network.modules():
+        if isinstance(module, Linear):
+            module.gemm = gemm if module.weight.numel() >= ONEDNN_MIN_WEIGHT else F.linear

@@ -1,0 +1,83 @@
+"""--cpu-gemm: settings from every source, LoadRequest.cpu_gemm over gRPC (and its
+INVALID_ARGUMENT), ModelInfo.cpu_gemm, and the two kernels' logits side by side."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from architectures import cpu_gemm
+from registry.cpu_gemm import CPU_GEMMS as REGISTRY_GEMMS
+from registry.cpu_gemm import resolve_cpu_gemm
+from worker import __main__ as cli
+from worker.pb.modelworker.v1 import worker_pb2 as pb
+from worker.settings import CPU_GEMMS, SettingsError, build_settings
+
+from .harness import RunningServer, load_request, make_settings, rpc_error, start_server
+
+
+def test_cpu_gemm_from_every_source(tmp_path: Path) -> None:
+    assert CPU_GEMMS == REGISTRY_GEMMS  # the settings check the registry's names without importing torch
+    assert build_settings({}, {}, None).cpu_gemm == "auto"
+    config = tmp_path / "w.toml"
+    config.write_text('cpu-gemm = "torch"\n')
+    assert build_settings({}, {}, config).cpu_gemm == "torch"
+    env = {"MODELWORKER_CPU_GEMM": "OneDNN"}
+    assert build_settings({}, env, config).cpu_gemm == "onednn"
+    args = cli.build_parser().parse_args(["serve", "--cpu-gemm", "torch"])
+    assert cli.settings_from_args(args, env=env).cpu_gemm == "torch"
+    with pytest.raises(
+        SettingsError, match="MODELWORKER_CPU_GEMM: must be one of auto, torch, onednn, got 'mkl'"
+    ):
+        build_settings({}, {"MODELWORKER_CPU_GEMM": "mkl"}, None)
+
+
+@pytest.fixture(scope="module")
+def onednn_worker(aio_loop: asyncio.AbstractEventLoop, model_root: Path) -> Iterator[RunningServer]:
+    """A worker whose default kernel is onednn."""
+    running = start_server(aio_loop, make_settings(model_root, cpu_gemm="onednn"))
+    yield running
+    running.stop(grace=0.5)
+
+
+def _logits(stub, model_id: str) -> np.ndarray:
+    request = pb.ForwardRequest(
+        model_id=model_id, token_ids=[3, 1, 4, 1, 5, 9, 2, 6], logits_mode=pb.LOGITS_ALL
+    )
+    t = stub.Forward(request, timeout=30).logits
+    return np.frombuffer(t.data, dtype=np.float32).reshape(tuple(t.shape))
+
+
+def test_cpu_gemm_over_grpc(worker: RunningServer, onednn_worker: RunningServer, monkeypatch) -> None:
+    # the in-process servers' tiny models run oneDNN in every layer (architectures/cpu_gemm.py)
+    monkeypatch.setattr(cpu_gemm, "ONEDNN_MIN_WEIGHT", 0)
+    stub = worker.stub()
+    auto = stub.Load(load_request("gemm-auto", "llama-a"), timeout=60).model
+    plain = stub.Load(load_request("gemm-torch", "llama-a", cpu_gemm="torch"), timeout=60).model
+    onednn = stub.Load(load_request("gemm-onednn", "llama-a", cpu_gemm="ONEDNN"), timeout=60).model
+    by_default = onednn_worker.stub().Load(load_request("gemm-default", "llama-a"), timeout=60).model
+    try:
+        import torch
+
+        assert auto.cpu_gemm == resolve_cpu_gemm("auto", torch.device("cpu"), torch.float32)
+        assert (plain.cpu_gemm, onednn.cpu_gemm, by_default.cpu_gemm) == ("torch", "onednn", "onednn")
+        listed = {m.id: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
+        assert listed["gemm-onednn"].cpu_gemm == "onednn"
+        a, b = _logits(stub, "gemm-torch"), _logits(stub, "gemm-onednn")
+        assert a.shape == b.shape == (8, auto.vocab_size)
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+        err = rpc_error(lambda: stub.Load(load_request("gemm-bad", "llama-a", cpu_gemm="mkl"), timeout=30))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "cpu_gemm 'mkl' is not one of auto, torch, onednn" in err.details()
+        models = {m.id for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
+        assert "gemm-bad" not in models and "gemm-torch" in models  # nothing lost, still serving
+        np.testing.assert_array_equal(_logits(stub, "gemm-torch"), a)
+    finally:
+        for model_id in ("gemm-auto", "gemm-torch", "gemm-onednn"):
+            stub.Unload(pb.UnloadRequest(model_id=model_id), timeout=30)
+        onednn_worker.stub().Unload(pb.UnloadRequest(model_id="gemm-default"), timeout=30)
