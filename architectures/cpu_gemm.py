@@ -58,10 +58,14 @@ class Linear(nn.Linear):
         return self.gemm(x, self.weight, self.bias)
 
 
+def gemm_for(kernel: str, weight: torch.Tensor) -> Gemm:
+    """The matmul a layer with `weight` runs under `kernel`: F.linear below ONEDNN_MIN_WEIGHT."""
+    return GEMMS[kernel] if weight.numel() >= ONEDNN_MIN_WEIGHT else F.linear
+
+
 def use_gemm(network: nn.Module, kernel: str) -> None:
-    """The dense `Linear`s of `network` multiply with `kernel` (those under ONEDNN_MIN_WEIGHT with
-    F.linear; quantized layers are not `Linear`s and keep their own kernels)."""
-    gemm = GEMMS[kernel]
+    """The dense `Linear`s of `network` multiply with `kernel` (see gemm_for; quantized layers are
+    not `Linear`s and keep their own kernels)."""
     for module in network.modules():
         if isinstance(module, Linear):
-            module.gemm = gemm if module.weight.numel() >= ONEDNN_MIN_WEIGHT else F.linear
+            module.gemm = gemm_for(kernel, module.weight)

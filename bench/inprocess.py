@@ -159,9 +159,7 @@ def matmul_floor(
     gate/up as the fused matrices they are) — the part no fusing of the rest can remove. With
     rows > 1 (a prefill) the lm_head is left out: it scores only the last token. The median of
     `reps` passes."""
-    from architectures.cpu_gemm import GEMMS
-
-    gemm = GEMMS[kernel or model.cpu_gemm]
+    from architectures.cpu_gemm import gemm_for
 
     head = model.network.lm_head
     weights = [
@@ -170,10 +168,11 @@ def matmul_floor(
         if isinstance(m, torch.nn.Linear) and not (rows > 1 and m is head)
     ]
     inputs = {w.shape[1]: torch.randn(1, rows, w.shape[1], dtype=w.dtype) for w in weights}
+    calls = [(gemm_for(kernel or model.cpu_gemm, w), inputs[w.shape[1]], w) for w in weights]
 
     def one_pass() -> None:
-        for w in weights:
-            gemm(inputs[w.shape[1]], w)
+        for gemm, x, w in calls:
+            gemm(x, w)
 
     with torch.inference_mode():
         one_pass()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -38,3 +39,10 @@ def assert_status(err: grpc.RpcError, code: grpc.StatusCode, *fragments: str) ->
 
 def logits(reply: pb.ForwardResponse | pb.ForwardPagedResponse) -> torch.Tensor:
     return decode_tensor(reply.logits)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a flag that takes no 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

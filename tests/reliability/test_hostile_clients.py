@@ -35,7 +35,7 @@ from worker.logs import TextFormatter
 from worker.pb.modelworker.v1 import worker_pb2 as pb
 from worker.status import MAX_STATUS_MESSAGE_CHARS
 
-from .common import MINI_KV, Code, MiB, assert_status, rpc_error
+from .common import MINI_KV, Code, MiB, assert_status, free_port, rpc_error
 from .procs import ServeProcess
 from .test_shutdown import wait_loading
 
@@ -199,14 +199,8 @@ def test_stuck_loads_leave_forwards_running_and_exit_bounded(
         print(f"SIGTERM with 8 stuck Loads: exit 0 after {time.monotonic() - signaled:.1f} s (grace 0.5 s)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_idle_metrics_connections_start_no_threads(model_root: Path, plugin_env: dict[str, str]) -> None:
-    port = _free_port()
+    port = free_port()
     with ServeProcess(model_root, plugin_env, "--metrics-port", str(port)) as worker:
         url = f"http://127.0.0.1:{port}/metrics"
         assert b"modelworker" in urllib.request.urlopen(url, timeout=10).read()

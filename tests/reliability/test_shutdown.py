@@ -12,7 +12,6 @@ through its entry point (see conftest.plugin_env), so calls can be made to last.
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -24,7 +23,7 @@ from grpc_health.v1 import health_pb2
 from tests.worker import slow_arch
 from worker.pb.modelworker.v1 import worker_pb2 as pb
 
-from .common import SMALL_KV, Code, rpc_error
+from .common import SMALL_KV, Code, free_port, rpc_error
 from .procs import ServeProcess
 
 FORWARD_SECONDS = 1.0
@@ -54,12 +53,6 @@ def wait_loading(worker: ServeProcess, model_id: str, timeout: float = 10) -> No
             return
         assert time.monotonic() < deadline, f"{model_id} never seen LOADING"
         time.sleep(0.01)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_started(worker: ServeProcess, method: str, count: int, timeout: float = 30) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from architectures import cpu_gemm
 from registry.cpu_gemm import CPU_GEMMS as REGISTRY_GEMMS
@@ -62,8 +63,6 @@ def test_cpu_gemm_over_grpc(worker: RunningServer, onednn_worker: RunningServer,
     onednn = stub.Load(load_request("gemm-onednn", "llama-a", cpu_gemm="ONEDNN"), timeout=60).model
     by_default = onednn_worker.stub().Load(load_request("gemm-default", "llama-a"), timeout=60).model
     try:
-        import torch
-
         assert auto.cpu_gemm == resolve_cpu_gemm("auto", torch.device("cpu"), torch.float32)
         assert (plain.cpu_gemm, onednn.cpu_gemm, by_default.cpu_gemm) == ("torch", "onednn", "onednn")
         listed = {m.id: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
