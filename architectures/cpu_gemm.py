@@ -1,7 +1,7 @@
 """The matmul kernels of dense linear layers (`cpu_gemm`; registry/cpu_gemm.py says which a Load
 takes and why): `Linear` multiplies with the kernel `use_gemm` gives it at Load.
 
-oneDNN's matmul costs ~22 µs a call whatever the size (primitive lookup, its own parallel region;
+oneDNN's matmul costs 13–24 µs a call whatever the size (primitive lookup, its own parallel region;
 measured on 2 threads against MKL's 3.5 µs for a 64×64 GEMV), which its faster loops pay back only on
 larger weights: under `onednn`, layers below `ONEDNN_MIN_WEIGHT` elements keep F.linear (a tiny
 model's decode step took 0.67 ms instead of 0.43 ms with every layer on oneDNN)."""
