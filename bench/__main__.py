@@ -91,7 +91,7 @@ def header(b: Bench, started: datetime) -> list[str]:
 def gemm_line(b: Bench) -> list[str]:
     """Which matmul kernel our float32 models ran (--cpu-gemm auto) and what each kernel takes for
     SmolLM2's decode GEMVs alone on this host."""
-    from registry.cpu_gemm import cpu_vendor
+    from registry.cpu_gemm import calibrate_cpu_gemm
 
     from .inprocess import matmul_floor
 
@@ -102,8 +102,9 @@ def gemm_line(b: Bench) -> list[str]:
         f"{kernel} {matmul_floor(smol, kernel=kernel)[0] * 1e3:.1f} ms" for kernel in ("torch", "onednn")
     )
     return [
-        f"Matmul kernel of our float32 layers: {smol.cpu_gemm} (`--cpu-gemm auto` on this "
-        f"{cpu_vendor() or 'unknown'} CPU; transformers runs torch's). SmolLM2's decode GEMVs alone: {floors}."
+        f"Matmul kernel of our float32 layers: {smol.cpu_gemm} (`--cpu-gemm auto` measured "
+        f"{calibrate_cpu_gemm(torch.get_num_threads()).describe()}; transformers runs torch's). "
+        f"SmolLM2's decode GEMVs alone: {floors}."
     ]
 
 

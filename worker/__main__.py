@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--cpu-gemm",
-        help="auto | torch | onednn: the matmul kernel of CPU float32 layers (default auto: onednn on AMD)",
+        help="auto | torch | onednn: the matmul kernel of CPU float32 layers (default auto: the faster measured on this host)",
     )
     serve.add_argument(
         "--threads", help="torch intra-op threads (default: $OMP_NUM_THREADS, else the usable cores)"

@@ -67,7 +67,7 @@ class Settings:
     # mmap: CPU weights whose bytes are the checkpoint's stay views of the mapped file (checkpoints
     # must then be replaced by rename, never rewritten in place); copy: every weight is read in.
     load_mode: str = "mmap"
-    # The matmul kernel of CPU float32 dense layers: auto (onednn on AMD x86, else torch), torch
+    # The matmul kernel of CPU float32 dense layers: auto (the faster measured here), torch
     # (MKL on x86) or onednn (registry/cpu_gemm.py).
     cpu_gemm: str = "auto"
     # torch intra-op threads; 0: $OMP_NUM_THREADS when set, else the cores this process may use.
