@@ -422,7 +422,9 @@ class CausalLM(Model):
             return self._logits(
                 hidden[torch.as_tensor(logits_indices, dtype=torch.long, device=hidden.device)]
             )
-        return self._logits(hidden if all_logits else hidden[batch.last_token_indices])
+        if all_logits or batch.is_decode_only:  # one row per sequence: its last token is its only one
+            return self._logits(hidden)
+        return self._logits(hidden[batch.last_token_indices])
 
     # -- caches --------------------------------------------------------------------------------
     def reset_kv_cache(self) -> None:
