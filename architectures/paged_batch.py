@@ -222,10 +222,10 @@ def prepare_paged_batch(
     sequence is longer than the whole cache. The checks run in this order: the sequences (lists
     and their lengths), each sequence against the cache, then every token.
     """
-    if not is_prefill and query_lens is None:
+    if not is_prefill:
         fast = _plain_decode_batch(
-            cache, input_tokens, positions, block_tables, slot_mapping, context_lens, vocab_size,
-            max_position_embeddings,
+            cache, input_tokens, positions, block_tables, slot_mapping, context_lens, query_lens,
+            vocab_size, max_position_embeddings,
         )  # fmt: skip
         if fast is not None:
             return fast
@@ -280,6 +280,7 @@ def _plain_decode_batch(
     block_tables: Sequence[Sequence[int]],
     slot_mapping: IntsLike,
     context_lens: IntsLike,
+    query_lens: IntsLike | None,
     vocab_size: int,
     max_position_embeddings: int,
 ) -> PagedBatch | None:
@@ -294,6 +295,8 @@ def _plain_decode_batch(
         return None
     n = len(ctx)
     if not 0 < n <= PLAIN_DECODE_SEQS or not len(tokens) == len(pos) == len(slots) == len(block_tables) == n:
+        return None
+    if query_lens is not None and _plain_ints(query_lens) not in ([], [1] * n):  # [] = the default
         return None
     bs, num_blocks = cache.block_size, cache.num_blocks
     tables: list[list[int]] = []

@@ -556,10 +556,11 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
             self._check_paged_call(model, request, n, rows)
             started = time.perf_counter()
             logits = model.forward_paged(
-                torch.tensor(list(request.input_tokens), dtype=torch.long),
-                torch.tensor(list(request.positions), dtype=torch.long),
+                # plain lists: a decode step's few integers are checked in Python (paged_batch.py)
+                list(request.input_tokens),
+                list(request.positions),
                 [list(table.block_ids) for table in request.block_tables],
-                torch.tensor(list(request.slot_mapping), dtype=torch.long),
+                list(request.slot_mapping),
                 context_lens,
                 request.is_prefill,
                 list(request.query_lens) or None,

@@ -40,7 +40,9 @@ def _valid_call(rng: random.Random, n: int) -> dict:
         if slot in seen or rng.random() < 0.1:
             slots[s] = -1
         seen.add(slot)
+    given = rng.choice([None, [], [1] * n])  # the default, an empty list, or decode's ones
     return dict(
+        **({} if given is None else {"query_lens": given}),
         input_tokens=[rng.randrange(VOCAB) for _ in range(n)],
         positions=[c - 1 for c in ctx],
         block_tables=tables,
@@ -90,6 +92,9 @@ def _breakages(rng: random.Random, call: dict) -> list[Callable[[dict], None]]:
         put("input_tokens", torch.tensor(call["input_tokens"], dtype=torch.float32), None),
         put("positions", torch.tensor([call["positions"]]), None),
         put("block_tables", tuple(call["block_tables"]), None),
+        put("query_lens", [1] * (n + 1), None),
+        put("query_lens", [2] + [1] * (n - 1), None),
+        put("query_lens", [1.0] * n, None),
     ]
 
 
