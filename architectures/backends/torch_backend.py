@@ -60,25 +60,26 @@ class _DecodeKeys:
     """Where one chunk of a decode group's keys are: `index` long [B * n] (whole blocks when
     `by_block`, else slots), mask bool [B, 1, 1, c] (None: every key is seen).
 
-    `blocks`: for one sequence whose blocks of the chunk are consecutive in the cache, their range;
-    the chunk is then a view of the cache (no gather)."""
+    `slots`: for one sequence whose blocks are consecutive in the cache, the range of its keys'
+    slots (`index` and `mask` are then None): the keys are a view of the cache, no gather, no mask."""
 
-    index: torch.Tensor
+    index: torch.Tensor | None
     mask: torch.Tensor | None
     by_block: bool
     rows: int
     keys: int
-    blocks: slice | None = None
+    slots: slice | None = None
 
     def gather(self, k_flat: torch.Tensor, v_flat: torch.Tensor, cache: PagedKvCache) -> KeyChunk:
         b, c = self.rows, self.keys
         n_kv, d = cache.num_kv_heads, cache.head_dim
-        if self.by_block:  # rows of block_size * Hkv * D: a few large copies instead of one per token
-            k_flat = k_flat.view(-1, cache.block_size * n_kv * d)
-            v_flat = v_flat.view(-1, cache.block_size * n_kv * d)
-        if self.blocks is not None:
-            k, v = k_flat[self.blocks], v_flat[self.blocks]
+        if self.slots is not None:
+            k, v = k_flat[self.slots], v_flat[self.slots]
         else:
+            assert self.index is not None
+            if self.by_block:  # rows of block_size * Hkv * D: a few large copies, not one per token
+                k_flat = k_flat.view(-1, cache.block_size * n_kv * d)
+                v_flat = v_flat.view(-1, cache.block_size * n_kv * d)
             k, v = k_flat.index_select(0, self.index), v_flat.index_select(0, self.index)
         return k.view(b, c, n_kv, d).transpose(1, 2), v.view(b, c, n_kv, d).transpose(1, 2), self.mask
 
@@ -206,10 +207,11 @@ def _decode(
     if len(groups) == 1:
         rows, width, chunk = groups[0]
         if width <= chunk:  # one group, one chunk: keep its indices for the other layers
-            keys = next(_decode_keys(plan, cache, rows, width, chunk, window))
-            if all(c == width for c in plan.decode_ctx_host):  # every key is seen: no mask to apply
-                keys.mask = None
-            keys.blocks = _consecutive_blocks(plan, cache, rows, width, window)
+            keys = _consecutive_keys(plan, cache, rows, width, window)
+            if keys is None:
+                keys = next(_decode_keys(plan, cache, rows, width, chunk, window))
+                if all(c == width for c in plan.decode_ctx_host):  # every key is seen: no mask
+                    keys.mask = None
             plan.decode_by_window[window] = keys
             return _sdpa(q4, *keys.gather(k_flat, v_flat, cache), scale, softcap).reshape(bd, heads, d)
     plan.decode_by_window[window] = None
@@ -223,18 +225,20 @@ def _decode(
     return out.reshape(bd, heads, d)
 
 
-def _consecutive_blocks(
+def _consecutive_keys(
     plan: TorchPlan, cache: PagedKvCache, rows: slice, width: int, window: int | None
-) -> slice | None:
-    """The blocks of a one-sequence group's `width` keys (whole blocks, no window) when they are
-    consecutive in the cache, in order: attention then reads a view of the cache, no gather."""
+) -> _DecodeKeys | None:
+    """The keys of a one-sequence group (no window) whose blocks are consecutive in the cache, in
+    order: slots first * block_size onwards, one per key of its context, read as a view of the
+    cache (no gather, and no mask: the view ends at the last key)."""
     if window is not None or rows.stop - rows.start != 1 or not plan.decode_tables_host:
         return None
     table = plan.decode_tables_host[rows.start][: width // cache.block_size]
     first = table[0]
     if table != list(range(first, first + len(table))):
         return None
-    return slice(first, first + len(table))
+    start, keys = first * cache.block_size, plan.decode_ctx_host[rows.start]
+    return _DecodeKeys(None, None, True, 1, keys, slots=slice(start, start + keys))
 
 
 def _decode_width(ctx: int, cache: PagedKvCache, window: int | None) -> int:
