@@ -44,7 +44,8 @@ class PagedContext(Generic[PlanT]):
             backend_store(self.cache, layer_idx, k, v, b)
             return
         k_flat, v_flat = self.cache.flat_k(layer_idx), self.cache.flat_v(layer_idx)
-        k, v = k.to(k_flat.dtype), v.to(v_flat.dtype)
+        if k.dtype != k_flat.dtype:  # a check in Python costs less than a no-op cast's dispatch
+            k, v = k.to(k_flat.dtype), v.to(v_flat.dtype)
         if b.store_rows is None:
             k_flat.index_copy_(0, b.store_slots, k)
             v_flat.index_copy_(0, b.store_slots, v)

@@ -87,8 +87,8 @@ class _DecodeKeys:
 @dataclass
 class TorchPlan:
     decode_rows: torch.Tensor | None  # long [Bd]: q rows of the decode sequences
-    decode_ctx: torch.Tensor | None  # long [Bd]
-    decode_tables: torch.Tensor | None  # long [Bd, max_blocks]
+    decode_ctx: torch.Tensor | None  # int [Bd]
+    decode_tables: torch.Tensor | None  # int [Bd, max_blocks]
     decode_ctx_host: list[int]  # the same context lengths on the host (grouping without a device sync)
     prefill: list[_PrefillSeq]
     all_decode: bool
@@ -106,6 +106,16 @@ class TorchBackend:
     name = "torch"
 
     def plan(self, cache: PagedKvCache, batch: PagedBatch) -> TorchPlan:
+        if batch.is_decode_only:  # the hot path: every index is already on the device
+            return TorchPlan(
+                batch.last_token_indices,
+                batch.context_lens_t,
+                batch.block_table,
+                batch.context_lens,
+                [],
+                all_decode=True,
+                decode_tables_host=batch.block_tables,
+            )
         dev = cache.device
         tables = batch.block_table.long()
         decode = [s for s in range(batch.num_seqs) if batch.query_lens[s] == 1]
@@ -122,25 +132,14 @@ class TorchBackend:
             for s in range(batch.num_seqs)
             if batch.query_lens[s] > 1
         ]
-        ctx = batch.context_lens_t.long()
-        if not prefill:  # the hot path: every index is already on the device
-            return TorchPlan(
-                batch.last_token_indices,
-                ctx,
-                tables,
-                list(batch.context_lens),
-                [],
-                all_decode=True,
-                decode_tables_host=batch.block_tables,
-            )
         if decode:
             idx = torch.tensor(decode, dtype=torch.long).to(dev)
             # a decode sequence's only query row is its last token
             rows = batch.last_token_indices.index_select(0, idx)
             return TorchPlan(
                 rows,
-                ctx.index_select(0, idx),
-                tables.index_select(0, idx),
+                batch.context_lens_t.index_select(0, idx),
+                batch.block_table.index_select(0, idx),
                 [batch.context_lens[s] for s in decode],
                 prefill,
                 all_decode=False,
@@ -160,7 +159,8 @@ class TorchBackend:
         softcap: float | None = None,
     ) -> torch.Tensor:
         k_flat, v_flat = cache.flat_k(layer_idx), cache.flat_v(layer_idx)
-        q = q.to(k_flat.dtype)
+        if q.dtype != k_flat.dtype:
+            q = q.to(k_flat.dtype)
         if plan.all_decode:
             return _decode(q, k_flat, v_flat, plan, cache, window, scale, softcap)
         out = torch.empty_like(q)
@@ -283,8 +283,8 @@ def _decode_keys(
     context are masked. With one, key j of a sequence is token ctx - seen + j, where
     seen = min(ctx, window)."""
     assert plan.decode_ctx is not None and plan.decode_tables is not None
-    ctx = plan.decode_ctx[rows]
-    tables = plan.decode_tables[rows]
+    ctx = plan.decode_ctx[rows].long()
+    tables = plan.decode_tables[rows].long()
     bs = cache.block_size
     start = (ctx - window).clamp(min=0) if window is not None else ctx
     seen = ctx - start
