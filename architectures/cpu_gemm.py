@@ -1,18 +1,22 @@
 """The matmul kernels of dense linear layers (`cpu_gemm`; registry/cpu_gemm.py says which a Load
-takes and why): `Linear` multiplies with the kernel `use_gemm` gives it at Load.
+takes and why): `Linear` multiplies with the kernel `use_gemm` gives it at Load, which for a
+`GEMV+GEMM` pair sends one-row inputs (a decode step) to the first and the rest to the second.
 
 oneDNN's matmul costs 13–24 µs a call whatever the size (primitive lookup, its own parallel region;
 measured on 2 threads against MKL's 3.5 µs for a 64×64 GEMV), which its faster loops pay back only on
-larger weights: under `onednn`, layers below `ONEDNN_MIN_WEIGHT` elements keep F.linear (a tiny
+larger weights: layers below `KERNEL_MIN_WEIGHT` elements keep F.linear whatever the kernel (a tiny
 model's decode step took 0.67 ms instead of 0.43 ms with every layer on oneDNN)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from registry.cpu_gemm import cpu_gemm_kernels
 
 Gemm = Callable[..., torch.Tensor]
 
@@ -42,11 +46,54 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return _linear_pointwise(x, weight, bias)
 
 
+def _mv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    flat = x.reshape(-1)
+    y = torch.mv(weight, flat) if bias is None else torch.addmv(bias, weight, flat)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("modelworker::mv_linear", mutates_args=())
+def _opaque_mv_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """torch.mv opaque to torch.compile, so that compiled decode calls MKL's GEMV too rather than a
+    reduction of inductor's own."""
+    return _mv(x, weight, bias)
+
+
+@_opaque_mv_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def mv_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear of a one-row x ([..., in] with one row in all) through torch.mv (MKL's GEMV)."""
+    if torch.compiler.is_compiling():
+        return _opaque_mv_linear(x, weight, bias)
+    return _mv(x, weight, bias)
+
+
 GEMMS: dict[str, Gemm] = {"torch": F.linear, "onednn": onednn_linear}
+GEMVS: dict[str, Gemm] = {**GEMMS, "mv": mv_linear}
 
 # 1 MiB of float32: SmolLM2's o_proj (576×576) and larger. Its decode step ran at the same speed with
 # this bound as with every layer on oneDNN; the lm_head alone gives most of the gain.
-ONEDNN_MIN_WEIGHT = 1 << 18
+KERNEL_MIN_WEIGHT = 1 << 18
+
+
+@cache
+def kernel(name: str) -> Gemm:
+    """The matmul of a resolved `cpu_gemm` value (one function per name: layers share it)."""
+    gemv_name, gemm_name = cpu_gemm_kernels(name)
+    if gemv_name == gemm_name:
+        return GEMMS[gemm_name]
+    gemv, gemm = GEMVS[gemv_name], GEMMS[gemm_name]
+
+    def by_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return gemv(x, weight, bias) if x.numel() == x.shape[-1] else gemm(x, weight, bias)
+
+    by_rows.__name__ = by_rows.__qualname__ = f"{gemv_name}_or_{gemm_name}_linear"
+    return by_rows
 
 
 class Linear(nn.Linear):
@@ -58,14 +105,14 @@ class Linear(nn.Linear):
         return self.gemm(x, self.weight, self.bias)
 
 
-def gemm_for(kernel: str, weight: torch.Tensor) -> Gemm:
-    """The matmul a layer with `weight` runs under `kernel`: F.linear below ONEDNN_MIN_WEIGHT."""
-    return GEMMS[kernel] if weight.numel() >= ONEDNN_MIN_WEIGHT else F.linear
+def gemm_for(name: str, weight: torch.Tensor) -> Gemm:
+    """The matmul a layer with `weight` runs under `cpu_gemm` `name`: F.linear below KERNEL_MIN_WEIGHT."""
+    return kernel(name) if weight.numel() >= KERNEL_MIN_WEIGHT else F.linear
 
 
-def use_gemm(network: nn.Module, kernel: str) -> None:
-    """The dense `Linear`s of `network` multiply with `kernel` (see gemm_for; quantized layers are
+def use_gemm(network: nn.Module, name: str) -> None:
+    """The dense `Linear`s of `network` multiply with the kernels of `name` (see gemm_for; quantized layers are
     not `Linear`s and keep their own kernels)."""
     for module in network.modules():
         if isinstance(module, Linear):
-            module.gemm = gemm_for(kernel, module.weight)
+            module.gemm = gemm_for(name, module.weight)

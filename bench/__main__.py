@@ -99,7 +99,8 @@ def gemm_line(b: Bench) -> list[str]:
     if smol is None:
         return []
     floors = ", ".join(
-        f"{kernel} {matmul_floor(smol, kernel=kernel)[0] * 1e3:.1f} ms" for kernel in ("torch", "onednn")
+        f"{kernel} {matmul_floor(smol, kernel=kernel)[0] * 1e3:.1f} ms"
+        for kernel in ("torch", "onednn", "mv+torch")
     )
     return [
         f"Matmul kernel of our float32 layers: {smol.cpu_gemm} (`--cpu-gemm auto` measured "

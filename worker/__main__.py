@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--cpu-gemm",
-        help="auto | torch | onednn: the matmul kernel of CPU float32 layers (default auto: the faster measured on this host)",
+        help="auto | torch | onednn | GEMV+GEMM (mv+torch, mv+onednn, onednn+torch, torch+onednn): the matmul kernels "
+        "of CPU float32 layers (default auto: the fastest measured on this host)",
     )
     serve.add_argument(
         "--threads", help="torch intra-op threads (default: $OMP_NUM_THREADS, else the usable cores)"

@@ -291,7 +291,7 @@ class ModelInfo:
     released: tuple[str, ...] = ()  # memory tags ReleaseMemory freed (state "SLEEPING")
     quantization: str = ""
     compile_seconds: float = 0.0  # spent compiling decode steps (load(compile_decode=True))
-    cpu_gemm: str = ""  # the dense layers' matmul kernel: "torch" or "onednn"
+    cpu_gemm: str = ""  # the dense layers' matmul kernels: "torch", "onednn" or "GEMV+GEMM" (e.g. "mv+torch")
 
 
 @dataclass(frozen=True)

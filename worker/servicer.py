@@ -319,7 +319,7 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
         return mode
 
     def _cpu_gemm(self, text: str) -> str:
-        """ "" → the worker's --cpu-gemm; else auto, torch or onednn."""
+        """ "" → the worker's --cpu-gemm; else one of CPU_GEMMS."""
         name = (text or self.settings.cpu_gemm).strip().lower()
         if name not in CPU_GEMMS:
             raise InvalidArgument(f"cpu_gemm {text!r} is not one of {', '.join(CPU_GEMMS)}")

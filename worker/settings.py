@@ -26,7 +26,15 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_MODES = ("mmap", "copy")
-CPU_GEMMS = ("auto", "torch", "onednn")  # registry/cpu_gemm.py
+CPU_GEMMS = (  # registry/cpu_gemm.py
+    "auto",
+    "torch",
+    "onednn",
+    "mv+torch",
+    "mv+onednn",
+    "onednn+torch",
+    "torch+onednn",
+)
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _SIZE_RE = re.compile(r"(\d+)\s*(?:([kmgt])(i)?)?b?", re.IGNORECASE)
 
@@ -67,8 +75,8 @@ class Settings:
     # mmap: CPU weights whose bytes are the checkpoint's stay views of the mapped file (checkpoints
     # must then be replaced by rename, never rewritten in place); copy: every weight is read in.
     load_mode: str = "mmap"
-    # The matmul kernel of CPU float32 dense layers: auto (the faster measured here), torch
-    # (MKL on x86) or onednn (registry/cpu_gemm.py).
+    # The matmul kernels of CPU float32 dense layers: auto (the fastest measured here), torch (MKL on
+    # x86), onednn, or GEMV+GEMM for one row and for more (registry/cpu_gemm.py).
     cpu_gemm: str = "auto"
     # torch intra-op threads; 0: $OMP_NUM_THREADS when set, else the cores this process may use.
     threads: int = 0

@@ -56,20 +56,25 @@ def _graphs() -> int:
 
 @pytest.mark.parametrize(
     ("name", "cpu_gemm"),
-    [("LlamaForCausalLM", "auto"), ("Gemma2ForCausalLM", "auto"), ("LlamaForCausalLM", "onednn")],
+    [
+        ("LlamaForCausalLM", "auto"),
+        ("Gemma2ForCausalLM", "auto"),
+        ("LlamaForCausalLM", "onednn"),
+        ("LlamaForCausalLM", "mv+torch"),
+    ],
 )
 def test_compiled_decode_steps_match_transformers(
     tmp_path: Path, name: str, cpu_gemm: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """onednn: its matmul is an opaque op in the graph (architectures/cpu_gemm.py), here in every layer
-    (the tiny model's layers are all below the size from which oneDNN is used)."""
-    monkeypatch.setattr(architectures.cpu_gemm, "ONEDNN_MIN_WEIGHT", 0)
+    """onednn and mv: their matmuls are opaque ops in the graph (architectures/cpu_gemm.py), here in
+    every layer (the tiny model's layers are all below the size from which they are used)."""
+    monkeypatch.setattr(architectures.cpu_gemm, "KERNEL_MIN_WEIGHT", 0)
     ref = _reference(name)
     model_dir = save_hf_model(ref, tmp_path / name)
     model = _load(_registry(tmp_path), "compiled", model_dir, cpu_gemm=cpu_gemm)
     assert model.compiled_decode is not None and model.compile_seconds > 0
-    if cpu_gemm == "onednn":
-        assert model.network.lm_head.gemm is architectures.cpu_gemm.GEMMS["onednn"]
+    if cpu_gemm != "auto":
+        assert model.network.lm_head.gemm is architectures.cpu_gemm.kernel(cpu_gemm)
     vocab = ref.config.vocab_size
     gen = torch.Generator().manual_seed(11)
     tokens = torch.randint(3, vocab, (1, 30), generator=gen)

@@ -11,9 +11,9 @@ import torch
 
 import architectures
 from architectures import cpu_gemm
-from architectures.cpu_gemm import GEMMS, Linear
+from architectures.cpu_gemm import GEMMS, Linear, kernel
 from registry import InvalidArgument, KvCacheOptions, LoadOptions, ModelRegistry
-from registry.cpu_gemm import ONEDNN_MARGIN, calibrate_cpu_gemm, choose_cpu_gemm, resolve_cpu_gemm
+from registry.cpu_gemm import MARGIN, calibrate_cpu_gemm, choose_cpu_gemm, resolve_cpu_gemm
 from tests.tiny_models import make_hf_model, save_hf_model
 
 CPU = torch.device("cpu")
@@ -25,9 +25,12 @@ def test_auto_takes_the_kernel_measured_faster_here_and_torch_elsewhere() -> Non
     measured = calibrate_cpu_gemm(torch.get_num_threads())
     assert resolve_cpu_gemm("auto", CPU, f32) == measured.choice
     assert calibrate_cpu_gemm(torch.get_num_threads()) is measured  # once per process and thread count
-    assert set(measured.seconds) == {"torch", "onednn"} and all(s > 0 for s in measured.seconds.values())
-    assert measured.describe().startswith(f"{measured.choice} (GEMVs over 25 MB on ")
+    assert set(measured.gemv_seconds) == {"torch", "onednn", "mv"}
+    assert set(measured.gemm_seconds) == {"torch", "onednn"}
+    assert all(s > 0 for s in [*measured.gemv_seconds.values(), *measured.gemm_seconds.values()])
+    assert measured.describe().startswith(f"{measured.choice} (over 25 MB of weights on ")
     assert resolve_cpu_gemm("onednn", CPU, f32) == "onednn"
+    assert resolve_cpu_gemm("mv+onednn", CPU, f32) == "mv+onednn"
     assert resolve_cpu_gemm("torch", CPU, f32) == "torch"
     # other dtypes (torch already sends bfloat16 to oneDNN) and devices keep F.linear
     assert resolve_cpu_gemm("auto", CPU, torch.bfloat16) == "torch"
@@ -37,25 +40,29 @@ def test_auto_takes_the_kernel_measured_faster_here_and_torch_elsewhere() -> Non
         resolve_cpu_gemm("mkl", CPU, f32)
 
 
-def test_auto_takes_onednn_only_by_a_clear_margin() -> None:
-    """A near tie keeps torch, so that two processes on one host do not pick differently."""
-    assert choose_cpu_gemm({"torch": 1.0, "onednn": 0.5}) == "onednn"
-    assert choose_cpu_gemm({"torch": 1.0, "onednn": ONEDNN_MARGIN * 0.99}) == "onednn"
-    assert choose_cpu_gemm({"torch": 1.0, "onednn": ONEDNN_MARGIN * 1.01}) == "torch"
-    assert choose_cpu_gemm({"torch": 1.0, "onednn": 1.5}) == "torch"
+def test_auto_leaves_torch_only_by_a_clear_margin() -> None:
+    """A near tie keeps torch, so that two processes on one host do not pick differently; GEMV and
+    GEMM are chosen apart."""
+    tie = {"torch": 1.0, "onednn": MARGIN * 1.01, "mv": MARGIN * 1.02}
+    assert choose_cpu_gemm(tie, {"torch": 1.0, "onednn": 1.5}) == "torch"
+    assert choose_cpu_gemm({**tie, "onednn": MARGIN * 0.99}, {"torch": 1.0, "onednn": 0.5}) == "onednn"
+    assert choose_cpu_gemm({**tie, "mv": 0.5}, {"torch": 1.0, "onednn": MARGIN * 1.01}) == "mv+torch"
+    assert choose_cpu_gemm({**tie, "mv": 0.5, "onednn": 0.6}, {"torch": 1.0, "onednn": 0.5}) == "mv+onednn"
+    assert choose_cpu_gemm({**tie, "onednn": 0.5}, {"torch": 1.0, "onednn": 1.0}) == "onednn+torch"
+    assert choose_cpu_gemm(tie, {"torch": 1.0, "onednn": 0.5}) == "torch+onednn"
 
 
 @pytest.fixture(autouse=True)
 def every_layer_on_the_kernel(monkeypatch):
-    """The tiny models' layers are all below ONEDNN_MIN_WEIGHT: lower the bound so that they run the
+    """The tiny models' layers are all below KERNEL_MIN_WEIGHT: lower the bound so that they run the
     kernel under test (the size rule itself is tested below)."""
-    monkeypatch.setattr(cpu_gemm, "ONEDNN_MIN_WEIGHT", 0)
+    monkeypatch.setattr(cpu_gemm, "KERNEL_MIN_WEIGHT", 0)
 
 
 def test_layers_below_the_size_bound_keep_f_linear(pair, monkeypatch) -> None:
     _, reg, model_dir = pair
     bound = 128 * 64  # the lm_head's weight: it and the larger layers take oneDNN, o_proj does not
-    monkeypatch.setattr(cpu_gemm, "ONEDNN_MIN_WEIGHT", bound)
+    monkeypatch.setattr(cpu_gemm, "KERNEL_MIN_WEIGHT", bound)
     model = _load(reg, "bound", model_dir, cpu_gemm="onednn")
     try:
         layers = [m for m in model.network.modules() if isinstance(m, Linear)]
@@ -80,16 +87,17 @@ def _load(reg: ModelRegistry, model_id: str, model_dir: Path, **options):
     return reg.load(model_id, model_dir, options=LoadOptions(kv_cache=KV, **options)).entry.model
 
 
-@pytest.mark.parametrize("kernel", ["torch", "onednn"])
-def test_every_path_matches_transformers(pair, kernel: str, seed: int) -> None:
+@pytest.mark.parametrize("name", ["torch", "onednn", "mv+torch", "mv+onednn", "torch+onednn"])
+def test_every_path_matches_transformers(pair, name: str, seed: int) -> None:
+    """Every pair of kernels: one-row products (decode) take the first, the others the second."""
     ref, reg, model_dir = pair
-    model = _load(reg, f"m-{kernel}", model_dir, cpu_gemm=kernel)
+    model = _load(reg, f"m-{name.replace('+', '-')}", model_dir, cpu_gemm=name)
     try:
-        assert model.cpu_gemm == kernel
+        assert model.cpu_gemm == name
         linears = [m for m in model.network.modules() if isinstance(m, Linear)]
         assert len(linears) == 1 + 4 * model.config.num_hidden_layers  # lm_head; qkv, o, gate_up, down
         assert sum(m.bias is not None for m in linears) == 4 * model.config.num_hidden_layers
-        assert all(m.gemm is GEMMS[kernel] for m in linears)
+        assert all(m.gemm is kernel(name) for m in linears)
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=gen)
         with torch.no_grad():
@@ -108,7 +116,7 @@ def test_every_path_matches_transformers(pair, kernel: str, seed: int) -> None:
         assert float((prefill[0] - want[0, 18]).abs().max()) <= 1e-4
         assert float((decode[0] - want[0, 19]).abs().max()) <= 1e-4
     finally:
-        reg.unload_model(f"m-{kernel}")
+        reg.unload_model(f"m-{name.replace('+', '-')}")
 
 
 def test_quantized_layers_keep_their_kernel_and_both_kernels_agree(pair) -> None:
@@ -119,9 +127,9 @@ def test_quantized_layers_keep_their_kernel_and_both_kernels_agree(pair) -> None
     }
     try:
         assert {k: m.cpu_gemm for k, m in models.items()} == {"torch": "torch", "onednn": "onednn"}
-        for kernel, model in models.items():  # the lm_head stays dense: the only Linear left
+        for name, model in models.items():  # the lm_head stays dense: the only Linear left
             dense = [n for n, m in model.network.named_modules() if isinstance(m, Linear)]
-            assert dense == ["lm_head"] and model.network.lm_head.gemm is GEMMS[kernel]
+            assert dense == ["lm_head"] and model.network.lm_head.gemm is kernel(name)
         ids = torch.randint(0, 100, (1, 10), generator=torch.Generator().manual_seed(3))
         a, b = (m.forward(ids) for m in models.values())
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

@@ -32,8 +32,12 @@ def test_cpu_gemm_from_every_source(tmp_path: Path) -> None:
     assert build_settings({}, env, config).cpu_gemm == "onednn"
     args = cli.build_parser().parse_args(["serve", "--cpu-gemm", "torch"])
     assert cli.settings_from_args(args, env=env).cpu_gemm == "torch"
+    args = cli.build_parser().parse_args(["serve", "--cpu-gemm", "MV+oneDNN"])
+    assert cli.settings_from_args(args, env=env).cpu_gemm == "mv+onednn"
     with pytest.raises(
-        SettingsError, match="MODELWORKER_CPU_GEMM: must be one of auto, torch, onednn, got 'mkl'"
+        SettingsError,
+        match="MODELWORKER_CPU_GEMM: must be one of auto, torch, onednn, mv[+]torch, mv[+]onednn, "
+        "onednn[+]torch, torch[+]onednn, got 'mkl'",
     ):
         build_settings({}, {"MODELWORKER_CPU_GEMM": "mkl"}, None)
 
@@ -46,37 +50,38 @@ def onednn_worker(aio_loop: asyncio.AbstractEventLoop, model_root: Path) -> Iter
     running.stop(grace=0.5)
 
 
-def _logits(stub, model_id: str) -> np.ndarray:
-    request = pb.ForwardRequest(
-        model_id=model_id, token_ids=[3, 1, 4, 1, 5, 9, 2, 6], logits_mode=pb.LOGITS_ALL
-    )
+def _logits(stub, model_id: str, tokens: tuple[int, ...] = (3, 1, 4, 1, 5, 9, 2, 6)) -> np.ndarray:
+    request = pb.ForwardRequest(model_id=model_id, token_ids=tokens, logits_mode=pb.LOGITS_ALL)
     t = stub.Forward(request, timeout=30).logits
     return np.frombuffer(t.data, dtype=np.float32).reshape(tuple(t.shape))
 
 
 def test_cpu_gemm_over_grpc(worker: RunningServer, onednn_worker: RunningServer, monkeypatch) -> None:
     # the in-process servers' tiny models run oneDNN in every layer (architectures/cpu_gemm.py)
-    monkeypatch.setattr(cpu_gemm, "ONEDNN_MIN_WEIGHT", 0)
+    monkeypatch.setattr(cpu_gemm, "KERNEL_MIN_WEIGHT", 0)
     stub = worker.stub()
     auto = stub.Load(load_request("gemm-auto", "llama-a"), timeout=60).model
     plain = stub.Load(load_request("gemm-torch", "llama-a", cpu_gemm="torch"), timeout=60).model
     onednn = stub.Load(load_request("gemm-onednn", "llama-a", cpu_gemm="ONEDNN"), timeout=60).model
+    mv = stub.Load(load_request("gemm-mv", "llama-a", cpu_gemm="mv+torch"), timeout=60).model
     by_default = onednn_worker.stub().Load(load_request("gemm-default", "llama-a"), timeout=60).model
     try:
         assert auto.cpu_gemm == resolve_cpu_gemm("auto", torch.device("cpu"), torch.float32)
         assert (plain.cpu_gemm, onednn.cpu_gemm, by_default.cpu_gemm) == ("torch", "onednn", "onednn")
         listed = {m.id: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
-        assert listed["gemm-onednn"].cpu_gemm == "onednn"
+        assert listed["gemm-onednn"].cpu_gemm == "onednn" and mv.cpu_gemm == "mv+torch"
+        one_row = _logits(stub, "gemm-torch", (7,))  # one token: torch.mv's GEMV under mv+torch
+        np.testing.assert_allclose(_logits(stub, "gemm-mv", (7,)), one_row, rtol=0, atol=1e-5)
         a, b = _logits(stub, "gemm-torch"), _logits(stub, "gemm-onednn")
         assert a.shape == b.shape == (8, auto.vocab_size)
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
         err = rpc_error(lambda: stub.Load(load_request("gemm-bad", "llama-a", cpu_gemm="mkl"), timeout=30))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "cpu_gemm 'mkl' is not one of auto, torch, onednn" in err.details()
+        assert "cpu_gemm 'mkl' is not one of auto, torch, onednn, mv+torch" in err.details()
         models = {m.id for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
         assert "gemm-bad" not in models and "gemm-torch" in models  # nothing lost, still serving
         np.testing.assert_array_equal(_logits(stub, "gemm-torch"), a)
     finally:
-        for model_id in ("gemm-auto", "gemm-torch", "gemm-onednn"):
+        for model_id in ("gemm-auto", "gemm-torch", "gemm-onednn", "gemm-mv"):
             stub.Unload(pb.UnloadRequest(model_id=model_id), timeout=30)
         onednn_worker.stub().Unload(pb.UnloadRequest(model_id="gemm-default"), timeout=30)
