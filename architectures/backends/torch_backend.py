@@ -60,8 +60,8 @@ class _DecodeKeys:
     """Where one chunk of a decode group's keys are: `index` long [B * n] (whole blocks when
     `by_block`, else slots), mask bool [B, 1, 1, c] (None: every key is seen).
 
-    `slots`: for one sequence whose blocks are consecutive in the cache, the range of its keys'
-    slots (`index` and `mask` are then None): the keys are a view of the cache, no gather, no mask."""
+    `slots`: for one sequence whose blocks are consecutive in the cache, the range of its whole
+    blocks' slots (`index` is then None): the keys are a view of the cache, no gather."""
 
     index: torch.Tensor | None
     mask: torch.Tensor | None
@@ -229,16 +229,17 @@ def _consecutive_keys(
     plan: TorchPlan, cache: PagedKvCache, rows: slice, width: int, window: int | None
 ) -> _DecodeKeys | None:
     """The keys of a one-sequence group (no window) whose blocks are consecutive in the cache, in
-    order: slots first * block_size onwards, one per key of its context, read as a view of the
-    cache (no gather, and no mask: the view ends at the last key)."""
+    order: its whole blocks as a view of the cache (no gather). The same keys and mask as a gather
+    would give, so that a sequence decodes to the same bits wherever its blocks lie."""
     if window is not None or rows.stop - rows.start != 1 or not plan.decode_tables_host:
         return None
     table = plan.decode_tables_host[rows.start][: width // cache.block_size]
     first = table[0]
     if table != list(range(first, first + len(table))):
         return None
-    start, keys = first * cache.block_size, plan.decode_ctx_host[rows.start]
-    return _DecodeKeys(None, None, True, 1, keys, slots=slice(start, start + keys))
+    start, ctx = first * cache.block_size, plan.decode_ctx_host[rows.start]
+    mask = None if ctx == width else torch.arange(width, device=cache.device)[None, None, None, :] < ctx
+    return _DecodeKeys(None, mask, True, 1, width, slots=slice(start, start + width))
 
 
 def _decode_width(ctx: int, cache: PagedKvCache, window: int | None) -> int:
