@@ -104,7 +104,7 @@ def gemm_line(b: Bench) -> list[str]:
     )
     return [
         f"Matmul kernel of our float32 layers: {smol.cpu_gemm} (`--cpu-gemm auto` measured "
-        f"{calibrate_cpu_gemm(torch.get_num_threads()).describe()}; transformers runs torch's). "
+        f"{calibrate_cpu_gemm().describe()}; transformers runs torch's). "
         f"SmolLM2's decode GEMVs alone: {floors}."
     ]
 

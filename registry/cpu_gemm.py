@@ -18,7 +18,7 @@ Neither wins everywhere, nor by vendor. SmolLM2's decode GEMVs on 2 threads: on 
 GEMMs: oneDNN 2.5× `F.linear` on that EPYC, equal on that Xeon. So `auto` times each GEMV kernel and
 each GEMM kernel on weights shaped like a decoder's projections, alternating, and leaves `torch`
 (the baseline) for another kernel only when that one takes under `MARGIN` of the baseline's time, so
-that a near tie never picks differently in two processes. It takes ~50 ms, once.
+that a near tie never picks differently in two processes. It takes ~60 ms, once per process.
 
 The kernels sum in different orders, so logits differ in the last bits (as between two BLAS builds);
 the parity tests check whichever the host resolves against transformers.
@@ -27,7 +27,6 @@ the parity tests check whichever the host resolves against transformers.
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,10 +51,11 @@ CPU_GEMMS = (
 
 # The measurement: products with one row (GEMV) and GEMM_ROWS rows over these weights (12 MiB each:
 # out of the cores' L2, as a decoder's weights are), each kernel ROUNDS times, alternating; the first
-# round of each is a warmup.
+# round of each is a warmup, and each kernel's fastest pass counts (other work on the machine only
+# ever slows a pass down).
 CALIBRATION_SHAPES = ((3072, 1024), (1024, 3072))
 GEMM_ROWS = 64
-CALIBRATION_ROUNDS = 5
+CALIBRATION_ROUNDS = 6
 MARGIN = 0.9
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def _timed_passes(
     weights: list[torch.Tensor],
     inputs: list[torch.Tensor],
 ) -> dict[str, float]:
-    """Median seconds of one pass over `weights` per kernel, the kernels alternating."""
+    """The fastest pass over `weights` per kernel (seconds), the kernels alternating."""
     passes: dict[str, list[float]] = {k: [] for k in kernels}
     for _ in range(CALIBRATION_ROUNDS):
         for name, kernel in kernels.items():
@@ -118,12 +118,15 @@ def _timed_passes(
             for x, w in zip(inputs, weights, strict=True):
                 kernel(x, w)
             passes[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v[1:]) for k, v in passes.items()}
+    return {k: min(v[1:]) for k, v in passes.items()}
 
 
 @cache
-def calibrate_cpu_gemm(threads: int) -> GemmCalibration:
-    """Time the kernels on this host with `threads` intra-op threads (the caller's setting)."""
+def calibrate_cpu_gemm() -> GemmCalibration:
+    """Time the kernels on this host, once per process, with the calling thread's intra-op threads:
+    call it first on the thread that runs forwards (the worker does, at start), not on a Load thread
+    that runs with one."""
+    threads = torch.get_num_threads()
     weights = [torch.zeros(shape) for shape in CALIBRATION_SHAPES]  # values do not change the time
     gemv = _timed_passes(
         {"torch": F.linear, "onednn": _onednn, "mv": lambda x, w: torch.mv(w, x[0])},
@@ -148,4 +151,4 @@ def resolve_cpu_gemm(name: str, device: torch.device, dtype: torch.dtype) -> str
         return "torch"
     if name != "auto":
         return name
-    return calibrate_cpu_gemm(torch.get_num_threads()).choice
+    return calibrate_cpu_gemm().choice

@@ -25,6 +25,7 @@ import torch
 from architectures.sampling import Sampler, SequenceSample, verification_rows
 from registry import KvCacheOptions, LoadOptions, LoadPlan, Model, ModelRegistry
 from registry.config_checks import check_checkpoint_shapes
+from registry.cpu_gemm import calibrate_cpu_gemm
 from registry.errors import InvalidArgument, ModelNotReady, OutOfResources
 from registry.paged_checks import check_token_count, resolve_query_lens
 from registry.registry import LoadOutcome, ModelEntry, ModelState, validate_model_id
@@ -90,6 +91,10 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
         self._executor = executor or ComputeThreads(self.compute_threads, EXECUTOR_THREADS - 1)
         # Loads run apart: a Load stuck reading a file cannot take the threads forwards need.
         self._load_executor = single_threaded_executor(settings.load_threads, "load")
+        if self.default_device.type == "cpu":
+            # cpu_gemm auto's measurement, once per process, on the thread forwards run on and with
+            # their thread count (a Load thread has one); ~60 ms (registry/cpu_gemm.py)
+            self._executor.submit(calibrate_cpu_gemm).result()
         # One lock per model id while any call holds or waits for it; the entry goes when the last
         # user is done, so ids that come and go do not accumulate.
         self._locks: dict[str, asyncio.Lock] = {}

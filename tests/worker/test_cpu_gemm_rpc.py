@@ -4,6 +4,8 @@ INVALID_ARGUMENT), ModelInfo.cpu_gemm, and the two kernels' logits side by side.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,3 +87,32 @@ def test_cpu_gemm_over_grpc(worker: RunningServer, onednn_worker: RunningServer,
         for model_id in ("gemm-auto", "gemm-torch", "gemm-onednn", "gemm-mv"):
             stub.Unload(pb.UnloadRequest(model_id=model_id), timeout=30)
         onednn_worker.stub().Unload(pb.UnloadRequest(model_id="gemm-default"), timeout=30)
+
+
+# Records where the worker runs auto's measurement: the thread's name and its torch thread count.
+CALIBRATION_PROBE = """
+import threading
+import architectures, torch
+import worker.servicer as servicer
+from registry import ModelRegistry
+from worker.settings import Settings
+
+torch.set_num_threads(2)
+calls = []
+measure = servicer.calibrate_cpu_gemm
+def recorded():
+    calls.append((threading.current_thread().name, torch.get_num_threads()))
+    return measure()
+servicer.calibrate_cpu_gemm = recorded
+servicer.ModelWorkerServicer(ModelRegistry(device="cpu"), Settings(device="cpu", threads=1)).close()
+print(calls)
+"""
+
+
+def test_the_worker_measures_on_its_primary_compute_thread() -> None:
+    """auto's measurement runs at start, on the thread forwards run on and with their thread count
+    (--threads 1 here, while the main thread has 2), not at the first Load on a Load thread."""
+    out = subprocess.run(
+        [sys.executable, "-c", CALIBRATION_PROBE], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "[('model-primary_0', 1)]", out.stderr
