@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from registry.cpu_gemm import calibrate_cpu_gemm
+
 from . import inprocess, kv_transfer, llamacpp, moe, quantized, sampling, serving, tensor_parallel
 from . import weights as weight_updates
 from .common import (
@@ -91,8 +93,6 @@ def header(b: Bench, started: datetime) -> list[str]:
 def gemm_line(b: Bench) -> list[str]:
     """Which matmul kernel our float32 models ran (--cpu-gemm auto) and what each kernel takes for
     SmolLM2's decode GEMVs alone on this host."""
-    from registry.cpu_gemm import calibrate_cpu_gemm
-
     from .inprocess import matmul_floor
 
     smol = b.ours.get(b.smol.label)
@@ -103,8 +103,9 @@ def gemm_line(b: Bench) -> list[str]:
         for kernel in ("torch", "onednn", "mv+torch")
     )
     return [
-        f"Matmul kernel of our float32 layers: {smol.cpu_gemm} (`--cpu-gemm auto` measured "
-        f"{calibrate_cpu_gemm().describe()}; transformers runs torch's). "
+        f"Matmul kernels of our float32 layers: {smol.cpu_gemm} (`--cpu-gemm auto` measured "
+        f"{calibrate_cpu_gemm().describe()} before the bench's workers started, which run the same; "
+        "transformers runs torch's). "
         f"SmolLM2's decode GEMVs alone: {floors}."
     ]
 
@@ -130,13 +131,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         b = Bench(args.quick, threads, report, new_registry([m.root for m in models]), models)
         roots = [m.root for m in models]
+        # cpu_gemm auto's measurement, alone on the machine: the workers started next would each
+        # measure at start, all at once, and could pick other kernels through the contention; they
+        # run what the bench process runs.
+        gemm_env = {"MODELWORKER_CPU_GEMM": calibrate_cpu_gemm().choice}
         worker = load_worker = kv_worker = None
         if items & {5, 7, 8, 9, 10, 11}:
-            worker = serving.WorkerProcess(roots, threads, tmp / "worker.log")
+            worker = serving.WorkerProcess(roots, threads, tmp / "worker.log", gemm_env)
         if 9 in items:  # the receiving end of the KV transfers
-            kv_worker = serving.WorkerProcess(roots, threads, tmp / "kv-worker.log")
+            kv_worker = serving.WorkerProcess(roots, threads, tmp / "kv-worker.log", gemm_env)
         if 1 in items:  # its own worker, whose Loads land in fresh pages (see serving.load)
-            load_worker = serving.WorkerProcess(roots, threads, tmp / "load-worker.log", FRESH_PAGES_ENV)
+            load_worker = serving.WorkerProcess(
+                roots, threads, tmp / "load-worker.log", {**FRESH_PAGES_ENV, **gemm_env}
+            )
         try:
             print(f"loading models ({threads} torch threads)...", flush=True)
             for model in models:
