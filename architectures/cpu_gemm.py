@@ -46,31 +46,15 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return _linear_pointwise(x, weight, bias)
 
 
-def _mv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def mv_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear of a one-row x ([..., in] with one row in all) through torch.mv (MKL's GEMV).
+
+    Under torch.compile it stays torch.mv, which inductor turns into GEMV loops of its own, fused
+    with their neighbours: SmolLM2's compiled step took 26.8 ms that way on an Intel Xeon against
+    29.9 ms with MKL's GEMV as an opaque op (the op's Python dispatch cost ~12 µs a call)."""
     flat = x.reshape(-1)
     y = torch.mv(weight, flat) if bias is None else torch.addmv(bias, weight, flat)
     return y.view(*x.shape[:-1], weight.shape[0])
-
-
-@torch.library.custom_op("modelworker::mv_linear", mutates_args=())
-def _opaque_mv_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """torch.mv opaque to torch.compile, so that compiled decode calls MKL's GEMV too rather than a
-    reduction of inductor's own."""
-    return _mv(x, weight, bias)
-
-
-@_opaque_mv_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-def mv_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear of a one-row x ([..., in] with one row in all) through torch.mv (MKL's GEMV)."""
-    if torch.compiler.is_compiling():
-        return _opaque_mv_linear(x, weight, bias)
-    return _mv(x, weight, bias)
 
 
 GEMMS: dict[str, Gemm] = {"torch": F.linear, "onednn": onednn_linear}
