@@ -202,7 +202,8 @@ class RotaryEmbedding:
         return inv_freq.to(self.device), attn_scale
 
     def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [...] → cos, sin [..., 1, rotary_dim] (broadcast over heads)."""
+        """positions [...] → cos, sin [..., 1, rotary_dim] (broadcast over heads); sin's first half
+        negated (rotate_half's sign: see apply_rotary)."""
         if self.dynamic:
             longest = int(positions.max()) + 1 if positions.numel() else 1
             inv_freq, attn_scale = self._frequencies(longest)
@@ -214,18 +215,21 @@ class RotaryEmbedding:
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * attn_scale).to(self.dtype)
         sin = (emb.sin() * attn_scale).to(self.dtype)
+        half = sin.shape[-1] // 2
+        # rotate_half's sign folded into sin, once per call: apply_rotary then needs no neg/cat per layer
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         return cos.unsqueeze(-2), sin.unsqueeze(-2)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [..., head_dim]; cos/sin [..., rotary_dim]: partial rotary turns the first rotary_dim."""
+    """x [..., head_dim]; cos/sin [..., rotary_dim] from RotaryEmbedding (sin's first half negated):
+    partial rotary turns the first rotary_dim.
+
+    The reference's x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1), is
+    cat(x2, x1) * cat(-sin1, sin2) to the bit (negation is exact): one roll instead of two slices,
+    a neg and a cat per layer."""
     d = cos.shape[-1]
     if d == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        return x * cos + x.roll(d // 2, -1) * sin
     rot, rest = x[..., :d], x[..., d:]
-    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+    return torch.cat((rot * cos + rot.roll(d // 2, -1) * sin, rest), dim=-1)
