@@ -33,8 +33,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.offset and x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # One op: the same x * rsqrt(mean(x²) + eps) * weight as below, with no casts to do.
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            # F.rms_norm's own ops, to the bit, without its three wrapper dispatches (~1% of a
+            # SmolLM2 decode step: 61 norms a step, each op paid with cold caches).
+            return x.mul(torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(self.eps))).mul_(self.weight)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         if self.offset:
             return ((self.offset + self.weight.float()) * normed).to(x.dtype)
