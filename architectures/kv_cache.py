@@ -40,8 +40,8 @@ def dense_attention(
         # the paged backend attends.
         b, heads, _, d = q.shape
         hkv = k.shape[1]
-        out = attention(q.view(b, hkv, heads // hkv, d), k, v, None, scale, softcap)
-        return out.view(b, heads, 1, d)
+        out = attention(q.reshape(b, hkv, heads // hkv, d), k, v, None, scale, softcap)
+        return out.reshape(b, heads, 1, d)  # CUDA's memory-efficient kernel gives non-contiguous output
     q_pos = torch.arange(q_start, q_start + sq, device=q.device)
     k_pos = torch.arange(sk, device=q.device)
     mask = window_mask(q_pos, k_pos, window)

@@ -41,7 +41,7 @@ def test_rotary_equals_the_reference_formula(partial: float, seed: int) -> None:
         "partial_rotary_factor": partial,
     }
     config = ModelConfig.from_hf(raw, "LlamaForCausalLM")
-    rotary = RotaryEmbedding(config, torch.float32, torch.device("cpu"))
+    rotary = RotaryEmbedding(config, torch.device("cpu"), torch.float32)
     gen = torch.Generator().manual_seed(seed)
     positions = torch.randint(0, 256, (2, 5), generator=gen)
     cos, sin = rotary(positions)
@@ -54,3 +54,23 @@ def test_rotary_equals_the_reference_formula(partial: float, seed: int) -> None:
     rot = x[..., :d]
     want = torch.cat((rot * ref_cos + _rotate_half(rot) * ref_sin, x[..., d:]), dim=-1)
     assert torch.equal(apply_rotary(x, cos, sin), want)
+
+
+def test_decode_attention_folds_gqa_whatever_the_kernels_output_strides(monkeypatch, seed: int) -> None:
+    """One query over a contiguous cache: the G query heads of a KV head attend as its G queries.
+    CUDA's memory-efficient kernel returns [B, Hkv, G, D] with non-contiguous strides; an output
+    like that is reshaped, not viewed (a view raised)."""
+    from architectures import kv_cache
+
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 1, 9, 16, generator=gen).transpose(1, 2)  # [B, H, 1, D] as the layer gives it
+    k, v = (torch.randn(2, 3, 20, 16, generator=gen) for _ in range(2))
+    want = F.scaled_dot_product_attention(q, k, v, scale=0.25, enable_gqa=True)
+    torch.testing.assert_close(kv_cache.dense_attention(q, k, v, 19, None, 0.25), want, rtol=0, atol=1e-6)
+    plain = kv_cache.attention
+
+    def strided(*args, **kwargs):  # [B, Hkv, G, D] with the strides of [B, G, Hkv, D]
+        return plain(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
+
+    monkeypatch.setattr(kv_cache, "attention", strided)
+    torch.testing.assert_close(kv_cache.dense_attention(q, k, v, 19, None, 0.25), want, rtol=0, atol=1e-6)
