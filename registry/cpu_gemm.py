@@ -9,7 +9,7 @@ batched decode, bound by compute); each has its kernel. `cpu_gemm` names them:
   for bfloat16 on CPU).
 - `GEMV+GEMM`, e.g. `mv+onednn`: the first for one row, the second for more. `mv` is `torch.mv`
   (MKL's GEMV), for one row only.
-- `auto`: the fastest on this host, measured once per process and thread count (below); `torch` for
+- `auto`: the fastest on this host, measured once per process (below); `torch` for
   other dtypes and on other devices.
 
 Neither wins everywhere, nor by vendor. SmolLM2's decode GEMVs on 2 threads: on an AMD EPYC (Zen 5)
@@ -18,7 +18,8 @@ Neither wins everywhere, nor by vendor. SmolLM2's decode GEMVs on 2 threads: on 
 GEMMs: oneDNN 2.5× `F.linear` on that EPYC, equal on that Xeon. So `auto` times each GEMV kernel and
 each GEMM kernel on weights shaped like a decoder's projections, alternating, and leaves `torch`
 (the baseline) for another kernel only when that one takes under `MARGIN` of the baseline's time, so
-that a near tie never picks differently in two processes. It takes ~60 ms, once per process.
+that a near tie of a quiet measurement does not flip between processes (a busy machine can still
+mislead it: pin `cpu_gemm` there). It takes 60–100 ms, once per process.
 
 The kernels sum in different orders, so logits differ in the last bits (as between two BLAS builds);
 the parity tests check whichever the host resolves against transformers.
@@ -27,10 +28,10 @@ the parity tests check whichever the host resolves against transformers.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -105,36 +106,56 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise.default(x, weight, None, "none", [], "")
 
 
+def _mv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.mv(weight, x[0])
+
+
 def _timed_passes(
     kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
     weights: list[torch.Tensor],
     inputs: list[torch.Tensor],
 ) -> dict[str, float]:
-    """The fastest pass over `weights` per kernel (seconds), the kernels alternating."""
+    """The fastest pass over `weights` per kernel (seconds), the kernels alternating. A kernel that
+    fails here (an op missing from this build of torch) is left out; torch's is never missing."""
     passes: dict[str, list[float]] = {k: [] for k in kernels}
     for _ in range(CALIBRATION_ROUNDS):
-        for name, kernel in kernels.items():
+        for name in list(passes):
             start = time.perf_counter()
-            for x, w in zip(inputs, weights, strict=True):
-                kernel(x, w)
+            try:
+                for x, w in zip(inputs, weights, strict=True):
+                    kernels[name](x, w)
+            except RuntimeError as exc:
+                log.warning("cpu_gemm auto: leaving out %s, which failed: %s", name, exc)
+                del passes[name]
+                continue
             passes[name].append(time.perf_counter() - start)
     return {k: min(v[1:]) for k, v in passes.items()}
 
 
-@cache
+_measured: GemmCalibration | None = None
+_measuring = threading.Lock()
+
+
 def calibrate_cpu_gemm() -> GemmCalibration:
-    """Time the kernels on this host, once per process, with the calling thread's intra-op threads:
-    call it first on the thread that runs forwards (the worker does, at start), not on a Load thread
-    that runs with one."""
+    """The kernels timed on this host, once per process (callers that come while it runs wait for
+    it), with the calling thread's intra-op threads: call it first on the thread that runs forwards
+    (the worker does, at start), not on a Load thread that runs with one."""
+    global _measured
+    with _measuring:
+        if _measured is None:
+            _measured = _measure()
+        return _measured
+
+
+def _measure() -> GemmCalibration:
     threads = torch.get_num_threads()
     weights = [torch.zeros(shape) for shape in CALIBRATION_SHAPES]  # values do not change the time
+    onednn = {"onednn": _onednn} if torch.backends.mkldnn.is_available() else {}
     gemv = _timed_passes(
-        {"torch": F.linear, "onednn": _onednn, "mv": lambda x, w: torch.mv(w, x[0])},
-        weights,
-        [torch.ones(1, w.shape[1]) for w in weights],
+        {"torch": F.linear, **onednn, "mv": _mv}, weights, [torch.ones(1, w.shape[1]) for w in weights]
     )
     gemm = _timed_passes(
-        {"torch": F.linear, "onednn": _onednn}, weights, [torch.ones(GEMM_ROWS, w.shape[1]) for w in weights]
+        {"torch": F.linear, **onednn}, weights, [torch.ones(GEMM_ROWS, w.shape[1]) for w in weights]
     )
     megabytes = sum(w.numel() * w.element_size() for w in weights) / 1e6
     result = GemmCalibration(threads, gemv, gemm, megabytes, choose_cpu_gemm(gemv, gemm))

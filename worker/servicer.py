@@ -91,10 +91,10 @@ class ModelWorkerServicer(WeightsServicerMixin, pb_grpc.ModelWorkerServicer):
         self._executor = executor or ComputeThreads(self.compute_threads, EXECUTOR_THREADS - 1)
         # Loads run apart: a Load stuck reading a file cannot take the threads forwards need.
         self._load_executor = single_threaded_executor(settings.load_threads, "load")
-        if self.default_device.type == "cpu" and settings.cpu_gemm == "auto":
-            # cpu_gemm auto's measurement, once per process, on the thread forwards run on and with
-            # their thread count (a Load thread has one); ~60 ms (registry/cpu_gemm.py)
-            self._executor.submit(calibrate_cpu_gemm).result()
+        # cpu_gemm auto's measurement, once per process (60-100 ms, registry/cpu_gemm.py), here: on
+        # the thread forwards run on and with their thread count. A Load thread has one, and any
+        # Load may ask for auto on the CPU (LoadRequest.cpu_gemm, device), whatever the defaults.
+        self._executor.submit(calibrate_cpu_gemm).result()
         # One lock per model id while any call holds or waits for it; the entry goes when the last
         # user is done, so ids that come and go do not accumulate.
         self._locks: dict[str, asyncio.Lock] = {}

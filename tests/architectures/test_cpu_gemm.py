@@ -146,3 +146,31 @@ def test_bfloat16_loads_report_the_torch_kernel(pair) -> None:
         assert all(m.gemm is GEMMS["torch"] for m in model.network.modules() if isinstance(m, Linear))
     finally:
         reg.unload_model("bf16")
+
+
+def test_concurrent_callers_share_one_measurement(monkeypatch) -> None:
+    """Two Loads resolving auto at once: one measurement, and both get it."""
+    import threading
+
+    from registry import cpu_gemm as registry_gemm
+
+    measured = calibrate_cpu_gemm()
+    calls = []
+    started = threading.Event()
+
+    def slow_measure():
+        calls.append(1)
+        started.set()
+        threading.Event().wait(0.05)  # long enough for the other caller to arrive while it runs
+        return measured
+
+    monkeypatch.setattr(registry_gemm, "_measured", None)
+    monkeypatch.setattr(registry_gemm, "_measure", slow_measure)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(calibrate_cpu_gemm())) for _ in range(2)]
+    threads[0].start()
+    started.wait(10)
+    threads[1].start()
+    for t in threads:
+        t.join(10)
+    assert len(calls) == 1 and results == [measured, measured]
