@@ -259,6 +259,7 @@ def prepare_paged_batch(
 
 # A decode call of up to this many sequences is checked in plain Python first (below).
 PLAIN_DECODE_SEQS = 16
+INT32_MAX = (1 << 31) - 1  # cumulative context offsets are int32 (cu_context_lens)
 
 
 def _plain_ints(values: object) -> list[int] | None:
@@ -269,7 +270,7 @@ def _plain_ints(values: object) -> list[int] | None:
             return None
         return values.tolist()
     if type(values) is list and all(type(x) is int for x in values):
-        return values
+        return list(values)  # the batch keeps its own lists, as the general path's
     return None
 
 
@@ -318,6 +319,8 @@ def _plain_decode_batch(
     cu_ctx = [0]
     for c in ctx:
         cu_ctx.append(cu_ctx[-1] + c)
+    if cu_ctx[-1] > INT32_MAX:
+        return None
     tokens_d, pos_d, slots_d, store_slots_d, store_rows_d, last_d = _to_device(
         cache.device, torch.long, [tokens, pos, slots, [slots[i] for i in stored], stored, range(n)]
     )
@@ -490,6 +493,11 @@ def _build_batch(
     num_seqs = len(ctx)
     cu_ctx = np.zeros(num_seqs + 1, dtype=np.int64)
     np.cumsum(index.context_lens, out=cu_ctx[1:])
+    if cu_ctx[-1] > INT32_MAX:
+        raise InvalidRequest(
+            f"the sequences' context lengths add up to {int(cu_ctx[-1])} tokens, beyond the int32 offsets "
+            f"the attention kernels take ({INT32_MAX})"
+        )
     cu_q = index.cu_query_lens
     all_stored = stored_index.size == tokens.size
     dev = cache.device

@@ -14,6 +14,7 @@ import torch
 
 from architectures import paged_batch
 from architectures.paged import PagedKvCache, prepare_paged_batch
+from registry.errors import InvalidRequest
 
 BS = 4
 BLOCKS = 12
@@ -178,3 +179,31 @@ def test_a_padded_slot_is_not_stored(cache) -> None:
     assert batch.store_slots.tolist() == [5 * BS] and batch.store_rows.tolist() == [0]
     assert batch.block_table.tolist() == [[3, 5], [7, 0]] and batch.block_table.dtype == torch.int32
     assert batch.cu_context_lens.tolist() == [0, 5, 6] and batch.last_token_indices.tolist() == [0, 1]
+
+
+def test_contexts_beyond_int32_offsets_are_refused_on_both_paths() -> None:
+    """16 sequences sharing one 2^27-token context add up to 2^31 tokens: more than the int32
+    offsets (cu_context_lens) hold. Both paths refuse it instead of wrapping (the cache is a lazy
+    map: only its address space is taken)."""
+    bs = 1 << 20
+    huge = PagedKvCache(1, 128, bs, 1, 1, torch.float32, "cpu")
+    n, ctx = 16, 1 << 27
+    table = list(range(128))
+    call = dict(
+        input_tokens=[1] * n,
+        positions=[0] * n,
+        block_tables=[table] * n,
+        slot_mapping=[ctx - 1] + [-1] * (n - 1),  # one sequence stores its token, the others pad
+        context_lens=[ctx] * n,
+        is_prefill=False,
+    )
+    for plain in (16, 0):
+        paged_batch.PLAIN_DECODE_SEQS, saved = plain, paged_batch.PLAIN_DECODE_SEQS
+        try:
+            with pytest.raises(InvalidRequest, match="context lengths add up to 2147483648 tokens"):
+                prepare_paged_batch(huge, **call, vocab_size=VOCAB, max_position_embeddings=MAX_POS)
+        finally:
+            paged_batch.PLAIN_DECODE_SEQS = saved
+    call["context_lens"] = [ctx] + [ctx - 1] * (n - 1)  # one token fewer in all: accepted
+    batch = prepare_paged_batch(huge, **call, vocab_size=VOCAB, max_position_embeddings=MAX_POS)
+    assert batch.cu_context_lens[-1].item() == (1 << 31) - 1 - (n - 2)
