@@ -321,31 +321,15 @@ def _plain_decode_batch(
         cu_ctx.append(cu_ctx[-1] + c)
     if cu_ctx[-1] > INT32_MAX:
         return None
-    tokens_d, pos_d, slots_d, store_slots_d, store_rows_d, last_d = _to_device(
-        cache.device, torch.long, [tokens, pos, slots, [slots[i] for i in stored], stored, range(n)]
-    )
-    table_d, cu_q_d, cu_ctx_d, ctx_d = _to_device(
-        cache.device, torch.int32, [[t + [0] * (width - len(t)) for t in tables], range(n + 1), cu_ctx, ctx]
-    )
-    return PagedBatch(
-        num_seqs=n,
-        is_prefill=False,
-        block_size=bs,
-        query_lens=[1] * n,
-        context_lens=ctx,
-        block_tables=tables,
-        input_tokens=tokens_d,
-        positions=pos_d,
-        slot_mapping=slots_d,
-        store_slots=store_slots_d,
-        store_rows=None if len(stored) == n else store_rows_d,
-        last_token_indices=last_d,
-        block_table=table_d,
-        cu_query_lens=cu_q_d,
-        cu_context_lens=cu_ctx_d,
-        context_lens_t=ctx_d,
-        max_query_len=1,
-        max_context_len=max(ctx),
+    return _assemble(
+        cache,
+        False,
+        ctx,
+        [1] * n,
+        tables,
+        [tokens, pos, slots, [slots[i] for i in stored], stored, range(n)],
+        [[t + [0] * (width - len(t)) for t in tables], range(n + 1), cu_ctx, ctx],
+        all_stored=len(stored) == n,
     )
 
 
@@ -488,10 +472,8 @@ def _build_batch(
     stored_index: np.ndarray,
     index: _TokenIndex,
 ) -> PagedBatch:
-    """The device tensors, built once per call and shared by every layer: two host-to-device copies
-    in all (one per dtype) rather than one per tensor."""
-    num_seqs = len(ctx)
-    cu_ctx = np.zeros(num_seqs + 1, dtype=np.int64)
+    """The device tensors, built once per call and shared by every layer (see _assemble)."""
+    cu_ctx = np.zeros(len(ctx) + 1, dtype=np.int64)
     np.cumsum(index.context_lens, out=cu_ctx[1:])
     if cu_ctx[-1] > INT32_MAX:
         raise InvalidRequest(
@@ -499,16 +481,39 @@ def _build_batch(
             f"the attention kernels take ({INT32_MAX})"
         )
     cu_q = index.cu_query_lens
-    all_stored = stored_index.size == tokens.size
-    dev = cache.device
+    return _assemble(
+        cache,
+        is_prefill,
+        ctx,
+        qlens,
+        tables,
+        [tokens, pos, slots, slots[stored_index], stored_index, cu_q[1:] - 1],
+        [table_a, cu_q, cu_ctx, index.context_lens],
+        all_stored=stored_index.size == tokens.size,
+    )
+
+
+def _assemble(
+    cache: PagedKvCache,
+    is_prefill: bool,
+    ctx: list[int],
+    qlens: list[int],
+    tables: list[list[int]],
+    longs: Sequence[object],
+    ints: Sequence[object],
+    *,
+    all_stored: bool,
+) -> PagedBatch:
+    """The batch of both paths from its host values (arrays or lists): `longs` are the tokens,
+    positions, slots, stored slots, stored rows and last-token rows; `ints` the padded block table,
+    cu_query_lens, cu_context_lens and context_lens. Two host-to-device copies in all (one per
+    dtype) rather than one per tensor."""
     tokens_d, pos_d, slots_d, store_slots_d, store_rows_d, last_d = _to_device(
-        dev, torch.long, [tokens, pos, slots, slots[stored_index], stored_index, cu_q[1:] - 1]
+        cache.device, torch.long, longs
     )
-    table_d, cu_q_d, cu_ctx_d, ctx_d = _to_device(
-        dev, torch.int32, [table_a, cu_q, cu_ctx, index.context_lens]
-    )
+    table_d, cu_q_d, cu_ctx_d, ctx_d = _to_device(cache.device, torch.int32, ints)
     return PagedBatch(
-        num_seqs=num_seqs,
+        num_seqs=len(ctx),
         is_prefill=bool(is_prefill),
         block_size=cache.block_size,
         query_lens=qlens,
