@@ -38,8 +38,6 @@ import torch.nn.functional as F
 
 from .errors import InvalidArgument
 
-GEMV_KERNELS = ("torch", "onednn", "mv")
-GEMM_KERNELS = ("torch", "onednn")
 CPU_GEMMS = (
     "auto",
     "torch",
